@@ -1,0 +1,1 @@
+"""Segmentation networks (DeepLabv3+ on ResNet / MobileNetV2 backbones) in flax.linen, NHWC."""
