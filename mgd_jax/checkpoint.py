@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the train state together with the data-iterator state.
+
+`<workdir>/checkpoints/<step>` keeps the latest N (state + grain iterator, for exact resume);
+`<workdir>/checkpoints/best/<step>` keeps the best-by-mIoU state. Teachers are never saved here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
+        directory = os.path.abspath(directory)
+        self.directory = directory
+        self._latest = ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
+            ),
+            item_names=("state", "data_iter"),
+        )
+        self._best = ocp.CheckpointManager(
+            os.path.join(directory, "best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, best_fn=lambda m: m["miou"], best_mode="max",
+                enable_async_checkpointing=asynchronous, create=True,
+            ),
+            item_names=("state",),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._latest.latest_step()
+
+    def restore_or_init(self, state: Any, data_iter: Any) -> tuple[Any, bool]:
+        """Restores the latest state and advances `data_iter` in place to its saved position.
+
+        Returns `(state, resumed)`; `state` keeps its shardings (the given state is the template).
+        """
+        step = self._latest.latest_step()
+        if step is None:
+            return state, False
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = self._latest.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        return restored["state"], True
+
+    def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> None:
+        self._latest.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            ),
+            force=force,
+        )
+
+    def save_best(self, step: int, state: Any, miou: float) -> None:
+        self._best.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+            metrics={"miou": float(miou)}, force=True,
+        )
+
+    def best(self, template: Any) -> tuple[int, Any] | None:
+        """(step, state) of the best checkpoint so far, or None."""
+        self._best.wait_until_finished()
+        step = self._best.best_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self._best.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
+        return step, restored["state"]
+
+    def wait(self) -> None:
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()

@@ -1,0 +1,169 @@
+"""Pieces every method shares: building and initialising networks, forwards with BN updates,
+CutMix mixing and hard pseudo-labels, the supervised loss, and the method protocol."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mgd_jax import config_lib, losses, models, weights
+from mgd_jax.data import augment
+
+Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
+
+
+class Method(Protocol):
+    """What the trainer needs from a method; it never branches on the method's name."""
+
+    uses_unlabeled: bool
+    eval_model: Any  # the network evaluated on val and exported (student / branch 1)
+    export_meta: dict[str, Any]  # mgd_jax.weights meta of the exported network
+
+    def init_variables(self, rng: jax.Array) -> Variables: ...
+
+    def frozen_variables(self) -> Any: ...
+
+    def loss(
+        self, params: Any, batch_stats: Any, frozen: Any, batch: dict, rng: jax.Array
+    ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]: ...
+
+    def eval_variables(self, params: Any, batch_stats: Any) -> Variables: ...
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+    """bf16 compute on accelerators by default; params and BN statistics stay float32."""
+    if config.precision == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(config.precision)
+
+
+def build_options(
+    backbone: str, *, width: float = 1.0, depths: str | tuple = "", output_stride: int = 0,
+    replica_batch: int | None = None,
+) -> dict[str, Any]:
+    """The `models.build` keyword options (also the exported checkpoint's meta)."""
+    options: dict[str, Any] = {"width": float(width)}
+    parsed = depths if isinstance(depths, tuple) else config_lib.parse_depths(depths)
+    if parsed:
+        options["depths"] = tuple(parsed)
+    if output_stride:
+        options["output_stride"] = int(output_stride)
+    if backbone == "mobilenet_v2" and replica_batch:
+        # The official MobileNetV2 backbone BN is per GPU (not SyncBN): ghost groups of the
+        # recipe's per-replica batch reproduce it on any number of devices.
+        options["bn_group_size"] = int(replica_batch)
+    return options
+
+
+def student_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return build_options(
+        config.student, width=config.model.width, depths=config.model.depths,
+        output_stride=config.model.output_stride, replica_batch=config.replica_batch,
+    )
+
+
+def build(backbone: str, config: ml_collections.ConfigDict, options: dict[str, Any]):
+    return models.build(backbone, config.num_classes, dtype=compute_dtype(config), **options)
+
+
+def init_network(
+    rng: jax.Array, model: Any, config: ml_collections.ConfigDict, init_dir: str = ""
+) -> Variables:
+    """Fresh variables (official init), with an ImageNet backbone merged in when given.
+
+    `init_dir` is an `mgd_jax.weights` checkpoint of a backbone; its leaves replace the fresh ones
+    (the official partial-load semantics: e.g. torchvision ResNet-18 leaves the deep stem at its
+    initial values).
+    """
+    size = min(int(config.crop_size), 64)
+    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    if init_dir:
+        loaded, meta = weights.load_variables(init_dir)
+        variables = merge_variables(variables, loaded, source=init_dir)
+        logging.info("initialised from %s (%s)", init_dir, meta.get("source", "?"))
+    return variables
+
+
+def merge_variables(fresh: Variables, loaded: Variables, *, source: str) -> Variables:
+    """Replaces the leaves of `fresh` that `loaded` has (same path, same shape); the rest keep
+    their initial values. A leaf `loaded` has but `fresh` lacks, or a shape mismatch, is an error."""
+    fresh_flat = {
+        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(fresh)
+    }
+    merged = dict(fresh_flat)
+    for path, value in jax.tree_util.tree_leaves_with_path(loaded):
+        key = jax.tree_util.keystr(path)
+        if key not in fresh_flat:
+            raise ValueError(f"{source}: {key} does not exist in the model")
+        if tuple(value.shape) != tuple(fresh_flat[key].shape):
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(fresh_flat[key].shape)}"
+            )
+        merged[key] = jnp.asarray(value, fresh_flat[key].dtype)
+    treedef = jax.tree_util.tree_structure(fresh)
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(fresh)]
+    return jax.tree_util.tree_unflatten(treedef, [merged[k] for k in paths])
+
+
+def normalize(part: dict[str, jax.Array]) -> jax.Array:
+    """uint8 image + valid mask -> the recipe's normalised image (0 on padding)."""
+    return augment.normalize(part["image"], part["valid"])
+
+
+def forward(model: Any, params: Any, batch_stats: Any, images: jax.Array, *, train: bool = True):
+    """One forward; in train mode returns the BN statistics it updated (else unchanged)."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    if not train:
+        return model.apply(variables, images, train=False), batch_stats
+    out, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    return out, updates["batch_stats"]
+
+
+def frozen_forward(model: Any, variables: Variables, images: jax.Array, *, batch_bn: bool):
+    """A teacher forward: no gradient; BN on batch statistics (official) or running ones.
+
+    With batch statistics the updated running statistics are discarded, as nothing in the
+    recipe ever reads them.
+    """
+    variables = jax.lax.stop_gradient(variables)
+    out, _ = forward(model, variables["params"], variables["batch_stats"], images, train=batch_bn)
+    return out
+
+
+def mix(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
+    """CutMix: `a * (1 - M) + b * M` with M (B, H, W) broadcast over channels."""
+    m = mask.astype(a.dtype)[..., None]
+    return a * (1 - m) + b * m
+
+
+def pseudo_labels(logits_0: jax.Array, logits_1: jax.Array, mask: jax.Array) -> jax.Array:
+    """CPS hard labels for the mixed image: argmax of the unmixed logits mixed with M."""
+    return jnp.argmax(mix(logits_0, logits_1, mask), axis=-1).astype(jnp.int32)
+
+
+def hard_labels(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def supervised_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array):
+    """L_sup: CE (mean over the global batch), or OHEM computed per replica as the official
+    code does per GPU (its min_kept is per GPU), then averaged over replicas."""
+    if not config.loss.ohem:
+        return losses.cross_entropy(logits, labels)
+    r = config.replica_batch
+    groups = logits.shape[0] // r
+    per_replica = jax.vmap(
+        lambda lg, lb: losses.ohem_cross_entropy(
+            lg, lb, thresh=config.loss.ohem_thresh, min_kept=config.loss.ohem_min_kept
+        )
+    )(
+        logits.reshape((groups, r) + logits.shape[1:]),
+        labels.reshape((groups, r) + labels.shape[1:]),
+    )
+    return jnp.mean(per_replica)

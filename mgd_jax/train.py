@@ -1,0 +1,231 @@
+"""The training loop shared by every method: `train_and_evaluate(config, workdir)`.
+
+Colab and `main.py` call exactly this. One jitted step over a 1-D `data` mesh (global batches,
+SyncBN for free), the train state donated, only the method's trainable networks differentiated;
+periodic report / evaluation / checkpoint; exact resume from `<workdir>/checkpoints`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mgd_jax import checkpoint, config_lib, evaluate, methods, metrics, models, optim, parallel
+from mgd_jax import reporting, weights
+from mgd_jax.data import streams
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, schedule):
+    """One optimisation step; gradients flow only into `state.params`."""
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(params):
+        return method.loss(params, state.batch_stats, frozen, batch, rng)
+
+    (_, (batch_stats, step_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step_metrics = dict(step_metrics, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, step_metrics
+
+
+def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabeled: int) -> int:
+    """`num_train_steps`, else epochs x the official iterations per epoch (§4.2)."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    per_epoch = max(num_labeled, num_unlabeled) // config.batch_size
+    if per_epoch < 1:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} exceeds the training set "
+            f"({max(num_labeled, num_unlabeled)} images)"
+        )
+    return int(config.num_epochs) * per_epoch
+
+
+def make_eval_step(model: Any, config: ml_collections.ConfigDict):
+    """A jitted `(variables, global batch) -> confusion matrix` for the val protocol."""
+    def logits_fn(variables, images):
+        return model.apply(variables, images, train=False).logits
+
+    @jax.jit
+    def eval_step(variables, batch):
+        return evaluate.confusion_for_batch(
+            functools.partial(logits_fn, variables), batch, config.num_classes,
+            mode=config.eval.mode, crop=config.eval.crop, stride_rate=config.eval.stride_rate,
+            flip=config.eval.flip,
+        )
+
+    return eval_step
+
+
+def run_evaluation(eval_step, variables, eval_data, mesh) -> np.ndarray:
+    """Confusion matrix over the whole val split (every host takes part)."""
+    confusion = None
+    for local_batch in eval_data:
+        part = eval_step(variables, parallel.global_batch(local_batch, mesh))
+        confusion = part if confusion is None else confusion + part
+    if confusion is None:
+        raise ValueError("the eval split is empty")
+    return np.asarray(jax.device_get(confusion), dtype=np.int64)
+
+
+def _log_scores(reporter, step: int, prefix: str, scores: dict, class_names) -> None:
+    reporter.scalars(step, {
+        f"{prefix}/miou": scores["miou"],
+        f"{prefix}/pixel_accuracy": scores["pixel_accuracy"],
+        f"{prefix}/mean_accuracy": scores["mean_accuracy"],
+        **{f"{prefix}/iou_per_class/{name}": float(v)
+           for name, v in zip(class_names, scores["iou_per_class"], strict=True)},
+    })
+    reporter.text(f"{prefix}/table", metrics.format_table(scores, class_names))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config.method` and evaluates it; returns the final / best val scores."""
+    config_lib.validate(config, device_count=jax.device_count())
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    mesh = parallel.make_mesh()
+
+    method = methods.get(config)
+    data = streams.make(config, with_unlabeled=method.uses_unlabeled)
+    steps = total_steps(config, data.num_labeled, data.num_unlabeled)
+    schedule = optim.poly_schedule(config.lr, steps, power=config.lr_power)
+    tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
+
+    reporter = reporting.Reporter(workdir, total_steps=steps, is_main=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    reporter.text("config", str(config))
+    reporter.text("data", data.description)
+
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = method.init_variables(init_rng)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+        rng=state_rng,
+    )
+    state = parallel.replicate(state, mesh)
+    frozen = parallel.replicate(method.frozen_variables(), mesh)
+    num_params = models.count_params(method.eval_variables(state.params, state.batch_stats)["params"])
+    reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters")
+
+    train_iter = iter(data.train)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+    )
+    state, resumed = ckpt.restore_or_init(state, train_iter)
+    start = int(jax.device_get(state.step))
+    if resumed:
+        reporter.text("resume", f"resumed from step {start}")
+
+    step_fn = jax.jit(
+        functools.partial(train_step, method=method, tx=tx, schedule=schedule),
+        donate_argnums=(0,),
+    )
+    eval_step = make_eval_step(method.eval_model, config)
+    class_names = data.info.class_names
+
+    def evaluate_state(step: int, prefix: str, variables) -> dict:
+        confusion = run_evaluation(eval_step, variables, data.eval_batches(), mesh)
+        scores = metrics.scores(confusion)
+        _log_scores(reporter, step, prefix, scores, class_names)
+        return scores
+
+    teacher_scores = {}
+    if start == 0 and config.method == "mgd" and config.evaluate_teachers:
+        # A cheap guard against a wrong import or preprocessing.
+        for name, model in method.teacher_models.items():
+            teacher_step = make_eval_step(model, config)
+            confusion = run_evaluation(teacher_step, frozen[name], data.eval_batches(), mesh)
+            teacher_scores[name] = metrics.scores(confusion)
+            _log_scores(reporter, 0, f"{name}_eval", teacher_scores[name], class_names)
+
+    scores = None
+    images_per_step = config.batch_size * (3 if method.uses_unlabeled else 1)
+    t0 = time.time()
+    for step in range(start, steps):
+        batch = parallel.global_batch(next(train_iter), mesh)
+        state, step_metrics = step_fn(state, frozen, batch)
+        done = step + 1
+        if done % config.log_every == 0 or done == steps:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            if not all(np.isfinite(v) for v in values.values()):
+                raise FloatingPointError(f"non-finite loss at step {done}: {values}")
+            reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
+            reporter.progress(done, images_per_step)
+        if done % config.eval_every == 0 or done == steps:
+            scores = evaluate_state(
+                done, "eval", method.eval_variables(state.params, state.batch_stats)
+            )
+            ckpt.save_best(done, state, scores["miou"])
+        if done % config.checkpoint_every == 0 or done == steps:
+            ckpt.save(done, state, train_iter, force=done == steps)
+    ckpt.wait()
+    elapsed = time.time() - t0
+
+    final = method.eval_variables(state.params, state.batch_stats)
+    if scores is None:  # resumed after the last step: evaluate what was restored
+        scores = evaluate_state(steps, "eval", final)
+    best = ckpt.best(state)
+    best_summary = None
+    if best is not None:
+        best_step, best_state = best
+        best_scores = scores
+        if best_step != steps:  # re-evaluated rather than trusted, as a check of the checkpoint
+            best_variables = method.eval_variables(best_state.params, best_state.batch_stats)
+            best_scores = evaluate_state(best_step, "best", best_variables)
+        best_summary = {"step": int(best_step), "miou": float(best_scores["miou"])}
+    ckpt.close()
+
+    export_dir = os.path.join(workdir, "export")
+    weights.save_variables(
+        export_dir, jax.device_get(final), dict(method.export_meta, source=workdir)
+    )
+    result = {
+        "method": config.method,
+        "steps": steps,
+        "miou": float(scores["miou"]),
+        "pixel_accuracy": float(scores["pixel_accuracy"]),
+        "iou_per_class": [float(x) for x in scores["iou_per_class"]],
+        "best": best_summary,
+        "params": int(num_params),
+        "export": export_dir,
+        "train_seconds": elapsed,
+        "teachers": {k: float(v["miou"]) for k, v in teacher_scores.items()},
+    }
+    if is_main:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
+    reporter.close()
+    logging.info("done: %s", result)
+    return result
