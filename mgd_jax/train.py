@@ -21,8 +21,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from mgd_jax import checkpoint, config_lib, evaluate, methods, metrics, models, optim, parallel
-from mgd_jax import reporting, weights
+from mgd_jax import (
+    checkpoint,
+    config_lib,
+    evaluate,
+    methods,
+    metrics,
+    models,
+    optim,
+    parallel,
+    reporting,
+    weights,
+)
 from mgd_jax.data import streams
 
 
@@ -135,7 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     state = parallel.replicate(state, mesh)
     frozen = parallel.replicate(method.frozen_variables(), mesh)
-    num_params = models.count_params(method.eval_variables(state.params, state.batch_stats)["params"])
+    eval_params = method.eval_variables(state.params, state.batch_stats)["params"]
+    num_params = models.count_params(eval_params)
     reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters")
 
     train_iter = iter(data.train)

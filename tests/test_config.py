@@ -38,7 +38,8 @@ def test_parse_arg_types_and_flags():
 )
 def test_voc_recipe_numbers(arg, lr, lam1, lam2, epochs):
     c = load("voc", arg)
-    assert (c.lr, c.loss.lambda_image, c.loss.lambda_region, c.num_epochs) == (lr, lam1, lam2, epochs)
+    got = (c.lr, c.loss.lambda_image, c.loss.lambda_region, c.num_epochs)
+    assert got == (lr, lam1, lam2, epochs)
     assert (c.batch_size, c.replica_batch, c.weight_decay, c.crop_size) == (8, 2, 4e-4, 512)
     assert c.num_classes == 21 and c.eval.mode == "whole"
 

@@ -1,7 +1,8 @@
 """The PyTorch reference stack for parity tests (test extra only).
 
 torchvision 0.28 is built against a CUDA torch; beside the CPU torch it only imports after its two
-compiled-operator schemas are defined. Models are unaffected. Import torch/torchvision/timm from here.
+compiled-operator schemas are defined. Models are unaffected.
+Import torch / torchvision / timm from here.
 """
 
 import torch

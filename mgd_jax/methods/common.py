@@ -91,7 +91,7 @@ def init_network(
 
 def merge_variables(fresh: Variables, loaded: Variables, *, source: str) -> Variables:
     """Replaces the leaves of `fresh` that `loaded` has (same path, same shape); the rest keep
-    their initial values. A leaf `loaded` has but `fresh` lacks, or a shape mismatch, is an error."""
+    their initial values. A leaf only `loaded` has, or a shape mismatch, is an error."""
     fresh_flat = {
         jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(fresh)
     }
