@@ -1,0 +1,312 @@
+"""Losses vs brute-force numpy references written from the spec (mgd-method.md §1.2, §4.6)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mgd_jax import losses
+from mgd_jax.models.layers import adaptive_avg_pool2d
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def np_log_softmax_pixel(z):
+    z = np.asarray(z, np.float64)
+    m = z.max()
+    return z - m - math.log(np.exp(z - m).sum())
+
+
+def np_cross_entropy(logits, labels, ignore=255):
+    total, count = 0.0, 0
+    n, h, w, _ = logits.shape
+    for b in range(n):
+        for y in range(h):
+            for x in range(w):
+                t = labels[b, y, x]
+                if t == ignore:
+                    continue
+                total -= np_log_softmax_pixel(logits[b, y, x])[t]
+                count += 1
+    return total / count if count else 0.0
+
+
+def np_ohem(logits, labels, thresh, min_kept, ignore=255):
+    """ProbOhemCrossEntropy2d, branch by branch, with python lists."""
+    n, h, w, c = logits.shape
+    pix = [(b, y, x) for b in range(n) for y in range(h) for x in range(w)]
+    valid = [labels[p] != ignore for p in pix]
+    num_valid = sum(valid)
+    keep = list(valid)
+    if min_kept > num_valid:
+        pass
+    elif num_valid > 0:
+        probs = []
+        for p, v in zip(pix, valid, strict=True):
+            if v:
+                z = logits[p].astype(np.float32)
+                e = np.exp(z - z.max())
+                probs.append(float((e / e.sum())[labels[p]]))
+            else:
+                probs.append(1.0)
+        if min_kept > 0:
+            threshold = thresh
+            kth = sorted(probs)[min(len(probs), min_kept) - 1]
+            if kth > thresh:
+                threshold = kth
+            keep = [v and (pr <= threshold) for v, pr in zip(valid, probs, strict=True)]
+    total, count = 0.0, 0
+    for p, k in zip(pix, keep, strict=True):
+        if k:
+            total -= np_log_softmax_pixel(logits[p])[labels[p]]
+            count += 1
+    return total / count if count else 0.0
+
+
+def np_adaptive_pool(x, o):
+    """(N, H, W, C) -> (N, o, o, C), bins floor(i*L/o) .. ceil((i+1)*L/o)."""
+    n, h, w, c = x.shape
+    out = np.zeros((n, o, o, c))
+    for i in range(o):
+        y0, y1 = (i * h) // o, -((-(i + 1) * h) // o)
+        for j in range(o):
+            x0, x1 = (j * w) // o, -((-(j + 1) * w) // o)
+            out[:, i, j] = x[:, y0:y1, x0:x1].astype(np.float64).mean(axis=(1, 2))
+    return out
+
+
+def np_content_aware(fs, ft, grid):
+    def sim(f):
+        q = np_adaptive_pool(f, grid).reshape(f.shape[0], grid * grid, -1)
+        m = np.zeros((f.shape[0], grid * grid, grid * grid))
+        for b in range(f.shape[0]):
+            for i in range(grid * grid):
+                for j in range(grid * grid):
+                    m[b, i, j] = (
+                        q[b, i] @ q[b, j] / (np.linalg.norm(q[b, i]) * np.linalg.norm(q[b, j]))
+                    )
+        return m
+
+    return float(np.mean((sim(fs) - sim(ft)) ** 2))
+
+
+def np_semantic_sensitive(s, t):
+    total = 0.0
+    for b in range(s.shape[0]):
+        for c in range(s.shape[3]):
+            total += abs(
+                s[b, :, :, c].astype(np.float64).mean() - t[b, :, :, c].astype(np.float64).mean()
+            )
+    return total
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def _data(seed, n=2, h=5, w=6, c=4, ignore_frac=0.2, scale=2.0, agree=0.0):
+    """Random logits/labels; a fraction `agree` of labels equals the argmax (confident pixels)."""
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((n, h, w, c)) * scale).astype(np.float32)
+    labels = rng.integers(0, c, (n, h, w)).astype(np.int32)
+    labels = np.where(rng.random((n, h, w)) < agree, logits.argmax(-1), labels).astype(np.int32)
+    labels[rng.random((n, h, w)) < ignore_frac] = 255
+    return logits, labels
+
+
+def test_cross_entropy_matches_numpy():
+    logits, labels = _data(0)
+    got = float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_allclose(got, np_cross_entropy(logits, labels), rtol=1e-5)
+
+
+def test_cross_entropy_bf16_input_uses_float32_math():
+    logits, labels = _data(1)
+    lb = jnp.asarray(logits).astype(jnp.bfloat16)
+    got = losses.cross_entropy(lb, jnp.asarray(labels))
+    assert got.dtype == jnp.float32
+    ref = np_cross_entropy(np.asarray(lb.astype(jnp.float32)), labels)
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+
+
+def test_cross_entropy_all_ignored_is_zero_with_finite_gradient():
+    logits, _ = _data(2)
+    labels = np.full(logits.shape[:3], 255, np.int32)
+    value, grad = jax.value_and_grad(losses.cross_entropy)(jnp.asarray(logits), jnp.asarray(labels))
+    assert float(value) == 0.0
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad) == 0)
+
+
+def test_cross_entropy_custom_ignore_index():
+    logits, labels = _data(3, ignore_frac=0.0)
+    labels[0, 0, :] = 3
+    got = float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), ignore_index=3))
+    np.testing.assert_allclose(got, np_cross_entropy(logits, labels, ignore=3), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "min_kept,thresh,ignore_frac,scale,agree",
+    [
+        (10, 0.7, 0.2, 2.0, 0.0),  # mining with threshold = thresh (hard random labels)
+        (10, 0.2, 0.2, 2.0, 0.0),  # low thresh
+        (10, 0.7, 0.2, 6.0, 0.95),  # confident pixels: threshold = the 10th smallest p > thresh
+        (30, 0.5, 0.1, 6.0, 0.9),  # same branch, larger min_kept
+        (60, 0.7, 0.2, 2.0, 0.5),  # min_kept = all 60 pixels > valid: plain CE branch
+        (1000, 0.7, 0.0, 2.0, 0.5),  # min_kept > pixels: plain CE
+        (0, 0.7, 0.2, 6.0, 0.9),  # min_kept == 0: the official never masks -> plain CE
+        (6, 0.7, 0.9, 2.0, 0.5),  # few valid pixels (5-7): both sides of num_valid vs min_kept
+    ],
+)
+def test_ohem_matches_numpy(min_kept, thresh, ignore_frac, scale, agree):
+    for seed in range(3):
+        logits, labels = _data(10 + seed, ignore_frac=ignore_frac, scale=scale, agree=agree)
+        got = float(
+            losses.ohem_cross_entropy(
+                jnp.asarray(logits), jnp.asarray(labels), thresh=thresh, min_kept=min_kept
+            )
+        )
+        ref = np_ohem(logits, labels, thresh, min_kept)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_ohem_valid_equal_to_min_kept_mines():
+    # num_valid == min_kept is *not* the "too few" branch: it mines with the largest valid p.
+    logits, labels = _data(20, ignore_frac=0.5)
+    k = int((labels != 255).sum())
+    got = float(
+        losses.ohem_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), thresh=0.1, min_kept=k)
+    )
+    np.testing.assert_allclose(got, np_ohem(logits, labels, 0.1, k), rtol=1e-5)
+    got1 = float(
+        losses.ohem_cross_entropy(
+            jnp.asarray(logits), jnp.asarray(labels), thresh=0.1, min_kept=k + 1
+        )
+    )
+    np.testing.assert_allclose(got1, np_cross_entropy(logits, labels), rtol=1e-5)
+
+
+def test_ohem_mines_only_hard_pixels_and_is_jittable():
+    logits, labels = _data(21, ignore_frac=0.0, h=8, w=8)
+    f = jax.jit(lambda z, y: losses.ohem_cross_entropy(z, y, thresh=0.7, min_kept=5))
+    got = float(f(jnp.asarray(logits), jnp.asarray(labels)))
+    np.testing.assert_allclose(got, np_ohem(logits, labels, 0.7, 5), rtol=1e-5)
+    assert got > float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))
+    grad = jax.grad(f)(jnp.asarray(logits), jnp.asarray(labels))
+    assert np.all(np.isfinite(grad)) and np.any(np.asarray(grad) != 0)
+
+
+def test_ohem_all_ignored_is_zero():
+    logits, _ = _data(22)
+    labels = jnp.full(logits.shape[:3], 255, jnp.int32)
+    for k in (0, 5):
+        assert float(losses.ohem_cross_entropy(jnp.asarray(logits), labels, min_kept=k)) == 0.0
+
+
+def test_per_replica_averages_group_losses():
+    logits, labels = _data(23, n=4, ignore_frac=0.3)
+    got = float(
+        losses.per_replica(
+            losses.ohem_cross_entropy,
+            jnp.asarray(logits),
+            jnp.asarray(labels),
+            replica_batch=2,
+            thresh=0.7,
+            min_kept=20,
+        )
+    )
+    ref = np.mean([np_ohem(logits[i : i + 2], labels[i : i + 2], 0.7, 20) for i in (0, 2)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    s, t = _data(24, n=4)[0], _data(25, n=4)[0]
+    got = float(
+        losses.per_replica(
+            losses.semantic_sensitive, jnp.asarray(s), jnp.asarray(t), replica_batch=2
+        )
+    )
+    np.testing.assert_allclose(got, np_semantic_sensitive(s, t) / 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="replica_batch"):
+        losses.per_replica(
+            losses.cross_entropy, jnp.asarray(logits), jnp.asarray(labels), replica_batch=3
+        )
+
+
+def test_semantic_sensitive_is_l1_sum():
+    s, _ = _data(30, n=3, h=7, w=9, c=5)
+    t, _ = _data(31, n=3, h=7, w=9, c=5)
+    got = float(losses.semantic_sensitive(jnp.asarray(s), jnp.asarray(t)))
+    np.testing.assert_allclose(got, np_semantic_sensitive(s, t), rtol=1e-5)
+    # a SUM over the batch: duplicating the batch doubles it
+    got2 = float(
+        losses.semantic_sensitive(
+            jnp.asarray(np.concatenate([s, s])), jnp.asarray(np.concatenate([t, t]))
+        )
+    )
+    np.testing.assert_allclose(got2, 2 * got, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,grid", [(13, 7), (20, 7), (14, 7), (9, 4)])
+def test_content_aware_matches_numpy(size, grid):
+    rng = np.random.default_rng(size)
+    fs = np.maximum(rng.standard_normal((2, size, size + 1, 6)), 0).astype(np.float32)
+    ft = np.maximum(rng.standard_normal((2, size, size + 1, 6)), 0).astype(np.float32) + 0.1
+    got = float(losses.content_aware(jnp.asarray(fs), jnp.asarray(ft), grid=grid))
+    np.testing.assert_allclose(got, np_content_aware(fs, ft, grid), rtol=1e-4, atol=1e-7)
+
+
+def test_adaptive_pool_bins_overlap_like_pytorch():
+    # the documented 128 -> 7 bins of mgd-method.md §1.2, via the pooling losses.content_aware uses
+    x = np.arange(128, dtype=np.float32)[None, :, None, None] * np.ones((1, 1, 3, 1), np.float32)
+    pooled = np.asarray(adaptive_avg_pool2d(jnp.asarray(x), (7, 1)))[0, :, 0, 0]
+    bins = [(0, 19), (18, 37), (36, 55), (54, 74), (73, 92), (91, 110), (109, 128)]
+    np.testing.assert_allclose(pooled, [np.mean(np.arange(a, b)) for a, b in bins], rtol=1e-6)
+    np.testing.assert_allclose(np_adaptive_pool(x, 7)[0, :, 0, 0], pooled, rtol=1e-6)
+
+
+def test_content_aware_all_zero_region_is_finite():
+    rng = np.random.default_rng(5)
+    fs = np.maximum(rng.standard_normal((1, 14, 14, 4)), 0).astype(np.float32)
+    fs[:, :4, :4] = 0.0  # the first pooled region is all zero -> official gives NaN
+    ft = rng.random((1, 14, 14, 4)).astype(np.float32)
+    value, grad = jax.value_and_grad(losses.content_aware)(jnp.asarray(fs), jnp.asarray(ft))
+    assert np.isfinite(float(value)) and np.all(np.isfinite(grad))
+    assert np.any(np.asarray(grad) != 0)
+
+
+def test_content_aware_identical_features_is_zero_and_shape_checked():
+    f = jnp.asarray(np.random.default_rng(6).random((2, 10, 10, 3)), jnp.float32)
+    assert float(losses.content_aware(f, f)) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="same"):
+        losses.content_aware(f, f[:, :9])
+
+
+def test_gradients_student_nonzero_teacher_zero_under_stop_gradient():
+    """A tiny linear 'teacher' param wrapped in stop_gradient receives exactly zero gradient."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 9, 9)), jnp.int32)
+    params = {
+        "student": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+        "teacher": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32),
+    }
+
+    def total(p):
+        s = x @ p["student"]
+        t = jax.lax.stop_gradient(x @ p["teacher"])
+        pseudo = jnp.argmax(t, axis=-1)
+        return (
+            losses.cross_entropy(s, labels)
+            + losses.ohem_cross_entropy(s, labels, thresh=0.7, min_kept=20)
+            + losses.cross_entropy(s, pseudo)
+            + losses.semantic_sensitive(s, t)
+            + losses.content_aware(jax.nn.relu(s), jax.nn.relu(t), grid=3)
+        )
+
+    g = jax.grad(total)(params)
+    assert np.all(np.isfinite(g["student"])) and np.any(np.asarray(g["student"]) != 0)
+    assert np.all(np.asarray(g["teacher"]) == 0.0)
+    # each distillation loss alone also gives a non-zero student gradient
+    for fn in (losses.semantic_sensitive, lambda a, b: losses.content_aware(a, b, grid=3)):
+        gs = jax.grad(lambda w, fn=fn: fn(x @ w, jax.lax.stop_gradient(x @ params["teacher"])))(
+            params["student"]
+        )
+        assert np.all(np.isfinite(gs)) and np.any(np.asarray(gs) != 0)
