@@ -310,3 +310,35 @@ def test_gradients_student_nonzero_teacher_zero_under_stop_gradient():
             params["student"]
         )
         assert np.all(np.isfinite(gs)) and np.any(np.asarray(gs) != 0)
+
+
+def test_losses_match_torch_formulation():
+    """The same losses written the official way in PyTorch (NCHW, F.* ops) on one batch."""
+    from torch_reference import torch
+
+    F = torch.nn.functional
+    rng = np.random.default_rng(8)
+    logits, labels = _data(40, n=2, h=13, w=13, c=5)
+    fs = np.maximum(rng.standard_normal((2, 13, 13, 8)), 0).astype(np.float32)
+    ft = np.maximum(rng.standard_normal((2, 13, 13, 8)), 0).astype(np.float32)
+    nchw = lambda a: torch.tensor(a).permute(0, 3, 1, 2)
+
+    ce = F.cross_entropy(nchw(logits), torch.tensor(labels).long(), ignore_index=255)
+    got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels))
+    np.testing.assert_allclose(float(got), ce.item(), rtol=1e-5)
+
+    s_cls = F.adaptive_avg_pool2d(nchw(logits), (1, 1))
+    t_cls = F.adaptive_avg_pool2d(nchw(logits[::-1].copy()), (1, 1))
+    sem = torch.sum(torch.abs(s_cls - t_cls))
+    got = losses.semantic_sensitive(jnp.asarray(logits), jnp.asarray(logits[::-1]))
+    np.testing.assert_allclose(float(got), sem.item(), rtol=1e-5)
+
+    def torch_sim(f):
+        q = F.adaptive_avg_pool2d(nchw(f), (7, 7)).flatten(2)  # (B, C, 49)
+        m = q.transpose(-2, -1).matmul(q)
+        m = m / torch.norm(q, p=2, dim=-2).unsqueeze(-1)
+        return m / torch.norm(q, p=2, dim=-2).unsqueeze(-2)
+
+    content = F.mse_loss(torch_sim(fs), torch_sim(ft))
+    got = losses.content_aware(jnp.asarray(fs), jnp.asarray(ft))
+    np.testing.assert_allclose(float(got), content.item(), rtol=1e-4)
