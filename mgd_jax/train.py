@@ -86,8 +86,8 @@ def make_eval_step(model: Any, config: ml_collections.ConfigDict):
     def eval_step(variables, batch):
         return evaluate.confusion_for_batch(
             functools.partial(logits_fn, variables), batch, config.num_classes,
-            mode=config.eval.mode, crop=config.eval.crop, stride_rate=config.eval.stride_rate,
-            flip=config.eval.flip,
+            mode=config.eval.mode, crop_size=config.eval.crop,
+            stride_rate=config.eval.stride_rate, flip=config.eval.flip,
         )
 
     return eval_step
@@ -95,13 +95,14 @@ def make_eval_step(model: Any, config: ml_collections.ConfigDict):
 
 def run_evaluation(eval_step, variables, eval_data, mesh) -> np.ndarray:
     """Confusion matrix over the whole val split (every host takes part)."""
-    confusion = None
+    confusion, batches = 0, 0
     for local_batch in eval_data:
         part = eval_step(variables, parallel.global_batch(local_batch, mesh))
-        confusion = part if confusion is None else confusion + part
-    if confusion is None:
+        confusion = confusion + np.asarray(jax.device_get(part), np.int64)  # int64: no overflow
+        batches += 1
+    if not batches:
         raise ValueError("the eval split is empty")
-    return np.asarray(jax.device_get(confusion), dtype=np.int64)
+    return confusion
 
 
 def _log_scores(reporter, step: int, prefix: str, scores: dict, class_names) -> None:

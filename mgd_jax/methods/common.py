@@ -156,14 +156,7 @@ def supervised_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels
     code does per GPU (its min_kept is per GPU), then averaged over replicas."""
     if not config.loss.ohem:
         return losses.cross_entropy(logits, labels)
-    r = config.replica_batch
-    groups = logits.shape[0] // r
-    per_replica = jax.vmap(
-        lambda lg, lb: losses.ohem_cross_entropy(
-            lg, lb, thresh=config.loss.ohem_thresh, min_kept=config.loss.ohem_min_kept
-        )
-    )(
-        logits.reshape((groups, r) + logits.shape[1:]),
-        labels.reshape((groups, r) + labels.shape[1:]),
+    return losses.per_replica(
+        losses.ohem_cross_entropy, logits, labels, replica_batch=config.replica_batch,
+        thresh=config.loss.ohem_thresh, min_kept=config.loss.ohem_min_kept,
     )
-    return jnp.mean(per_replica)

@@ -120,10 +120,10 @@ class MGD:
         if switch.image:
             # Σ over each replica's batch, averaged over replicas (the official per-GPU sum
             # all-reduced / W): scale fixed by the recipe's per-replica batch, not the device count.
-            replicas = s_mix.logits.shape[0] / config.replica_batch
-            loss_image = switch.lambda_image * losses.semantic_sensitive(
-                s_mix.logits, mixed_out["teacher_deep"].logits
-            ) / replicas
+            loss_image = switch.lambda_image * losses.per_replica(
+                losses.semantic_sensitive, s_mix.logits, mixed_out["teacher_deep"].logits,
+                replica_batch=config.replica_batch,
+            )
         loss_region = zero
         if switch.region:
             loss_region = switch.lambda_region * losses.content_aware(
