@@ -1,0 +1,332 @@
+"""Shared pieces of the tfds builders: file references (plain files or zip members), strict
+image / mask decoding with errors that name the file, and the base builder that writes the
+``mgd_dataset.json`` sidecar inside tfds' temporary directory (so it is renamed into place
+together with the data, or not at all)."""
+
+from __future__ import annotations
+
+import abc
+import concurrent.futures
+import dataclasses
+import io
+import json
+import os
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mgd_jax.data.sources import (
+    DATASETS,
+    IGNORE_INDEX,
+    SIDECAR,
+    SIDECAR_FORMAT,
+    DataError,
+    DatasetInfo,
+)
+
+# Label file kinds the builders understand.
+INDEX_PNG = "index_png"  # class ids in a 'P' (palette: the indices) or 'L' PNG
+SBD_MAT = "sbd_mat"  # SBD cls/*.mat: GTcls.Segmentation
+CITYSCAPES_LABEL_IDS = "cityscapes_label_ids"  # *_gtFine_labelIds.png, mapped to trainIds
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRef:
+    """A file on disk, or a member of a zip archive."""
+
+    path: str
+    member: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else self.path
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.member or self.path)
+
+
+class ZipPool:
+    """One open ZipFile per (archive, thread): ZipFile objects are not safe to share."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def read(self, ref: FileRef) -> bytes:
+        if ref.member is None:
+            with open(ref.path, "rb") as f:
+                return f.read()
+        cache = self._local.__dict__.setdefault("zips", {})
+        zf = cache.get(ref.path)
+        if zf is None:
+            zf = cache[ref.path] = zipfile.ZipFile(ref.path)
+        return zf.read(ref.member)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One example to write: its key, image file and label file (+ how to read the label)."""
+
+    key: str
+    image: FileRef
+    label: FileRef
+    label_kind: str = INDEX_PNG
+
+
+def read_bytes(ref: FileRef, zips: ZipPool | None = None) -> bytes:
+    try:
+        return (zips or ZipPool()).read(ref)
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"{ref}: cannot read file ({e})") from e
+
+
+def decode_image(ref: FileRef, data: bytes, store_format: str) -> tuple[bytes, tuple[int, int]]:
+    """Fully decodes ``data`` (catches corrupt / truncated files) and returns the bytes to store
+    (the original file when it is already RGB or greyscale, else re-encoded) and (h, w)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            mode, size = im.mode, im.size
+            if mode not in ("RGB", "L"):
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, format="JPEG" if store_format == "jpeg" else "PNG",
+                                       **({"quality": 95} if store_format == "jpeg" else {}))
+                data = buf.getvalue()
+    except Exception as e:  # PIL raises many types for bad files
+        raise DataError(f"{ref}: corrupt or unreadable image ({type(e).__name__}: {e})") from e
+    return data, (size[1], size[0])
+
+
+def decode_index_png(ref: FileRef, data: bytes) -> np.ndarray:
+    """Class ids from a palette ('P': the palette indices, never luminance) or 'L' PNG."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode in ("P", "L"):
+                return np.array(im, dtype=np.uint8)
+            if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+                arr = np.array(im)
+                if arr.min() < 0 or arr.max() > 255:
+                    raise DataError(
+                        f"{ref}: 16/32-bit mask with values outside 0..255 "
+                        f"(min {arr.min()}, max {arr.max()})"
+                    )
+                return arr.astype(np.uint8)
+            mode = im.mode
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{ref}: corrupt or unreadable mask ({type(e).__name__}: {e})") from e
+    raise DataError(
+        f"{ref}: mask has PIL mode {mode!r}; expected a single-channel index mask "
+        "(palette 'P' or greyscale 'L' PNG holding class ids), not a colour image"
+    )
+
+
+def decode_sbd_mat(ref: FileRef, data: bytes) -> np.ndarray:
+    """SBD ``cls/<id>.mat``: the ``GTcls.Segmentation`` class-id array."""
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(io.BytesIO(data))
+        seg = mat["GTcls"][0, 0]["Segmentation"]
+    except Exception as e:
+        raise DataError(
+            f"{ref}: cannot read SBD annotation GTcls.Segmentation ({type(e).__name__}: {e})"
+        ) from e
+    seg = np.asarray(seg)
+    if seg.ndim != 2 or seg.min() < 0 or seg.max() > 255:
+        raise DataError(f"{ref}: GTcls.Segmentation has shape {seg.shape}, "
+                        f"values {seg.min()}..{seg.max()}; expected a 2-D class-id array")
+    return seg.astype(np.uint8)
+
+
+def cityscapes_lut() -> np.ndarray:
+    """labelId -> trainId lookup (256 entries): the 19 evaluated classes -> 0..18, every other
+    labelId -> 255. Entries for byte values that are not labelIds are -1 (rejected)."""
+    from cityscapesscripts.helpers.labels import labels
+
+    lut = np.full(256, -1, np.int16)
+    for lb in labels:
+        if 0 <= lb.id < 256:
+            lut[lb.id] = lb.trainId if 0 <= lb.trainId < 255 else IGNORE_INDEX
+    return lut
+
+
+_CITY_LUT = None
+
+
+def map_cityscapes_label_ids(ref: FileRef, label_ids: np.ndarray) -> np.ndarray:
+    global _CITY_LUT
+    if _CITY_LUT is None:
+        _CITY_LUT = cityscapes_lut()
+    mapped = _CITY_LUT[label_ids]
+    if (mapped < 0).any():
+        bad = np.unique(label_ids[mapped < 0])
+        raise DataError(f"{ref}: values {bad.tolist()[:10]} are not Cityscapes labelIds "
+                        "(expected 0..33; is this a *_gtFine_labelIds.png?)")
+    return mapped.astype(np.uint8)
+
+
+def decode_label(ref: FileRef, data: bytes, kind: str) -> np.ndarray:
+    if kind == INDEX_PNG:
+        return decode_index_png(ref, data)
+    if kind == SBD_MAT:
+        return decode_sbd_mat(ref, data)
+    if kind == CITYSCAPES_LABEL_IDS:
+        return map_cityscapes_label_ids(ref, decode_index_png(ref, data))
+    raise ValueError(f"unknown label kind {kind!r}")
+
+
+def check_label_values(ref: FileRef, label: np.ndarray, num_classes: int) -> None:
+    counts = np.bincount(label.ravel(), minlength=256)
+    counts[:num_classes] = 0
+    counts[IGNORE_INDEX] = 0
+    if counts.any():
+        bad = np.flatnonzero(counts).tolist()
+        raise DataError(
+            f"{ref}: label values {bad[:10]} outside [0, {num_classes}) and the ignore "
+            f"value {IGNORE_INDEX}"
+        )
+
+
+def label_image(label: np.ndarray) -> Image.Image:
+    """Single-channel 'L' PNG for tfds (palette PNGs would decode as colour under OpenCV)."""
+    return Image.fromarray(label, mode="L")
+
+
+def make_example(entry: Entry, num_classes: int, store_format: str,
+                 zips: ZipPool | None = None) -> dict[str, Any]:
+    """Reads, checks and converts one entry into the feature dict handed to tfds."""
+    image_bytes, (h, w) = decode_image(entry.image, read_bytes(entry.image, zips), store_format)
+    label = decode_label(entry.label, read_bytes(entry.label, zips), entry.label_kind)
+    if label.shape != (h, w):
+        raise DataError(
+            f"{entry.label}: mask is {label.shape[1]}x{label.shape[0]} (w x h) but its image "
+            f"{entry.image} is {w}x{h}"
+        )
+    check_label_values(entry.label, label, num_classes)
+    return {"image": image_bytes, "label": label_image(label), "key": entry.key}
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
+                window: int = 64) -> Iterator[Any]:
+    """``map(fn, items)`` on a thread pool (PIL / zlib release the GIL), in order, with at most
+    ``window`` results in flight so large images do not pile up in memory."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = []
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for fut in pending:
+            yield fut.result()
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class MgdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of our builders: array_record, examples in plan order (``disable_shuffling``), and the
+    ``mgd_dataset.json`` sidecar (class table + keys in index order) written with the data."""
+
+    DATASET: str = ""  # key of DATASETS
+    IMAGE_FORMAT: str = "png"
+    HOMEPAGE: str = ""
+    CITATION: str = ""
+
+    def __init__(self, *, plan: Mapping[str, Sequence[Any]] | None = None,
+                 num_workers: int | None = None,
+                 source_description: Mapping[str, Any] | None = None,
+                 progress: bool = True, **kwargs):
+        kwargs.setdefault("file_format", "array_record")
+        self._plan = plan
+        self._num_workers = default_workers() if num_workers is None else num_workers
+        self._source_description = dict(source_description or {})
+        self._written: dict[str, list[str]] = {}
+        self._zips = ZipPool()
+        self._progress = progress
+        super().__init__(**kwargs)
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # tfds derives this via importlib.resources on the top-level package, which fails for
+        # editable installs (a finder hook in the package path); the module file is what it needs.
+        return epath.Path(sys.modules[cls.__module__].__file__)
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def dataset_info(self) -> DatasetInfo:
+        return DATASETS[self.DATASET]
+
+    @abc.abstractmethod
+    def make_plan(self, dl_manager) -> Mapping[str, Sequence[Any]]:
+        """split -> items (Entries, or whatever ``encode`` takes), in index order."""
+
+    def encode(self, split: str, item: Any) -> tuple[str, dict[str, Any]]:
+        example = make_example(item, self.dataset_info().num_classes, self.IMAGE_FORMAT,
+                               self._zips)
+        return item.key, example
+
+    # --- tfds hooks ------------------------------------------------------------------------------
+    def _info(self) -> tfds.core.DatasetInfo:
+        info = self.dataset_info()
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"{info.name}: {info.num_classes} classes, labels are class ids with "
+            f"{info.ignore_index} = ignore (mgd_jax).",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3),
+                                             encoding_format=self.IMAGE_FORMAT),
+                "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                "key": tfds.features.Text(),
+            }),
+            homepage=self.HOMEPAGE or None,
+            citation=self.CITATION or None,
+            disable_shuffling=True,  # index order = plan order (sorted keys)
+        )
+
+    def _split_generators(self, dl_manager):
+        plan = self._plan if self._plan is not None else self.make_plan(dl_manager)
+        return {split: self._generate_examples(split, items) for split, items in plan.items()}
+
+    def _generate_examples(self, split: str, items: Sequence[Any]):
+        keys = self._written.setdefault(split, [])
+        keys.clear()
+        self._zips = ZipPool()
+        results = ordered_map(lambda item: self.encode(split, item), items, self._num_workers)
+        for key, example in tqdm(results, total=len(items), desc=f"{self.name} {split}",
+                                 unit="img", mininterval=1.0, disable=not self._progress):
+            keys.append(key)
+            yield key, example
+
+    def _download_and_prepare(self, dl_manager, download_config):
+        super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
+        # self.data_path is still tfds' incomplete.* directory here.
+        self.write_sidecar(self.data_path)
+
+    def write_sidecar(self, directory) -> None:
+        meta = {
+            "format": SIDECAR_FORMAT,
+            "info": self.dataset_info().to_json(),
+            "source": self._source_description,
+            "splits": {s: {"num_examples": len(k), "keys": k} for s, k in self._written.items()},
+        }
+        path = os.path.join(os.fspath(directory), SIDECAR)
+        with open(path, "w") as f:
+            json.dump(meta, f)
+
+
+def sorted_unique(keys: Iterable[str]) -> list[str]:
+    return sorted(set(keys))

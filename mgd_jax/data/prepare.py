@@ -1,0 +1,227 @@
+"""Prepares the datasets as tfds array_record files (no TensorFlow).
+
+    python -m mgd_jax.data.prepare voc        --manual_dir=/data/voc  --data_dir=~/mgd_data
+    python -m mgd_jax.data.prepare cityscapes --manual_dir=/data/city --data_dir=~/mgd_data
+    python -m mgd_jax.data.prepare synthetic  --data_dir=~/mgd_data [--num_train=400 ...]
+
+Every listed id's image and mask are located before anything is written; each example is then
+decoded and checked (corrupt image, mask size, label values) while it is written. tfds writes
+into ``<builder>/incomplete.*`` and renames it into place only on success, with our
+``mgd_dataset.json`` sidecar inside, so an interrupted run never leaves a dataset that
+:func:`mgd_jax.data.sources.open_split` accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from mgd_jax.data import synthetic
+from mgd_jax.data.sources import (
+    DATASETS,
+    DataError,
+    dataset_dir,
+    is_prepared,
+    open_split,
+    resolve,
+)
+
+DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+
+
+def _say(quiet: bool, *args) -> None:
+    if not quiet:
+        print(*args, flush=True)
+
+
+def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None, config=None,
+           overwrite: bool = False, num_workers: int | None = None, quiet: bool = False) -> Path:
+    """Runs the builder into ``data_dir`` and checks the result; returns the dataset dir."""
+    import tensorflow_datasets as tfds
+
+    from mgd_jax.data.builders import BUILDERS
+
+    info, _ = resolve(dataset)
+    target = dataset_dir(dataset, data_dir)
+    if is_prepared(dataset, data_dir) and not overwrite:
+        _say(quiet, f"{dataset} is already prepared at {target} (use --overwrite to rebuild).")
+        return target
+    if target.exists() and not overwrite:
+        raise DataError(f"{target} exists but is not a complete mgd_jax dataset (no sidecar); "
+                        "rerun with --overwrite to replace it")
+    Path(data_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    builder = BUILDERS[info.name](
+        data_dir=os.fspath(Path(data_dir).expanduser()), config=config, plan=plan,
+        source_description=summary, num_workers=num_workers, progress=not quiet,
+    )
+    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    was_active = tfds.core.utils.tqdm_utils._active
+    tfds.display_progress_bar(False)  # our own bars have totals
+    out = io.StringIO() if quiet else sys.stdout
+    try:
+        with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(out):
+            builder.download_and_prepare(
+                download_dir=downloads,
+                download_config=tfds.download.DownloadConfig(
+                    download_mode=mode,
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                ),
+            )
+    except OSError:
+        # Another process may have renamed its identical build into place first.
+        if not is_prepared(dataset, data_dir):
+            raise
+    finally:
+        tfds.display_progress_bar(was_active)
+    _verify(dataset, data_dir, plan, quiet)
+    return target
+
+
+def _verify(dataset: str, data_dir, plan, quiet: bool) -> None:
+    """Reads back a sample of every split (keys in the planned order, decodable) and prints the
+    totals next to the official counts."""
+    info, _ = resolve(dataset)
+    src0 = open_split(dataset, info.eval_split, data_dir)
+    expected = src0.info.split_sizes
+    lines = []
+    for split in expected:
+        src = open_split(dataset, split, data_dir)
+        if plan is not None and split in plan:
+            planned = [getattr(e, "key", None) for e in plan[split]]
+            if planned and planned[0] is not None and planned != src.keys:
+                raise DataError(f"{src}: written keys differ from the planned order")
+        n = len(src)
+        step = max(1, n // 16)
+        for i in list(range(0, n, step))[:16] + [n - 1]:
+            src[i]  # decodes and checks the key against the sidecar
+        official = expected[split]
+        note = "" if n == official else f"  WARNING: differs from the official {official}"
+        lines.append(f"  {split}: {n} examples (official {official}){note}")
+    _say(quiet, f"Prepared {dataset} at {dataset_dir(dataset, data_dir)}:\n" + "\n".join(lines))
+    if not quiet:
+        for line in lines:
+            if "WARNING" in line:
+                print(f"warning: {dataset}{line.strip()}", file=sys.stderr)
+
+
+def prepare_voc(manual_dir: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *,
+                train_list: str | os.PathLike | None = None,
+                val_list: str | os.PathLike | None = None, overwrite: bool = False,
+                num_workers: int | None = None, quiet: bool = False) -> Path:
+    """VOC 2012 + SBD -> ``mgd_voc_aug`` (train_aug, val). See builders/voc_aug.py for layouts."""
+    from mgd_jax.data.builders.voc_aug import plan_voc
+
+    if is_prepared("voc", data_dir) and not overwrite:
+        return _build("voc", data_dir, quiet=quiet)
+    plan, summary = plan_voc(manual_dir, train_list=train_list, val_list=val_list,
+                             progress=not quiet)
+    summary["manual_dir"] = str(manual_dir)
+    _say(quiet, "VOC label sources: " + ", ".join(
+        f"{s}: {c}" for s, c in summary["label_sources"].items()))
+    return _build("voc", data_dir, plan=plan, summary=summary, overwrite=overwrite,
+                  num_workers=num_workers, quiet=quiet)
+
+
+def prepare_cityscapes(manual_dir: str | os.PathLike,
+                       data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *,
+                       train_list: str | os.PathLike | None = None,
+                       val_list: str | os.PathLike | None = None, overwrite: bool = False,
+                       num_workers: int | None = None, quiet: bool = False) -> Path:
+    """Cityscapes zips / folders -> ``mgd_cityscapes`` (train, val; trainIds)."""
+    from mgd_jax.data.builders.cityscapes import plan_cityscapes
+
+    if is_prepared("cityscapes", data_dir) and not overwrite:
+        return _build("cityscapes", data_dir, quiet=quiet)
+    plan, summary = plan_cityscapes(manual_dir, train_list=train_list, val_list=val_list)
+    summary["manual_dir"] = str(manual_dir)
+    return _build("cityscapes", data_dir, plan=plan, summary=summary, overwrite=overwrite,
+                  num_workers=num_workers, quiet=quiet)
+
+
+def synthetic_name(**sizes) -> str:
+    """The ``open_split`` dataset name of a synthetic spec: "synthetic" for the defaults, else
+    "synthetic/<config>"."""
+    spec = synthetic.SyntheticSpec(**sizes)
+    return "synthetic" if spec.config_name == "default" else f"synthetic/{spec.config_name}"
+
+
+def prepare_synthetic(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, overwrite: bool = False,
+                      num_workers: int | None = None, quiet: bool = False, **sizes) -> str:
+    """Generates the synthetic dataset (sizes: num_classes, image_size, num_train, num_val,
+    seed, boundary_ignore); returns its ``open_split`` name."""
+    from mgd_jax.data.builders.synthetic import SyntheticConfig
+
+    spec = synthetic.SyntheticSpec(**sizes)
+    name = synthetic_name(**sizes)
+    # The default spec must be named, not passed: tfds refuses a second config called "default".
+    config = "default" if spec.config_name == "default" else SyntheticConfig.from_spec(spec)
+    _build(name, data_dir, config=config, overwrite=overwrite,
+           num_workers=num_workers, quiet=quiet)
+    return name
+
+
+def ensure_synthetic(data_dir: str | os.PathLike, **sizes) -> str:
+    """Builds the synthetic dataset unless it is already there (a cheap file check), quietly;
+    returns the name to pass to ``open_split``."""
+    name = synthetic_name(**sizes)
+    if not is_prepared(name, data_dir):
+        prepare_synthetic(data_dir, quiet=True, **sizes)
+    return name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mgd_jax.data.prepare", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data_dir", default=DEFAULT_DATA_DIR,
+                        help="where the prepared dataset goes (default: %(default)s)")
+    common.add_argument("--overwrite", action="store_true", help="rebuild if already prepared")
+    common.add_argument("--num_workers", type=int, default=None,
+                        help="decode/check threads (default: min(8, CPUs))")
+    for name in ("voc", "cityscapes"):
+        p = sub.add_parser(name, parents=[common], help=f"prepare {name} from a manual dir")
+        p.add_argument("--manual_dir", required=True, help="folder with the downloaded files")
+        p.add_argument("--train_list", default=None,
+                       help="optional list of train ids (default: derived, see README)")
+        p.add_argument("--val_list", default=None, help="optional list of val ids")
+    p = sub.add_parser("synthetic", parents=[common], help="generate the synthetic dataset")
+    defaults = synthetic.SyntheticSpec()
+    for field in dataclasses.fields(synthetic.SyntheticSpec):
+        if field.type in ("int", int):
+            p.add_argument(f"--{field.name}", type=int, default=getattr(defaults, field.name))
+    p.add_argument("--no_boundary_ignore", action="store_true",
+                   help="no 255 band along label boundaries")
+    args = parser.parse_args(argv)
+    try:
+        if args.dataset == "synthetic":
+            sizes = {f.name: getattr(args, f.name)
+                     for f in dataclasses.fields(synthetic.SyntheticSpec) if hasattr(args, f.name)}
+            sizes["boundary_ignore"] = not args.no_boundary_ignore
+            name = prepare_synthetic(args.data_dir, overwrite=args.overwrite,
+                                     num_workers=args.num_workers, **sizes)
+            print(f"Open it with open_split({name!r}, 'train', {args.data_dir!r})")
+        else:
+            fn = prepare_voc if args.dataset == "voc" else prepare_cityscapes
+            fn(args.manual_dir, args.data_dir, train_list=args.train_list,
+               val_list=args.val_list, overwrite=args.overwrite, num_workers=args.num_workers)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["DATASETS", "ensure_synthetic", "main", "prepare_cityscapes", "prepare_synthetic",
+           "prepare_voc", "synthetic_name"]
+
+if __name__ == "__main__":
+    sys.exit(main())

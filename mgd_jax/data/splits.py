@@ -1,0 +1,166 @@
+"""Labeled / unlabeled partitions of a training split.
+
+Either seeded (:func:`partition`) or read from the standard CPS / MGD list files
+(:func:`standard_lists`, :func:`read_list`), which the user keeps in their own folder:
+
+* VOC: ``train_aug_labeled_1-{p}.txt`` / ``train_aug_unlabeled_1-{p}.txt``, one id per line
+  (``2007_000032``; CRLF tolerated);
+* Cityscapes: the same names under ``config_new/subset_train/``, each line
+  ``/images/train/<key>.png<TAB>/segmentation/train/<key>_gtFine.png``; the key is the
+  ``<city>_<seq>_<frame>`` stem of the image path.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from mgd_jax.data.sources import DataError, resolve
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_KEY_SUFFIXES = ("_leftImg8bit", "_gtFine_labelIds", "_gtFine_labelTrainIds", "_gtFine")
+
+
+def line_key(line: str) -> str:
+    """The example key of one list line.
+
+    ``2007_000032`` -> itself; ``/images/train/jena_000078_000019.png<TAB>...`` or
+    ``JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png`` -> the first field's file
+    stem, without a Cityscapes ``_leftImg8bit`` / ``_gtFine*`` suffix.
+    """
+    first = line.strip().split()[0]
+    if "/" in first or "\\" in first or first.lower().endswith(_IMAGE_SUFFIXES):
+        first = first.replace("\\", "/").rsplit("/", 1)[-1]
+        stem, ext = os.path.splitext(first)
+        if ext.lower() in _IMAGE_SUFFIXES:
+            first = stem
+        for suffix in _KEY_SUFFIXES:
+            if first.endswith(suffix):
+                first = first[: -len(suffix)]
+                break
+    return first
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Keys listed in a split file (either format), in file order. Blank lines are skipped;
+    duplicate keys are dropped with a warning."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read split list ({e})") from e
+    keys, seen, dups = [], set(), []
+    for line in text.splitlines():  # handles \n, \r\n and \r
+        if not line.strip():
+            continue
+        key = line_key(line)
+        if key in seen:
+            dups.append(key)
+            continue
+        seen.add(key)
+        keys.append(key)
+    if dups:
+        warnings.warn(f"{path}: {len(dups)} duplicate id(s) ignored, e.g. {dups[:5]}",
+                      stacklevel=2)
+    return keys
+
+
+def labeled_count(num_examples: int, fraction: float | Fraction) -> int:
+    """ceil(N * fraction): the sizes of the standard lists (VOC 1/16 of 10582 -> 662,
+    Cityscapes 1/2 of 2975 -> 1488)."""
+    frac = Fraction(fraction).limit_denominator(1 << 20)
+    if not 0 < frac <= 1:
+        raise ValueError(f"fraction={fraction}: expected 0 < fraction <= 1")
+    return math.ceil(num_examples * frac)
+
+
+def partition(keys: Sequence[str], *, fraction: float | Fraction | None = None,
+              count: int | None = None, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split of ``keys`` into (labeled, unlabeled): disjoint, covering, each sorted.
+
+    Give ``fraction`` (e.g. 1/8: ceil(N/8) labeled) or ``count``. The result depends only on the
+    set of keys and the seed (not on their order), and for one seed the labeled sets are nested
+    (the 1/16 set is inside the 1/8 set) because they are prefixes of one permutation.
+    """
+    if (fraction is None) == (count is None):
+        raise ValueError("give exactly one of fraction= or count=")
+    ordered = sorted(keys)
+    n = len(ordered)
+    if len(set(ordered)) != n:
+        dup = sorted(k for k, c in collections.Counter(ordered).items() if c > 1)[:5]
+        raise DataError(f"partition: keys are not unique (e.g. {dup})")
+    k = labeled_count(n, fraction) if fraction is not None else int(count)
+    if not 0 <= k <= n:
+        raise ValueError(f"count={count}: expected 0..{n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    chosen = np.zeros(n, bool)
+    chosen[perm[:k]] = True
+    labeled = [key for key, c in zip(ordered, chosen, strict=True) if c]
+    unlabeled = [key for key, c in zip(ordered, chosen, strict=True) if not c]
+    return labeled, unlabeled
+
+
+def _list_folders(dataset: str, list_dir: Path) -> list[Path]:
+    if dataset == "cityscapes":
+        subs = ["", "subset_train", "config_new/subset_train", "city/config_new/subset_train",
+                "DATA/city/config_new/subset_train"]
+    else:
+        subs = ["", "subset_train_aug", "pascal_voc/subset_train_aug",
+                "DATA/pascal_voc/subset_train_aug"]
+    return [list_dir / s if s else list_dir for s in subs]
+
+
+def standard_lists(dataset: str, partition: int, list_dir: str | os.PathLike, *,
+                   prefix: str = "train_aug") -> tuple[list[str], list[str]]:
+    """Reads ``{prefix}_labeled_1-{partition}.txt`` and ``{prefix}_unlabeled_1-{partition}.txt``.
+
+    ``list_dir`` is the folder holding them, or a parent in the CPS / MGD layout (VOC:
+    ``subset_train_aug/``; Cityscapes: ``config_new/subset_train/``). Overlapping lists only warn
+    (the ``pseudoseg`` lists share one id per pair).
+    """
+    info, _ = resolve(dataset)
+    root = Path(list_dir).expanduser()
+    names = (f"{prefix}_labeled_1-{partition}.txt", f"{prefix}_unlabeled_1-{partition}.txt")
+    folders = _list_folders(info.name, root)
+    for folder in folders:
+        if all((folder / n).is_file() for n in names):
+            lab_path, unl_path = folder / names[0], folder / names[1]
+            break
+    else:
+        raise DataError(
+            f"{dataset} 1/{partition} split lists {names[0]} and {names[1]} not found in any of "
+            f"{[str(f) for f in folders]}. Point the list folder at the CPS/MGD split files "
+            "(e.g. DATA/pascal_voc/subset_train_aug or DATA/city/config_new/subset_train)."
+        )
+    labeled, unlabeled = read_list(lab_path), read_list(unl_path)
+    overlap = set(labeled) & set(unlabeled)
+    if overlap:
+        warnings.warn(
+            f"{lab_path} and {unl_path} share {len(overlap)} id(s), e.g. {sorted(overlap)[:5]}",
+            stacklevel=2,
+        )
+    return labeled, unlabeled
+
+
+def check_disjoint_cover(labeled: Iterable[str], unlabeled: Iterable[str],
+                         keys: Iterable[str]) -> None:
+    """Raises :class:`DataError` unless labeled and unlabeled are disjoint and cover ``keys``."""
+    lab, unl, all_keys = set(labeled), set(unlabeled), set(keys)
+    problems = []
+    if lab & unl:
+        problems.append(f"{len(lab & unl)} ids in both (e.g. {sorted(lab & unl)[:5]})")
+    if (lab | unl) - all_keys:
+        extra = sorted((lab | unl) - all_keys)
+        problems.append(f"{len(extra)} ids not in the split (e.g. {extra[:5]})")
+    if all_keys - (lab | unl):
+        miss = sorted(all_keys - (lab | unl))
+        problems.append(f"{len(miss)} ids of the split in neither (e.g. {miss[:5]})")
+    if problems:
+        raise DataError("labeled/unlabeled partition: " + "; ".join(problems))

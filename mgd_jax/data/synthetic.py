@@ -1,0 +1,211 @@
+"""Procedural segmentation data: the embedded default dataset for the demo and the tests.
+
+Each foreground class is a (shape, texture) pair, e.g. "disc+stripes" or "square+dots", chosen so
+that every used shape appears with at least two textures and every used texture with at least two
+shapes (once there are 3+ foreground classes): neither shape nor texture alone gives the class.
+Objects get random colours (so colour carries no information), sizes, rotations, texture periods
+and phases; the background is coloured value noise, sometimes with a faint full-image texture;
+distractor objects (a shape/texture pair that is not a class, or a flat / noisy fill) are labelled
+background. A one-pixel band along every label boundary is 255 (ignore), as in VOC.
+
+Every example is a pure function of (seed, split, index) through its own numpy Generator, so the
+dataset is identical on every host and in every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+from PIL import Image
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
+TEXTURES = ("stripes", "dots", "checker", "grid")
+DISTRACTOR_FILLS = ("flat", "noise")  # never a class: objects filled like this are background
+SPLIT_CODES = {"train": 0, "val": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """Sizes of the synthetic dataset. The default builds in about a second."""
+
+    num_classes: int = 5  # including background
+    image_size: int = 64
+    num_train: int = 400
+    num_val: int = 100
+    seed: int = 0
+    boundary_ignore: bool = True  # 1-px 255 band along label boundaries
+
+    def __post_init__(self):
+        max_classes = 1 + len(SHAPES) * len(TEXTURES) - 1  # keep >= 1 distractor pair
+        if not 2 <= self.num_classes <= max_classes:
+            raise ValueError(f"num_classes={self.num_classes}: expected 2..{max_classes}")
+        if self.image_size < 24:
+            raise ValueError(f"image_size={self.image_size}: expected >= 24")
+        if self.num_train < 1 or self.num_val < 1:
+            raise ValueError(f"num_train={self.num_train}, num_val={self.num_val}: expected >= 1")
+
+    @property
+    def config_name(self) -> str:
+        """tfds config name: "default" for the defaults, else the sizes spelled out."""
+        if self == SyntheticSpec():
+            return "default"
+        name = (f"c{self.num_classes}_s{self.image_size}_n{self.num_train}_v{self.num_val}"
+                f"_seed{self.seed}")
+        return name if self.boundary_ignore else name + "_nb"
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {"train": self.num_train, "val": self.num_val}
+
+
+def class_pairs(num_classes: int) -> list[tuple[str, str]]:
+    """(shape, texture) of classes 1..num_classes-1.
+
+    Pairs are taken in growing "square shells" of the shape x texture grid ((0,0); then (0,1),
+    (1,0), (1,1); ...), so with 3+ classes each shape and each texture is shared by 2 classes.
+    """
+    grid = sorted(
+        itertools.product(range(len(SHAPES)), range(len(TEXTURES))),
+        key=lambda st: (max(st), st),
+    )
+    return [(SHAPES[s], TEXTURES[t]) for s, t in grid[: num_classes - 1]]
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    return ("background",) + tuple(f"{s}+{t}" for s, t in class_pairs(num_classes))
+
+
+def dataset_info(spec: SyntheticSpec):
+    """The :class:`~mgd_jax.data.sources.DatasetInfo` of a synthetic spec."""
+    from mgd_jax.data.sources import DatasetInfo, voc_colormap
+
+    return DatasetInfo(
+        name="synthetic",
+        builder="mgd_synthetic",
+        num_classes=spec.num_classes,
+        class_names=class_names(spec.num_classes),
+        palette=voc_colormap(spec.num_classes),
+        split_sizes=spec.split_sizes,
+        train_split="train",
+        eval_split="val",
+        config=spec.config_name,
+        prepare_command="python -m mgd_jax.data.prepare synthetic --data_dir={data_dir}",
+    )
+
+
+def _rotated(x, y, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return c * x + s * y, -s * x + c * y
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Mask of a unit-radius shape in object coordinates (u, v)."""
+    if shape == "disc":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.8
+    if shape == "triangle":  # equilateral, circumradius 1
+        return (v <= 0.5) & (v >= -1.0 + np.sqrt(3.0) * np.abs(u))
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.32) & (av <= 1.0)) | ((av <= 0.32) & (au <= 1.0))
+    if shape == "ring":
+        r2 = u * u + v * v
+        return (r2 <= 1.0) & (r2 >= 0.5**2)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1.0
+    raise ValueError(shape)
+
+
+def _texture(kind: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+             scale: float) -> np.ndarray:
+    """Binary pattern over the whole image, random period / orientation / phase."""
+    if kind == "flat":
+        return np.zeros(x.shape, bool)
+    if kind == "noise":  # 2-px random cells
+        cells = rng.random((x.shape[0] // 2 + 1, x.shape[1] // 2 + 1)) < 0.5
+        return cells.repeat(2, 0).repeat(2, 1)[: x.shape[0], : x.shape[1]]
+    period = rng.uniform(4.0, 6.5) * scale
+    a, b = _rotated(x, y, rng.uniform(0.0, math.pi))
+    a = a + rng.uniform(0.0, period)
+    b = b + rng.uniform(0.0, period)
+    if kind == "stripes":
+        return np.mod(a, period) < period / 2
+    if kind == "dots":
+        p = period * 1.3
+        da, db = np.mod(a, p) - p / 2, np.mod(b, p) - p / 2
+        return da * da + db * db < (0.3 * p) ** 2
+    if kind == "checker":
+        return (np.floor(a / period) + np.floor(b / period)) % 2 == 0
+    if kind == "grid":
+        p = period * 1.2
+        return (np.mod(a, p) < 0.3 * p) | (np.mod(b, p) < 0.3 * p)
+    raise ValueError(kind)
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two random colours far enough apart for the texture to be visible."""
+    a = rng.uniform(0, 255, 3)
+    while True:
+        b = rng.uniform(0, 255, 3)
+        if np.abs(a - b).mean() >= 60:
+            return a, b
+
+
+def _value_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth noise in [0, 1]: a coarse random grid, bilinearly upsampled."""
+    k = int(rng.integers(3, 7))
+    coarse = Image.fromarray(rng.random((k, k)).astype(np.float32), mode="F")
+    return np.asarray(coarse.resize((size, size), Image.BILINEAR), np.float64)
+
+
+def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Example ``index`` of ``split``: (image uint8 (S, S, 3), label uint8 (S, S))."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split {split!r}: expected one of {sorted(SPLIT_CODES)}")
+    rng = np.random.default_rng([spec.seed, SPLIT_CODES[split], index])
+    size = spec.image_size
+    scale = size / 64.0
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+
+    # Background: two-colour value noise, sometimes under a faint texture of a class kind.
+    c0, c1 = _colour_pair(rng)
+    g = _value_noise(rng, size)[..., None]
+    image = c0 * (1 - g) + c1 * g
+    if rng.random() < 0.35:
+        t = _texture(str(rng.choice(TEXTURES)), x, y, rng, scale)[..., None]
+        image = image + (t - 0.5) * rng.uniform(20, 45)
+    image = image + rng.normal(0.0, rng.uniform(3, 10), image.shape)
+    label = np.zeros((size, size), np.uint8)
+
+    # Objects: 1-3 of classes, 0-2 distractors, drawn in random order (later ones occlude).
+    pairs = class_pairs(spec.num_classes)
+    distractor_pairs = [
+        (s, t) for s in SHAPES for t in TEXTURES + DISTRACTOR_FILLS if (s, t) not in pairs
+    ]
+    objects = [(int(c), *pairs[c - 1]) for c in rng.integers(1, spec.num_classes,
+                                                             int(rng.integers(1, 4)))]
+    for j in rng.integers(0, len(distractor_pairs), int(rng.integers(0, 3))):
+        objects.append((0, *distractor_pairs[j]))
+    for k in rng.permutation(len(objects)):
+        cls, shape, fill = objects[k]
+        r = rng.uniform(0.12, 0.24) * size
+        cx, cy = rng.uniform(0.2 * r, size - 0.2 * r, 2)
+        u, v = _rotated((x - cx) / r, (y - cy) / r, rng.uniform(0, 2 * math.pi))
+        mask = _shape_mask(shape, u, v)
+        a, b = _colour_pair(rng)
+        t = _texture(fill, x, y, rng, scale)[..., None]
+        pixels = np.where(t, a, b) + rng.normal(0.0, 4.0, image.shape)
+        image = np.where(mask[..., None], pixels, image)
+        label[mask] = cls
+
+    if spec.boundary_ignore:
+        edge = np.zeros(label.shape, bool)
+        edge[:, :-1] |= label[:, :-1] != label[:, 1:]
+        edge[:-1, :] |= label[:-1, :] != label[1:, :]
+        label[edge] = 255
+    image = image + rng.normal(0.0, 2.0, image.shape)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8), label
