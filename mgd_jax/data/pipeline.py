@@ -1,0 +1,395 @@
+"""grain input pipelines: the MGD training stream and the padded evaluation pass.
+
+Everything up to batching is a grain `MapDataset` (random access, element = f(index)), so:
+
+* the output does not depend on `num_workers`: `mp_prefetch` only distributes whole batches over
+  worker processes (worker i computes batches i, i+k, ...), and a batch is the same wherever it is
+  computed (per-element RNG = f(seed, element index));
+* the iterator state is tiny (essentially the next batch index), see "Checkpointing" below;
+* multi-host sharding is an index mapping, see "Sharding" below.
+
+Training stream (`train_dataset`), per host and step: one labeled batch, two unlabeled batches and
+one CutMix mask per batch slot (the dict layout is in the contract, notes/contracts.md). Each stream
+is an *infinite* repeat of its split, reshuffled every epoch, and the streams advance independently.
+The official code instead pads every list to `max_samples` (repeats plus random extra indices) so
+the loaders have equal length and an "epoch" is `max_samples // batch` steps; an infinite
+independent repeat per stream is the clean equivalent (every example is seen equally often, no list
+padding), and the trainer counts epochs as steps (mgd-method.md §4.2).
+
+Pairing of the two unlabeled batches:
+* "independent" (default, recommended by the spec): u0 and u1 follow two independent random orders.
+* "official": u0[i] and u1[i] are the *same* unlabeled image with two independent augmentations,
+  and the unlabeled order is one fixed permutation repeated every epoch (official loaders, §4.4).
+
+Sharding (`process_index` / `process_count`): the pipeline first defines one *global* stream of
+examples (global batch = batch_size * process_count); global step k holds global examples
+[k*GB, (k+1)*GB) and host p takes the slots [p*B, (p+1)*B) of it. The augmentation RNG of an example
+depends on its global index only, so the union over hosts of one global step, concatenated in
+process order, is exactly the batch a single host with batch_size=GB would produce. Within an epoch
+of a stream the hosts' examples are disjoint and together cover the split.
+
+Checkpointing (orbax + grain), per host:
+
+    it = iter(train_dataset(...))
+    mngr = ocp.CheckpointManager(dir, options=..., item_names=("state", "data_iter"))
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(it)))
+    # on resume: build the same dataset, create the iterator, then restore into it
+    it = iter(train_dataset(...))
+    mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data_iter=grain.checkpoint.CheckpointRestore(it)))
+
+`it.get_state()` / `it.set_state(state)` do the same in memory. Restore with the same arguments
+(sources, batch size, seed, process layout) and the same `num_workers` (the state of a multi-worker
+iterator records the per-worker positions).
+
+Worker processes are *spawned*: the transforms here are module-level picklable classes, the sources
+must be picklable, and a script that uses `num_workers > 0` must guard its entry point with
+`if __name__ == "__main__":` (spawned workers re-import the main module) and have absl flags parsed
+(run under `absl.app.run`, or call `absl.flags.FLAGS.mark_as_parsed()`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from mgd_jax.data import augment, cutmix
+
+PAIRINGS = ("independent", "official")
+
+
+class Source(Protocol):
+    """What the pipeline needs from a split (see `data.sources`): random access to example dicts."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class ArraySource:
+    """A picklable in-memory Source: lists/arrays of uint8 images (H,W,3) and labels (H,W).
+
+    Handy for notebooks (e.g. Colab with a handful of arrays) and tests. Images may differ in size.
+    `labels=None` gives an unlabeled source (examples have no "label").
+    """
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None = None,
+        keys: Sequence[str] | None = None,
+        info: Any = None,
+    ):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"ArraySource: {len(images)} images but {len(labels)} labels")
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"ArraySource: {len(images)} images but {len(keys)} keys")
+        self.images = list(images)
+        self.labels = None if labels is None else list(labels)
+        self.keys = [str(i) for i in range(len(images))] if keys is None else list(keys)
+        self.info = info
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = {"image": self.images[index], "key": self.keys[index]}
+        if self.labels is not None:
+            ex["label"] = self.labels[index]
+        return ex
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-element transforms (module level so that spawned workers can unpickle them).
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+class AugmentLabeled(grain.transforms.RandomMap):
+    """Source example -> {"image" uint8, "valid" bool, "label" int32} (official TrainPre)."""
+
+    def __init__(self, crop_size: tuple[int, int], scales: Sequence[float]):
+        self.crop_size = crop_size
+        self.scales = tuple(float(s) for s in scales)
+
+    def random_map(
+        self, element: dict[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        key = element.get("key", "?")
+        if element.get("label") is None:
+            raise ValueError(f"labeled example {key!r} has no 'label'")
+        image, valid, label = augment.train_augment(
+            rng,
+            element["image"],
+            element["label"],
+            crop_size=self.crop_size,
+            scales=self.scales,
+            key=key,
+        )
+        return {"image": image, "valid": valid, "label": label.astype(np.int32)}
+
+
+class AugmentUnlabeled(grain.transforms.RandomMap):
+    """Source example -> {"image" uint8, "valid" bool}; any label in the source is ignored."""
+
+    def __init__(self, crop_size: tuple[int, int], scales: Sequence[float]):
+        self.crop_size = crop_size
+        self.scales = tuple(float(s) for s in scales)
+
+    def random_map(
+        self, element: dict[str, Any], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        image, valid, _ = augment.train_augment(
+            rng,
+            element["image"],
+            None,
+            crop_size=self.crop_size,
+            scales=self.scales,
+            key=element.get("key", "?"),
+        )
+        return {"image": image, "valid": valid}
+
+
+class AddCutMixMask(grain.transforms.RandomMap):
+    """Adds "mask": uint8 (h, w) box mask (1 = take unlabeled_1) to a training slot."""
+
+    def __init__(self, crop_size: tuple[int, int], mask_kwargs: dict[str, Any] | None = None):
+        self.crop_size = crop_size
+        self.mask_kwargs = dict(mask_kwargs or {})
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        return {**element, "mask": cutmix.box_mask(rng, self.crop_size, **self.mask_kwargs)}
+
+
+class EvalPad(grain.transforms.Map):
+    """Whole image padded centred: {"image" uint8, "valid" bool, "label" int32 (255 on padding)}."""
+
+    def __init__(self, pad_to: tuple[int, int]):
+        self.pad_to = pad_to
+
+    def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+        image, valid, label = augment.eval_pad(
+            element["image"], element["label"], self.pad_to, key=element.get("key", "?")
+        )
+        return {"image": image, "valid": valid, "label": label.astype(np.int32)}
+
+
+def _limit_cv2_threads(worker_index: int, worker_count: int) -> None:
+    # Each worker process is one unit of parallelism; OpenCV's own thread pool would oversubscribe.
+    del worker_index, worker_count
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small MapDataset nodes.
+
+
+class _DictZip(grain.MapDataset):
+    """Element i = {name: parents[name][i]} (all parents infinite streams)."""
+
+    def __init__(self, parents: dict[str, grain.MapDataset]):
+        super().__init__(list(parents.values()))
+        self._names = tuple(parents)
+        self._length = min(len(p) for p in self.parents)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return {name: p[index] for name, p in zip(self._names, self.parents, strict=True)}
+
+    def __str__(self) -> str:
+        return f"DictZip({', '.join(self._names)})"
+
+
+class _PadWithInvalid(grain.MapDataset):
+    """Extends a finite eval dataset to `length` with fully-invalid examples (label 255)."""
+
+    def __init__(self, parent: grain.MapDataset, length: int, pad_to: tuple[int, int]):
+        super().__init__(parent)
+        if length < len(parent):
+            raise ValueError(f"cannot pad {len(parent)} examples to {length}")
+        self._length = length
+        self._pad_to = pad_to
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        if index < len(self._parent):
+            return {**self._parent[index], "index": np.int32(index)}
+        h, w = self._pad_to
+        return {
+            "image": np.zeros((h, w, 3), np.uint8),
+            "valid": np.zeros((h, w), np.bool_),
+            "label": np.full((h, w), augment.IGNORE_INDEX, np.int32),
+            "index": np.int32(-1),
+        }
+
+    def __str__(self) -> str:
+        return f"PadWithInvalid(length={self._length})"
+
+
+def _seeds(seed: int, n: int) -> list[int]:
+    # Explicit per-node seeds (not grain's position-dependent defaults), so adding a node never
+    # reshuffles.
+    return [
+        int(s) for s in np.random.SeedSequence([int(seed), 0x6D6764]).generate_state(n, np.uint32)
+    ]
+
+
+def _host_batches(
+    examples: grain.MapDataset, batch_size: int, process_index: int, process_count: int
+) -> grain.MapDataset:
+    """Global example stream -> this host's batches (slots [p*B, (p+1)*B) of every global batch)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index} must be in [0, process_count={process_count})"
+        )
+    if batch_size <= 0:
+        raise ValueError(f"batch_size (per host) must be positive, got {batch_size}")
+    # Batches of B consecutive global examples; global step k = batches [k*P, (k+1)*P); host p takes
+    # p::P.
+    return examples.batch(batch_size, drop_remainder=True)[process_index::process_count]
+
+
+def _to_iter(
+    ds: grain.MapDataset,
+    num_workers: int,
+    read_threads: int,
+    prefetch: int,
+    worker_init_fn: Callable[[int, int], None] | None,
+) -> grain.IterDataset:
+    # grain's default ReadOptions (16 threads, 500 prefetched elements) would buffer 500 *batches*.
+    it = ds.to_iter_dataset(
+        grain.ReadOptions(
+            num_threads=read_threads, prefetch_buffer_size=prefetch if read_threads else 0
+        )
+    )
+    if num_workers > 0:
+        it = it.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch),
+            worker_init_fn=worker_init_fn or _limit_cv2_threads,
+        )
+    return it
+
+
+# --------------------------------------------------------------------------------------------------
+# Public datasets.
+
+
+def train_dataset(
+    labeled: Source,
+    unlabeled: Source | None = None,
+    *,
+    batch_size: int,
+    crop_size: int | Sequence[int],
+    scales: Sequence[float] = augment.TRAIN_SCALES,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    pairing: str = "independent",
+    num_workers: int = 0,
+    read_threads: int = 1,
+    prefetch: int = 2,
+    mask_kwargs: dict[str, Any] | None = None,
+    worker_init_fn: Callable[[int, int], None] | None = None,
+) -> grain.IterDataset:
+    """Infinite MGD training stream for this host (see the module docstring).
+
+    Yields numpy dicts: {"labeled": {"image" uint8 (B,h,w,3), "valid" bool (B,h,w), "label" int32
+    (B,h,w)}, "unlabeled_0": {"image", "valid"}, "unlabeled_1": {"image", "valid"}, "mask" uint8
+    (B,h,w)}; without `unlabeled` only "labeled". `batch_size` is per host. `read_threads` threads
+    compute batches ahead in each process (0 = synchronously on `next`), `prefetch` batches are
+    buffered per process; `num_workers` > 0 moves the work to that many spawned processes (same
+    output). `mask_kwargs` are passed to `cutmix.box_mask` (default: the official box mask).
+    """
+    if pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if len(labeled) == 0:
+        raise ValueError("train_dataset: the labeled source is empty")
+    if unlabeled is not None and len(unlabeled) == 0:
+        raise ValueError("train_dataset: the unlabeled source is empty")
+    crop = _pair(crop_size)
+    (s_lab, s_u0, s_u1, a_lab, a_u0, a_u1, s_mask) = _seeds(seed, 7)
+
+    def stream(src: Source, shuffle_seed: int, reshuffle: bool = True) -> grain.MapDataset:
+        # Infinite repeat; with reshuffle each epoch is a new permutation (grain folds the epoch
+        # into the shuffle seed), without it the first permutation repeats.
+        return (
+            grain.MapDataset.source(src)
+            .shuffle(seed=shuffle_seed)
+            .repeat(reseed_each_epoch=reshuffle)
+        )
+
+    slots = {"labeled": stream(labeled, s_lab).random_map(AugmentLabeled(crop, scales), seed=a_lab)}
+    if unlabeled is not None:
+        if pairing == "official":
+            # One fixed order shared by both streams: u0[i], u1[i] = one image, two augmentations.
+            u0 = u1 = stream(unlabeled, s_u0, reshuffle=False)
+        else:
+            u0, u1 = stream(unlabeled, s_u0), stream(unlabeled, s_u1)
+        slots["unlabeled_0"] = u0.random_map(AugmentUnlabeled(crop, scales), seed=a_u0)
+        slots["unlabeled_1"] = u1.random_map(AugmentUnlabeled(crop, scales), seed=a_u1)
+    examples = _DictZip(slots)
+    if unlabeled is not None:
+        examples = examples.random_map(AddCutMixMask(crop, mask_kwargs), seed=s_mask)
+    batches = _host_batches(examples, batch_size, process_index, process_count)
+    return _to_iter(batches, num_workers, read_threads, prefetch, worker_init_fn)
+
+
+def eval_steps(num_examples: int, batch_size: int, process_count: int = 1) -> int:
+    """Batches every host yields in one `eval_dataset` pass."""
+    return math.ceil(num_examples / (batch_size * process_count))
+
+
+def eval_dataset(
+    source: Source,
+    *,
+    batch_size: int,
+    pad_to: int | Sequence[int],
+    process_index: int = 0,
+    process_count: int = 1,
+    num_workers: int = 0,
+    read_threads: int = 1,
+    prefetch: int = 2,
+    with_index: bool = False,
+) -> grain.IterDataset:
+    """One deterministic pass over `source`, whole images padded centred to `pad_to` (static shape).
+
+    Yields {"image" uint8 (B,H,W,3), "valid" bool (B,H,W), "label" int32 (B,H,W), 255 on padding} (+
+    "index" int32 (B,): source index, -1 for filler, if `with_index`). The split is extended with
+    fully-invalid filler examples to a multiple of the global batch, so every host yields
+    `eval_steps(len(source), batch_size, process_count)` batches and every real pixel is seen
+    exactly once over all hosts. `pad_to` must cover the largest image (the error names the key).
+    """
+    pad = _pair(pad_to)
+    n = len(source)
+    length = eval_steps(n, batch_size, process_count) * batch_size * process_count
+    examples = _PadWithInvalid(grain.MapDataset.source(source).map(EvalPad(pad)), length, pad)
+    if not with_index:
+        examples = examples.map(_DropIndex())
+    batches = _host_batches(examples, batch_size, process_index, process_count)
+    return _to_iter(batches, num_workers, read_threads, prefetch, None)
+
+
+class _DropIndex(grain.transforms.Map):
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in element.items() if k != "index"}
