@@ -676,16 +676,29 @@ def save_variables(
     tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
     root = epath.Path(directory)
-    if root.exists():
-        if not overwrite:
-            raise WeightImportError(f"{directory}: already exists (pass overwrite=True)")
-        root.rmtree()
-    root.mkdir(parents=True)
-    with ocp.StandardCheckpointer() as checkpointer:
+    exists = root.exists()  # every process decides before anyone writes
+    if exists and not overwrite:
+        raise WeightImportError(f"{directory}: already exists (pass overwrite=True)")
+    _sync("mgd_jax.weights.save:checked")
+    primary = jax.process_index() == 0
+    if primary:  # multi-host: one process owns the directory and meta.json
+        if exists:
+            root.rmtree()
+        root.mkdir(parents=True)
+    _sync("mgd_jax.weights.save:created")
+    with ocp.StandardCheckpointer() as checkpointer:  # collective; numpy leaves: primary writes
         checkpointer.save(root / _VARIABLES_DIR, tree)
         checkpointer.wait_until_finished()
-    # meta.json last: its presence marks a complete checkpoint.
-    (root / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if primary:  # meta.json last: its presence marks a complete checkpoint.
+        (root / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _sync("mgd_jax.weights.save:done")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def load_variables(directory: str) -> tuple[Variables, dict[str, Any]]:
