@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -56,10 +57,16 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
         raise DataError(f"{target} exists but is not a complete mgd_jax dataset (no sidecar); "
                         "rerun with --overwrite to replace it")
     Path(data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    builder = BUILDERS[info.name](
-        data_dir=os.fspath(Path(data_dir).expanduser()), config=config, plan=plan,
-        source_description=summary, num_workers=num_workers, progress=not quiet,
-    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # tfds warns "Using custom data configuration" (expected)
+    try:
+        builder = BUILDERS[info.name](
+            data_dir=os.fspath(Path(data_dir).expanduser()), config=config, plan=plan,
+            source_description=summary, num_workers=num_workers, progress=not quiet,
+        )
+    finally:
+        absl_logger.setLevel(level)
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     was_active = tfds.core.utils.tqdm_utils._active

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from PIL import Image
 
-SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
+SHAPES = ("disc", "triangle", "square", "cross", "ring", "diamond")
 TEXTURES = ("stripes", "dots", "checker", "grid")
 DISTRACTOR_FILLS = ("flat", "noise")  # never a class: objects filled like this are background
 SPLIT_CODES = {"train": 0, "val": 1}
@@ -128,7 +128,7 @@ def _texture(kind: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
     if kind == "noise":  # 2-px random cells
         cells = rng.random((x.shape[0] // 2 + 1, x.shape[1] // 2 + 1)) < 0.5
         return cells.repeat(2, 0).repeat(2, 1)[: x.shape[0], : x.shape[1]]
-    period = rng.uniform(4.0, 6.5) * scale
+    period = rng.uniform(4.5, 7.0) * scale
     a, b = _rotated(x, y, rng.uniform(0.0, math.pi))
     a = a + rng.uniform(0.0, period)
     b = b + rng.uniform(0.0, period)
@@ -177,7 +177,7 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.
     image = c0 * (1 - g) + c1 * g
     if rng.random() < 0.35:
         t = _texture(str(rng.choice(TEXTURES)), x, y, rng, scale)[..., None]
-        image = image + (t - 0.5) * rng.uniform(20, 45)
+        image = image + (t - 0.5) * rng.uniform(15, 35)
     image = image + rng.normal(0.0, rng.uniform(3, 10), image.shape)
     label = np.zeros((size, size), np.uint8)
 
@@ -192,7 +192,7 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.
         objects.append((0, *distractor_pairs[j]))
     for k in rng.permutation(len(objects)):
         cls, shape, fill = objects[k]
-        r = rng.uniform(0.12, 0.24) * size
+        r = rng.uniform(0.14, 0.26) * size
         cx, cy = rng.uniform(0.2 * r, size - 0.2 * r, 2)
         u, v = _rotated((x - cx) / r, (y - cy) / r, rng.uniform(0, 2 * math.pi))
         mask = _shape_mask(shape, u, v)
