@@ -394,5 +394,29 @@ def test_synthetic_class_design():
     for tex in {t for _, t in pairs}:
         assert sum(t == tex for _, t in pairs) >= 2
     assert len(synthetic.class_names(24)) == 24
+    for spec in (synthetic.SyntheticSpec(), synthetic.SyntheticSpec(3, 32, 10, 4, 5, False)):
+        assert synthetic.SyntheticSpec.from_config_name(spec.config_name) == spec
+    assert synthetic.SyntheticSpec(num_train=7).cli_args() == "--num_train=7"
     with pytest.raises(ValueError, match="num_classes"):
         synthetic.SyntheticSpec(num_classes=1)
+
+
+def test_multi_shard_order_and_no_shuffler(tmp_path, monkeypatch):
+    """Shards are written in plan order, and tfds' shuffler (which spills to disk through
+    tf.io.gfile past 1 GB, i.e. needs TensorFlow) is never used."""
+    from tensorflow_datasets.core import shuffle
+
+    from mgd_jax.data.builders.synthetic import MgdSynthetic
+
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1)
+    monkeypatch.setattr(MgdSynthetic, "SHARD_EXAMPLES", 4)
+    sizes = dict(image_size=32, num_train=11, num_val=3)
+    name = prepare.ensure_synthetic(tmp_path, **sizes)
+    shards = sorted(p.name for p in dataset_dir(name, tmp_path).glob("*train.array_record*"))
+    assert len(shards) == 3, shards
+    src = open_split(name, "train", tmp_path)
+    assert src.keys == [f"train_{i:06d}" for i in range(11)]
+    spec = synthetic.SyntheticSpec(**sizes)
+    for i in range(11):
+        assert src[i]["key"] == src.keys[i]
+        np.testing.assert_array_equal(src[i]["image"], synthetic.render(spec, "train", i)[0])

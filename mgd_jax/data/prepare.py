@@ -57,6 +57,10 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
         raise DataError(f"{target} exists but is not a complete mgd_jax dataset (no sidecar); "
                         "rerun with --overwrite to replace it")
     Path(data_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    leftovers = sorted(str(p) for p in target.parent.glob("incomplete.*"))
+    if leftovers:
+        _say(quiet, f"Note: {leftovers} are left from an interrupted run; they are ignored, and "
+             "safe to delete once no other prepare is running.")
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # tfds warns "Using custom data configuration" (expected)
@@ -71,9 +75,10 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     was_active = tfds.core.utils.tqdm_utils._active
     tfds.display_progress_bar(False)  # our own bars have totals
-    out = io.StringIO() if quiet else sys.stdout
+    _say(quiet, f"Writing {dataset} to {target} ...")
     try:
-        with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(out):
+        # tfds prints "Downloading and preparing ..." banners; our own lines say what happens.
+        with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(
                 download_dir=downloads,
                 download_config=tfds.download.DownloadConfig(
@@ -112,10 +117,6 @@ def _verify(dataset: str, data_dir, plan, quiet: bool) -> None:
         note = "" if n == official else f"  WARNING: differs from the official {official}"
         lines.append(f"  {split}: {n} examples (official {official}){note}")
     _say(quiet, f"Prepared {dataset} at {dataset_dir(dataset, data_dir)}:\n" + "\n".join(lines))
-    if not quiet:
-        for line in lines:
-            if "WARNING" in line:
-                print(f"warning: {dataset}{line.strip()}", file=sys.stderr)
 
 
 def prepare_voc(manual_dir: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *,

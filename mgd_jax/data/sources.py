@@ -211,9 +211,13 @@ def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
 def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> DataError:
     info, config = resolve(dataset)
     if info.name == "synthetic":
-        cmd = f"{_PREPARE} synthetic --data_dir={data_dir}" + (
-            "" if config == "default" else "  (with the size options that name this config)"
-        )
+        from mgd_jax.data.synthetic import SyntheticSpec
+
+        try:
+            extra = SyntheticSpec.from_config_name(config).cli_args()
+        except ValueError:
+            extra = "<the size options of this config>"
+        cmd = f"{_PREPARE} synthetic --data_dir={data_dir} {extra}".rstrip()
     else:
         cmd = info.prepare_command.format(data_dir=data_dir)
     found = ""

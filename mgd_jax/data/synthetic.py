@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 
 import numpy as np
 from PIL import Image
@@ -55,6 +56,25 @@ class SyntheticSpec:
         name = (f"c{self.num_classes}_s{self.image_size}_n{self.num_train}_v{self.num_val}"
                 f"_seed{self.seed}")
         return name if self.boundary_ignore else name + "_nb"
+
+    @classmethod
+    def from_config_name(cls, name: str) -> SyntheticSpec:
+        """Inverse of :attr:`config_name`."""
+        if name == "default":
+            return cls()
+        m = re.fullmatch(r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(_nb)?", name)
+        if m is None:
+            raise ValueError(f"{name!r} is not a synthetic config name")
+        c, s, n, v, seed = (int(g) for g in m.groups()[:5])
+        return cls(c, s, n, v, seed, boundary_ignore=m.group(6) is None)
+
+    def cli_args(self) -> str:
+        """The ``prepare synthetic`` options that build this spec."""
+        default = SyntheticSpec()
+        names = [f.name for f in dataclasses.fields(self) if f.name != "boundary_ignore"]
+        args = [f"--{n}={getattr(self, n)}" for n in names
+                if getattr(self, n) != getattr(default, n)]
+        return " ".join(args + ([] if self.boundary_ignore else ["--no_boundary_ignore"]))
 
     @property
     def split_sizes(self) -> dict[str, int]:

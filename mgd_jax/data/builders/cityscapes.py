@@ -165,6 +165,7 @@ class MgdCityscapes(MgdBuilder):
     VERSION = tfds.core.Version(DATASETS["cityscapes"].version)
     DATASET = "cityscapes"
     IMAGE_FORMAT = "png"
+    SHARD_EXAMPLES = 128  # ~2.3 MB each: ~300 MB shards (a shard is buffered while written)
     HOMEPAGE = "https://www.cityscapes-dataset.com/"
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -197,9 +198,12 @@ def check_label_values(ref: FileRef, label: np.ndarray, num_classes: int) -> Non
         )
 
 
-def label_image(label: np.ndarray) -> Image.Image:
-    """Single-channel 'L' PNG for tfds (palette PNGs would decode as colour under OpenCV)."""
-    return Image.fromarray(label, mode="L")
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG of a uint8 (H, W) array ('L': single-channel, so OpenCV decodes class ids, where a
+    palette PNG would decode as colour) or (H, W, 3) RGB array."""
+    buf = io.BytesIO()
+    Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def make_example(entry: Entry, num_classes: int, store_format: str,
@@ -213,7 +217,7 @@ def make_example(entry: Entry, num_classes: int, store_format: str,
             f"{entry.image} is {w}x{h}"
         )
     check_label_values(entry.label, label, num_classes)
-    return {"image": image_bytes, "label": label_image(label), "key": entry.key}
+    return {"image": image_bytes, "label": png_bytes(label), "key": entry.key}
 
 
 def ordered_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int,
@@ -237,12 +241,30 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-class MgdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Base of our builders: array_record, examples in plan order (``disable_shuffling``), and the
-    ``mgd_dataset.json`` sidecar (class table + keys in index order) written with the data."""
+class _SplitProgress:
+    """One tqdm bar across all shards of a split."""
+
+    def __init__(self, desc: str, total: int, enabled: bool):
+        self._args = dict(desc=desc, total=total, unit="img", mininterval=1.0,
+                          disable=not enabled)
+        self._bar = None
+
+    def update(self) -> None:
+        if self._bar is None:
+            self._bar = tqdm(**self._args)
+        self._bar.update()
+        if self._bar.n >= self._bar.total:
+            self._bar.close()
+
+
+class MgdBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
+    """Base of our builders: array_record shards written in plan order (tfds' shard-based path:
+    no shuffler, so no TensorFlow and memory bounded by one shard) and the ``mgd_dataset.json``
+    sidecar (class table + keys in index order) written with the data."""
 
     DATASET: str = ""  # key of DATASETS
     IMAGE_FORMAT: str = "png"
+    SHARD_EXAMPLES: int = 1024  # examples per array_record shard (bounds memory while writing)
     HOMEPAGE: str = ""
     CITATION: str = ""
 
@@ -275,6 +297,7 @@ class MgdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """split -> items (Entries, or whatever ``encode`` takes), in index order."""
 
     def encode(self, split: str, item: Any) -> tuple[str, dict[str, Any]]:
+        """(key, features) of one item; runs on worker threads."""
         example = make_example(item, self.dataset_info().num_classes, self.IMAGE_FORMAT,
                                self._zips)
         return item.key, example
@@ -297,21 +320,29 @@ class MgdBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             disable_shuffling=True,  # index order = plan order (sorted keys)
         )
 
-    def _split_generators(self, dl_manager):
+    def _shard_iterators_per_split(self, dl_manager):
         plan = self._plan if self._plan is not None else self.make_plan(dl_manager)
-        return {split: self._generate_examples(split, items) for split, items in plan.items()}
+        out = {}
+        for split, items in plan.items():
+            items = list(items)
+            keys = self._written.setdefault(split, [])
+            keys.clear()
+            progress = _SplitProgress(f"{self.name} {split}", len(items), self._progress)
+            n = self.SHARD_EXAMPLES
+            out[split] = [
+                functools.partial(self._shard, split, items[i : i + n], keys, progress)
+                for i in range(0, len(items), n)
+            ]
+        return out
 
-    def _generate_examples(self, split: str, items: Sequence[Any]):
-        keys = self._written.setdefault(split, [])
-        keys.clear()
-        self._zips = ZipPool()
-        results = ordered_map(lambda item: self.encode(split, item), items, self._num_workers)
-        for key, example in tqdm(results, total=len(items), desc=f"{self.name} {split}",
-                                 unit="img", mininterval=1.0, disable=not self._progress):
+    def _shard(self, split, items, keys, progress):
+        for key, example in ordered_map(lambda item: self.encode(split, item), items,
+                                        self._num_workers):
             keys.append(key)
+            progress.update()
             yield key, example
 
-    def _download_and_prepare(self, dl_manager, download_config):
+    def _download_and_prepare(self, dl_manager, download_config=None):
         super()._download_and_prepare(dl_manager=dl_manager, download_config=download_config)
         # self.data_path is still tfds' incomplete.* directory here.
         self.write_sidecar(self.data_path)

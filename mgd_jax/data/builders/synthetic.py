@@ -11,7 +11,7 @@ import dataclasses
 import tensorflow_datasets as tfds
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.builders.common import MgdBuilder, label_image
+from mgd_jax.data.builders.common import MgdBuilder, png_bytes
 from mgd_jax.data.sources import DATASETS
 
 
@@ -32,6 +32,7 @@ class MgdSynthetic(MgdBuilder):
     BUILDER_CONFIGS = [SyntheticConfig.from_spec(synthetic.SyntheticSpec())]
     DATASET = "synthetic"
     IMAGE_FORMAT = "png"  # lossless: the textures are the signal
+    SHARD_EXAMPLES = 8192
 
     @property
     def spec(self) -> synthetic.SyntheticSpec:
@@ -45,8 +46,6 @@ class MgdSynthetic(MgdBuilder):
         return {split: range(n) for split, n in self.spec.split_sizes.items()}
 
     def encode(self, split, index):
-        from PIL import Image
-
         image, label = synthetic.render(self.spec, split, index)
         key = f"{split}_{index:06d}"
-        return key, {"image": Image.fromarray(image), "label": label_image(label), "key": key}
+        return key, {"image": png_bytes(image), "label": png_bytes(label), "key": key}

@@ -221,6 +221,7 @@ class MgdVocAug(MgdBuilder):
     VERSION = tfds.core.Version(DATASETS["voc"].version)
     DATASET = "voc"
     IMAGE_FORMAT = "jpeg"  # the original JPEG bytes are stored, never re-encoded
+    SHARD_EXAMPLES = 1024  # ~120 KB each
     HOMEPAGE = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/"
     MANUAL_DOWNLOAD_INSTRUCTIONS = INSTRUCTIONS
 
