@@ -137,7 +137,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporter.text("config", str(config))
     reporter.text("data", data.description)
 
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    # The init key uses the "rbg" generator: a jitted threefry init of a DeepLabv3+ takes ~20 s to
+    # compile on CPU, rbg ~1.5 s. Both are deterministic for a given seed and backend.
+    init_rng = jax.random.key(config.seed, impl="rbg")
+    state_rng = jax.random.PRNGKey(config.seed)
     variables = method.init_variables(init_rng)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=variables["params"],
@@ -220,7 +223,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     export_dir = os.path.join(workdir, "export")
     weights.save_variables(
-        export_dir, jax.device_get(final), dict(method.export_meta, source=workdir)
+        export_dir, jax.device_get(final), dict(method.export_meta, source=workdir),
+        overwrite=True,
     )
     result = {
         "method": config.method,

@@ -3,6 +3,7 @@ CutMix mixing and hard pseudo-labels, the supervised loss, and the method protoc
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Protocol
 
@@ -80,35 +81,18 @@ def init_network(
     initial values).
     """
     size = min(int(config.crop_size), 64)
-    variables = model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+    # One jitted init instead of hundreds of eagerly compiled initialiser ops.
+    init = jax.jit(functools.partial(model.init, train=False))
+    variables = init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if init_dir:
         loaded, meta = weights.load_variables(init_dir)
-        variables = merge_variables(variables, loaded, source=init_dir)
-        logging.info("initialised from %s (%s)", init_dir, meta.get("source", "?"))
+        variables, kept = weights.merge_variables(variables, loaded, source=init_dir)
+        logging.info(
+            "initialised from %s (%s); %d leaves keep their fresh initialisation: %s",
+            init_dir, meta.get("source", "?"), len(kept), ", ".join(kept[:20]),
+        )
     return variables
-
-
-def merge_variables(fresh: Variables, loaded: Variables, *, source: str) -> Variables:
-    """Replaces the leaves of `fresh` that `loaded` has (same path, same shape); the rest keep
-    their initial values. A leaf only `loaded` has, or a shape mismatch, is an error."""
-    fresh_flat = {
-        jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(fresh)
-    }
-    merged = dict(fresh_flat)
-    for path, value in jax.tree_util.tree_leaves_with_path(loaded):
-        key = jax.tree_util.keystr(path)
-        if key not in fresh_flat:
-            raise ValueError(f"{source}: {key} does not exist in the model")
-        if tuple(value.shape) != tuple(fresh_flat[key].shape):
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-                f"{tuple(fresh_flat[key].shape)}"
-            )
-        merged[key] = jnp.asarray(value, fresh_flat[key].dtype)
-    treedef = jax.tree_util.tree_structure(fresh)
-    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(fresh)]
-    return jax.tree_util.tree_unflatten(treedef, [merged[k] for k in paths])
 
 
 def normalize(part: dict[str, jax.Array]) -> jax.Array:

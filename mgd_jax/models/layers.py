@@ -154,7 +154,7 @@ def max_pool_3x3_s2(x: Array) -> Array:
     """`nn.MaxPool2d(kernel_size=3, stride=2, padding=1)`: the padding is -inf, never selected."""
     return jax.lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, x.dtype),
+        -jnp.inf,  # a Python scalar: reduce_window is only differentiable with a literal init
         jax.lax.max,
         window_dimensions=(1, 3, 3, 1),
         window_strides=(1, 2, 2, 1),
