@@ -22,6 +22,7 @@ import copy
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,15 +250,22 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--checkpoint is required")
     config = _FLAGS["config"].value
     if config is None:
-        config = config_from_workdir(checkpoint)
+        try:
+            config = config_from_workdir(checkpoint)
+        except FileNotFoundError as e:
+            raise app.UsageError(str(e)) from e
     try:
         scales = [float(s) for s in _FLAGS["scales"].value]
     except ValueError as e:
         raise app.UsageError(f"--scales={','.join(_FLAGS['scales'].value)}: {e}") from e
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.default_backend())
-    evaluate_checkpoint(config, checkpoint, flip=_FLAGS["flip"].value, scales=scales,
-                        output_dir=_FLAGS["workdir"].value)
+    try:
+        evaluate_checkpoint(config, checkpoint, flip=_FLAGS["flip"].value, scales=scales,
+                            output_dir=_FLAGS["workdir"].value)
+    except (FileNotFoundError, ValueError) as e:  # incl. DataError, WeightImportError
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
