@@ -215,3 +215,18 @@ def test_eval_counts_every_pixel_once(process_count):
 def test_eval_rejects_images_larger_than_pad():
     with pytest.raises(ValueError, match="k1"):
         next(iter(pipeline.eval_dataset(make_source(2, 1, True, 4), batch_size=2, pad_to=8)))
+
+
+def test_labeled_source_without_labels_names_the_key():
+    with pytest.raises(ValueError, match=r"labeled example .k10\d. has no .label."):
+        take(pipeline.train_dataset(UNLABELED, batch_size=1, crop_size=CROP, seed=0), 1)
+
+
+def test_bench_measure_smoke():
+    from mgd_jax.data import bench
+
+    src = bench.FakeJpegSource(count=4, size=(30, 40))
+    ex = src[1]
+    assert ex["image"].shape == (30, 40, 3) and ex["label"].shape == (30, 40)
+    r = bench.measure(src, src, num_workers=0, batch_size=2, crop_size=32, seconds=0.2)
+    assert r["examples_per_s"] > 0 and r["steps_per_s"] > 0

@@ -93,6 +93,23 @@ class FakeJpegSource:
         }
 
 
+def _cpu_seconds() -> float | None:
+    """User+system CPU seconds of this process and its worker children; None without psutil."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover
+        return None
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def measure(
     labeled: Any,
     unlabeled: Any,
@@ -122,17 +139,22 @@ def measure(
         t0 = time.perf_counter()
         next(it)  # worker start-up and first batch
         warmup = time.perf_counter() - t0
-        steps, t0 = 0, time.perf_counter()
+        steps, cpu0, t0 = 0, _cpu_seconds(), time.perf_counter()
         while (elapsed := time.perf_counter() - t0) < seconds:
             next(it)
             steps += 1
+        cpu1 = _cpu_seconds()
     finally:
         if hasattr(it, "close"):
             it.close()
+    # Examples per CPU-second (all processes) is the per-core rate, robust to a shared machine.
+    cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return {
         "workers": num_workers,
         "examples_per_s": steps * per_step / elapsed,
         "steps_per_s": steps / elapsed,
+        "examples_per_cpu_s": float("nan") if not cpu else steps * per_step / cpu,
+        "cpu_per_wall": float("nan") if cpu is None else cpu / elapsed,
         "warmup_s": warmup,
     }
 
@@ -188,7 +210,10 @@ def main(argv: list[str]) -> None:
         f"{'labeled only' if unlabeled is None else 'labeled + 2 unlabeled streams + CutMix'}, "
         f"read_threads {FLAGS.read_threads}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'workers':>7} {'examples/s':>11} {'per worker':>11} {'steps/s':>8} {'warm-up s':>9}")
+    print(
+        f"{'workers':>7} {'examples/s':>11} {'per worker':>11} {'steps/s':>8} "
+        f"{'per CPU-s':>10} {'CPUs busy':>9} {'warm-up s':>9}"
+    )
     for k in (int(v) for v in FLAGS.workers.split(",") if v.strip()):
         r = measure(
             source,
@@ -204,7 +229,7 @@ def main(argv: list[str]) -> None:
         per = r["examples_per_s"] / max(k, 1)
         print(
             f"{k:>7} {r['examples_per_s']:>11.1f} {per:>11.1f} {r['steps_per_s']:>8.2f} "
-            f"{r['warmup_s']:>9.1f}",
+            f"{r['examples_per_cpu_s']:>10.1f} {r['cpu_per_wall']:>9.2f} {r['warmup_s']:>9.1f}",
             flush=True,
         )
 
