@@ -35,9 +35,11 @@ def main(argv: list[str]) -> None:
     from mgd_jax import demo, train
 
     workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-    # A persistent compilation cache in the workdir makes reruns start fast.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # A persistent compilation cache (in the workdir unless JAX_COMPILATION_CACHE_DIR says
+    # otherwise) makes reruns and resumed runs start fast.
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.default_backend())
     config = _CONFIG.value

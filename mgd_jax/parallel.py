@@ -16,9 +16,9 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all processes)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -57,7 +57,7 @@ def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, sched
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = dict(step_metrics, lr=schedule(state.step), grad_norm=optax.global_norm(grads))
+    step_metrics = dict(step_metrics, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )

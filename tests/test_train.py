@@ -1,0 +1,282 @@
+"""The trainer: SyncBN semantics across device counts, exact resume, the CLI end to end."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mgd_jax import checkpoint, config_lib, methods, optim, parallel, train, weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"width": 0.125, "depths": "1,1,1,1"}
+
+
+def tiny_config(method, data=None, **overrides):
+    c = config_lib.base_config()
+    c.method = method
+    c.dataset, c.data_dir = (data[1], data[0]) if data else ("mgd_synthetic", "")
+    c.num_classes = 5
+    c.partition_source = "seeded"
+    c.partition = 4
+    c.crop_size = 32
+    c.scales = (0.75, 1.0, 1.5)
+    c.batch_size = 8
+    c.replica_batch = 2
+    c.lr = 0.01
+    c.precision = "float32"
+    c.model.width, c.model.depths = TINY["width"], TINY["depths"]
+    c.cps.backbone = "resnet101"
+    c.eval.pad_to = (32, 32)
+    c.eval.crop = 32
+    c.eval.batch_size = 8
+    c.num_train_steps = 4
+    c.log_every = c.eval_every = c.checkpoint_every = 2
+    c.evaluate_teachers = False
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two tiny random teacher checkpoints in the mgd_jax.weights format."""
+    root = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for name, backbone in (("teacher_deep", "resnet101"), ("teacher_wide", "wide_resnet50_2")):
+        from mgd_jax import models
+
+        options = {"width": 0.125, "depths": (1, 1, 1, 1)}
+        model = models.build(backbone, 5, **options)
+        key = jax.random.key(1 if name == "teacher_deep" else 2, impl="rbg")
+        variables = jax.jit(functools.partial(model.init, train=False))(
+            key, jnp.zeros((1, 32, 32, 3))
+        )
+        directory = str(root / name)
+        weights.save_variables(
+            directory, jax.device_get(dict(variables)),
+            {"backbone": backbone, "num_classes": 5, "build_options": options},
+        )
+        paths[name] = directory
+    return paths
+
+
+def random_batch(seed, size=32, batch=8):
+    rng = np.random.default_rng(seed)
+
+    def part(labeled):
+        out = {
+            "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "valid": rng.random((batch, size, size)) > 0.1,
+        }
+        if labeled:
+            label = rng.integers(0, 5, (batch, size, size)).astype(np.int32)
+            label[rng.random(label.shape) < 0.1] = 255
+            out["label"] = label
+        return out
+
+    return {
+        "labeled": part(True),
+        "unlabeled_0": part(False),
+        "unlabeled_1": part(False),
+        "mask": (rng.random((batch, size, size)) > 0.5).astype(np.uint8),
+    }
+
+
+def one_step(config, mesh, batch):
+    method = methods.get(config)
+    variables = method.init_variables(jax.random.key(0, impl="rbg"))
+    schedule = optim.poly_schedule(config.lr, 10)
+    tx = optim.make_optimizer(schedule, config.weight_decay)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(0),
+    )
+    step = jax.jit(functools.partial(train.train_step, method=method, tx=tx, schedule=schedule))
+    new_state, metrics = step(
+        parallel.replicate(state, mesh), parallel.replicate(method.frozen_variables(), mesh),
+        parallel.global_batch(batch, mesh),
+    )
+    return jax.device_get((new_state.params, new_state.batch_stats, metrics))
+
+
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("supervised", {}),
+        ("supervised", {"student": "mobilenet_v2", "model.depths": "1,1,1,1,1,1,1",
+                        "loss.ohem": True, "loss.ohem_min_kept": 300}),
+        ("cps", {}),
+        ("mgd", {}),
+    ],
+    ids=["supervised", "supervised-mobilenet-ohem", "cps", "mgd"],
+)
+def test_step_on_8_devices_equals_1_device(method, overrides, teachers):
+    """SyncBN: BN statistics over the global batch, whatever the device count.
+
+    In float64: in float32 the per-device convolutions round differently from the whole-batch
+    ones and batch-statistics BN amplifies that to ~1e-4 after one step.
+    """
+    assert jax.device_count() == 8
+    config = tiny_config(method, precision="float64", **overrides)
+    config.teacher_deep.checkpoint = teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = teachers["teacher_wide"]
+    batch = random_batch(0)
+    with jax.enable_x64(True):
+        one = one_step(config, parallel.make_mesh(jax.devices()[:1]), batch)
+        eight = one_step(config, parallel.make_mesh(jax.devices()), batch)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        # (the ASPP image-pool mean is taken in float32, hence not 1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # and the step really moved the student
+    assert float(one[2]["grad_norm"]) > 0
+
+
+def test_mgd_loss_terms_and_teacher_isolation(teachers):
+    """Every MGD term is active and finite; the teachers get no gradient and stay unchanged."""
+    config = tiny_config("mgd")
+    config.teacher_deep.checkpoint = teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = teachers["teacher_wide"]
+    method = methods.get(config)
+    variables = method.init_variables(jax.random.key(0, impl="rbg"))
+    frozen = method.frozen_variables()
+    batch = jax.tree.map(jnp.asarray, random_batch(1))
+
+    def loss_wrt_teachers(frozen_vars):
+        loss, _ = method.loss(variables["params"], variables["batch_stats"], frozen_vars, batch,
+                              jax.random.PRNGKey(0))
+        return loss
+
+    grads = jax.grad(loss_wrt_teachers)(frozen)
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
+    _, (stats, metrics) = method.loss(variables["params"], variables["batch_stats"], frozen,
+                                      batch, jax.random.PRNGKey(0))
+    for name in ("loss_sup", "loss_consistency_unlabeled", "loss_consistency_labeled",
+                 "loss_image", "loss_region"):
+        assert np.isfinite(float(metrics[name])) and float(metrics[name]) > 0, name
+    # Switching a term off removes it (the ablations are config changes).
+    config.loss.region = False
+    config.loss.image = False
+    ablated = methods.get(config)
+    _, (_, m2) = ablated.loss(variables["params"], variables["batch_stats"], frozen, batch,
+                              jax.random.PRNGKey(0))
+    assert float(m2["loss_region"]) == 0 and float(m2["loss_image"]) == 0
+    np.testing.assert_allclose(float(m2["loss_sup"]), float(metrics["loss_sup"]), rtol=1e-6)
+
+
+def test_student_bn_updated_four_times_per_mgd_step(teachers):
+    """u0, u1 (no grad), u_mix, x_l: four EMA updates, matching an explicit sequence."""
+    config = tiny_config("mgd")
+    config.teacher_deep.checkpoint = teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = teachers["teacher_wide"]
+    method = methods.get(config)
+    v = method.init_variables(jax.random.key(0, impl="rbg"))
+    batch = jax.tree.map(jnp.asarray, random_batch(2))
+    _, (stats, _) = method.loss(v["params"], v["batch_stats"], method.frozen_variables(), batch,
+                                jax.random.PRNGKey(0))
+    from mgd_jax.methods import common
+
+    expected = v["batch_stats"]
+    u0, u1 = common.normalize(batch["unlabeled_0"]), common.normalize(batch["unlabeled_1"])
+    for images in (u0, u1, common.mix(u0, u1, batch["mask"]),
+                   common.normalize(batch["labeled"])):
+        _, expected = common.forward(method.eval_model, v["params"], expected, images)
+    for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    config.student_nograd_bn_updates = False
+    _, (stats2, _) = methods.get(config).loss(
+        v["params"], v["batch_stats"], method.frozen_variables(), batch, jax.random.PRNGKey(0))
+    assert not np.allclose(jax.tree.leaves(stats2)[0], jax.tree.leaves(stats)[0])
+
+
+class Preempted(Exception):
+    pass
+
+
+def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, monkeypatch):
+    config = tiny_config("cps", synthetic_dir, num_train_steps=4, checkpoint_every=2,
+                         eval_every=4)
+    straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    original_save = checkpoint.Checkpointer.save
+
+    def save_then_die(self, step, state, data_iter, force=False):
+        original_save(self, step, state, data_iter, force=force)
+        if step == 2:
+            self.wait()
+            raise Preempted
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    a, _ = weights.load_variables(straight["export"])
+    b, _ = weights.load_variables(resumed["export"])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert straight["miou"] == resumed["miou"]
+
+
+def run_main(args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mgd_jax.main", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
+    """`python -m mgd_jax.main` for CPS (teacher export), then supervised and MGD from it."""
+    data_dir, name = synthetic_dir
+    common_args = [
+        f"--config.data_dir={data_dir}", f"--config.dataset={name}",
+        "--config.num_train_steps=2", "--config.crop_size=32", "--config.eval.pad_to=(32, 32)",
+        "--config.eval.crop=32", "--config.model.width=0.125", "--config.model.depths=1,1,1,1",
+        "--config.log_every=1",
+    ]
+    stage = "configs/demo.py:stage={}"
+    run_main([f"--config={stage.format('teacher_deep')}", f"--workdir={tmp_path}/td",
+              *common_args])
+    run_main([f"--config={stage.format('teacher_wide')}", f"--workdir={tmp_path}/tw",
+              *common_args])
+    run_main([f"--config={stage.format('student_supervised')}", f"--workdir={tmp_path}/sup",
+              *common_args])
+    proc = run_main([
+        f"--config={stage.format('student_mgd')}", f"--workdir={tmp_path}/mgd", *common_args,
+        f"--config.teacher_deep.checkpoint={tmp_path}/td/export",
+        f"--config.teacher_wide.checkpoint={tmp_path}/tw/export",
+        "--config.evaluate_teachers=true",
+    ])
+    for stage_dir in ("td", "tw", "sup", "mgd"):
+        result = json.loads((tmp_path / stage_dir / "final_metrics.json").read_text())
+        assert 0 <= result["miou"] <= 1 and result["steps"] == 2
+        lines = (tmp_path / stage_dir / "metrics.jsonl").read_text().splitlines()
+        assert any("train/loss" in line for line in lines)
+    assert "teacher_deep_eval" in proc.stdout + proc.stderr
+    mgd = json.loads((tmp_path / "mgd" / "final_metrics.json").read_text())
+    assert set(mgd["teachers"]) == {"teacher_deep", "teacher_wide"}
+
+
+def test_bad_config_fails_before_compiling(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mgd_jax.main", "--config=configs/voc.py:method=mgd",
+         f"--workdir={tmp_path}", f"--config.split_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+    )
+    assert proc.returncode != 0
+    assert "config.teacher_deep.checkpoint" in proc.stderr
