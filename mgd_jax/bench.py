@@ -31,7 +31,6 @@ import json
 import statistics
 import time
 from typing import Any
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +86,9 @@ def make_method(config: ml_collections.ConfigDict):
     """The configured method; MGD gets random teachers instead of loading checkpoints."""
     if config.method != "mgd":
         return methods.get(config)
-    with mock.patch.object(mgd_method, "load_teacher", random_teacher):
-        return methods.get(config)
+    return mgd_method.MGD(
+        config, teachers={name: random_teacher(config, name) for name in mgd_method.TEACHERS}
+    )
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabeled: bool,

@@ -156,7 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.crop = 512
     c.eval.stride_rate = 2 / 3
     c.eval.batch_size = 8  # global
-    c.eval.flip = False
+    c.eval.flip = False  # horizontal-flip TTA (off in the recipe)
+    c.eval.scales = (1.0,)  # multi-scale TTA (the recipe: single scale)
     c.eval.max_examples = -1  # > 0: evaluate a prefix only (smoke runs)
 
     # ---- loop -----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ Prints mIoU, pixel accuracy and the per-class IoU table, and writes
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import sys
@@ -35,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mgd_jax import evaluate, metrics, parallel, predict, train
-from mgd_jax.data import pipeline, sources, streams
+from mgd_jax.data import sources, streams
 
 _FLAGS: dict[str, Any] = {}
 
@@ -72,19 +71,6 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def open_eval_source(config: ml_collections.ConfigDict):
-    """The config's eval split (a prefix of it when `eval.max_examples` > 0)."""
-    if not config.data_dir:
-        raise ValueError("config.data_dir is empty: where the prepared datasets live "
-                         "(the demo keeps them in <demo workdir>/data)")
-    source = sources.open_split(
-        config.dataset, config.eval_split, os.path.expanduser(config.data_dir)
-    )
-    if config.eval.max_examples > 0:
-        source = streams.Subset(source, range(min(config.eval.max_examples, len(source))))
-    return source
-
-
 def _class_names(source: Any, config: ml_collections.ConfigDict) -> list[str]:
     info = getattr(source, "info", None) or getattr(getattr(source, "source", None), "info", None)
     if info is None:
@@ -95,27 +81,6 @@ def _class_names(source: Any, config: ml_collections.ConfigDict) -> list[str]:
     if info is not None and len(info.class_names) == config.num_classes:
         return list(info.class_names)
     return [f"class_{i}" for i in range(config.num_classes)]
-
-
-def make_eval_step(model: Any, config: ml_collections.ConfigDict, scales: Sequence[float]):
-    """`train.make_eval_step` (the training-time protocol, incl. config.eval.flip); with
-    multi-scale TTA the same step with `scales` added (train's step has no scales)."""
-    scales = tuple(float(s) for s in scales)
-    if scales == (1.0,):
-        return train.make_eval_step(model, config)
-
-    @jax.jit
-    def eval_step(variables, batch):
-        def logits_fn(images):
-            return model.apply(variables, images, train=False).logits
-
-        return evaluate.confusion_for_batch(
-            logits_fn, batch, config.num_classes, mode=config.eval.mode,
-            crop_size=config.eval.crop, stride_rate=config.eval.stride_rate,
-            flip=config.eval.flip, scales=scales,
-        )
-
-    return eval_step
 
 
 def protocol_text(config: ml_collections.ConfigDict, flip: bool, scales: Sequence[float]) -> str:
@@ -163,6 +128,7 @@ def evaluate_checkpoint(
     with config.unlocked():
         if flip is not None:
             config.eval.flip = bool(flip)
+        config.eval.scales = scales
     if config.eval.mode not in evaluate.MODES:
         raise ValueError(f"config.eval.mode={config.eval.mode!r}: expected one of {evaluate.MODES}")
     for field, value in (("eval.batch_size", config.eval.batch_size),):
@@ -177,7 +143,7 @@ def evaluate_checkpoint(
             f"config.num_classes is {config.num_classes} ({config.dataset})"
         )
     if source is None:
-        source = open_eval_source(config)
+        source = streams.eval_source(config)
     class_names = _class_names(source, config)
     is_main = jax.process_index() == 0
     say = print if (verbose and is_main) else (lambda *a, **k: None)
@@ -188,15 +154,9 @@ def evaluate_checkpoint(
 
     mesh = parallel.make_mesh()
     variables = parallel.replicate(network.variables, mesh)
-    batches = functools.partial(
-        pipeline.eval_dataset, source,
-        batch_size=config.eval.batch_size // jax.process_count(),
-        pad_to=tuple(config.eval.pad_to), process_index=jax.process_index(),
-        process_count=jax.process_count(), num_workers=config.get("num_workers", 0),
-    )
-    step = make_eval_step(network.model, config, scales)
+    step = train.make_eval_step(network.model, config)
     t0 = time.time()
-    confusion = train.run_evaluation(step, variables, batches(), mesh)
+    confusion = train.run_evaluation(step, variables, streams.eval_batches(config, source), mesh)
     seconds = time.time() - t0
     scores = metrics.scores(confusion)
 

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from mgd_jax import evaluate, models, weights
+from mgd_jax import evaluate, weights
 from mgd_jax.methods import common
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -101,36 +101,14 @@ def resolve_checkpoint(path: str) -> str:
     )
 
 
-def _build_options(meta: dict[str, Any], directory: str) -> dict[str, Any]:
-    options = dict(meta.get("build_options") or {})
-    if options.get("depths") is not None:
-        options["depths"] = tuple(int(d) for d in options["depths"])
-    unknown = set(options) - {"width", "depths", "output_stride", "bn_group_size"}
-    if unknown:
-        raise ValueError(f"{directory}/meta.json: unknown build_options {sorted(unknown)}")
-    return options
-
-
 def load_network(path: str, *, precision: str = "auto") -> Network:
     """Loads a weights checkpoint (or a workdir's export/) and builds its network.
 
     precision: "auto" (bfloat16 compute on GPU/TPU, float32 on CPU), "float32" or "bfloat16".
     """
     directory = resolve_checkpoint(path)
-    variables, meta = weights.load_variables(directory)
-    for field in ("backbone", "num_classes"):
-        if field not in meta:
-            raise ValueError(f"{directory}/meta.json: missing {field!r}")
-    if meta.get("part") == "backbone":
-        raise ValueError(
-            f"{directory}: holds only a backbone (an ImageNet init), not a segmentation network"
-        )
-    if not variables.get("params", {}).get("classifier"):
-        raise ValueError(f"{directory}: the checkpoint has no classifier parameters")
     dtype = common.compute_dtype(ml_collections.ConfigDict({"precision": precision}))
-    model = models.build(meta["backbone"], int(meta["num_classes"]), dtype=dtype,
-                         **_build_options(meta, directory))
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    model, variables, meta = weights.load_network(directory, dtype=dtype)
     return Network(model, variables, meta, directory)
 
 

@@ -88,6 +88,7 @@ def make_eval_step(model: Any, config: ml_collections.ConfigDict):
             functools.partial(logits_fn, variables), batch, config.num_classes,
             mode=config.eval.mode, crop_size=config.eval.crop,
             stride_rate=config.eval.stride_rate, flip=config.eval.flip,
+            scales=tuple(float(s) for s in config.eval.get("scales", (1.0,))),
         )
 
     return eval_step

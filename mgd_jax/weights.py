@@ -737,6 +737,36 @@ def load_variables(directory: str) -> tuple[Variables, dict[str, Any]]:
 # CLI
 
 
+
+def network_options(meta: Mapping[str, Any], directory: str = "") -> dict[str, Any]:
+    """The `models.build` keyword options a checkpoint's meta.json records."""
+    options = dict(meta.get("build_options") or {})
+    if options.get("depths") is not None:
+        options["depths"] = tuple(int(d) for d in options["depths"])
+    unknown = set(options) - {"width", "depths", "output_stride", "bn_group_size"}
+    if unknown:
+        raise WeightImportError(f"{directory}/meta.json: unknown build_options {sorted(unknown)}")
+    return options
+
+
+def load_network(directory: str, *, dtype: Any = jnp.float32) -> tuple[Any, Variables, dict]:
+    """(model, variables, meta) of a full segmentation-network checkpoint (not a backbone)."""
+    from mgd_jax import models
+
+    variables, meta = load_variables(directory)
+    for field in ("backbone", "num_classes"):
+        if meta.get(field) is None:
+            raise WeightImportError(f"{directory}/meta.json: missing {field!r}")
+    if meta.get("part") == "backbone" or not variables.get("params", {}).get("classifier"):
+        raise WeightImportError(
+            f"{directory}: holds only a backbone (an ImageNet init), not a segmentation network"
+        )
+    model = models.build(meta["backbone"], int(meta["num_classes"]), dtype=dtype,
+                         **network_options(meta, directory))
+    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    return model, variables, meta
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m mgd_jax.weights",

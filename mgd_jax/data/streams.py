@@ -4,6 +4,7 @@ train stream and the eval stream. The one place that reads data-related config f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -61,12 +62,44 @@ def partition_keys(config: ml_collections.ConfigDict, keys: list[str]) -> tuple[
     return labeled, unlabeled, how
 
 
-def make(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -> Streams:
+def _data_dir(config: ml_collections.ConfigDict) -> str:
     if not config.data_dir:
-        raise ValueError("config.data_dir is empty: where the prepared datasets live")
-    data_dir = os.path.expanduser(config.data_dir)
-    train_source = sources.open_split(config.dataset, config.train_split, data_dir)
-    eval_source = sources.open_split(config.dataset, config.eval_split, data_dir)
+        raise ValueError(
+            "config.data_dir is empty: where the prepared datasets live (the demo keeps them in "
+            "<demo workdir>/data)"
+        )
+    return os.path.expanduser(config.data_dir)
+
+
+def eval_source(config: ml_collections.ConfigDict) -> Any:
+    """The config's eval split (a prefix of it when `eval.max_examples` > 0)."""
+    source = sources.open_split(config.dataset, config.eval_split, _data_dir(config))
+    if config.eval.max_examples > 0:
+        source = Subset(source, range(min(config.eval.max_examples, len(source))))
+    return source
+
+
+def eval_batches(config: ml_collections.ConfigDict, source: Any) -> Iterable[dict]:
+    """One deterministic pass over `source` as this host's padded eval batches."""
+    process_count = jax.process_count()
+    if config.eval.batch_size % process_count:
+        raise ValueError(
+            f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
+            f"{process_count} hosts"
+        )
+    return pipeline.eval_dataset(
+        source,
+        batch_size=config.eval.batch_size // process_count,
+        pad_to=tuple(config.eval.pad_to),
+        process_index=jax.process_index(),
+        process_count=process_count,
+        num_workers=config.num_workers,
+    )
+
+
+def make(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -> Streams:
+    train_source = sources.open_split(config.dataset, config.train_split, _data_dir(config))
+    val_source = eval_source(config)
     info = train_source.info
     if info.num_classes != config.num_classes:
         raise ValueError(
@@ -76,14 +109,12 @@ def make(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -> Streams:
     labeled_keys, unlabeled_keys, how = partition_keys(config, list(train_source.keys))
     labeled = Subset(train_source, sources.keys_to_indices(train_source, labeled_keys))
     unlabeled = Subset(train_source, sources.keys_to_indices(train_source, unlabeled_keys))
-    if config.eval.max_examples > 0:
-        eval_source = Subset(eval_source, range(min(config.eval.max_examples, len(eval_source))))
 
     process_index, process_count = jax.process_index(), jax.process_count()
-    for field, size in (("batch_size", config.batch_size),
-                        ("eval.batch_size", config.eval.batch_size)):
-        if size % process_count:
-            raise ValueError(f"config.{field}={size} is not divisible by {process_count} hosts")
+    if config.batch_size % process_count:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by {process_count} hosts"
+        )
     train = pipeline.train_dataset(
         labeled,
         unlabeled if with_unlabeled else None,
@@ -97,24 +128,14 @@ def make(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -> Streams:
         num_workers=config.num_workers,
     )
 
-    def eval_batches() -> Iterable[dict]:
-        return pipeline.eval_dataset(
-            eval_source,
-            batch_size=config.eval.batch_size // process_count,
-            pad_to=tuple(config.eval.pad_to),
-            process_index=process_index,
-            process_count=process_count,
-            num_workers=config.num_workers,
-        )
-
     description = (
         f"{config.dataset}: {len(train_source)} train ({how}: {len(labeled)} labeled, "
         f"{len(unlabeled)} unlabeled{'' if with_unlabeled else ' unused'}), "
-        f"{len(eval_source)} {config.eval_split}"
+        f"{len(val_source)} {config.eval_split}"
     )
     return Streams(
         train=train,
-        eval_batches=eval_batches,
+        eval_batches=functools.partial(eval_batches, config, val_source),
         info=info,
         num_labeled=len(labeled),
         num_unlabeled=len(unlabeled),

@@ -27,7 +27,7 @@ TEACHERS = ("teacher_deep", "teacher_wide")  # T_D, T_W
 def load_teacher(config: ml_collections.ConfigDict, name: str):
     """(model, variables) of a teacher checkpoint; its architecture comes from the checkpoint."""
     directory = config[name].checkpoint
-    variables, meta = weights.load_variables(directory)
+    model, variables, meta = weights.load_network(directory, dtype=common.compute_dtype(config))
     backbone = meta["backbone"]
     expected = config[name].backbone
     aliases = {"wide_resnet34_2": "wide_resnet50_2"}
@@ -41,24 +41,22 @@ def load_teacher(config: ml_collections.ConfigDict, name: str):
             f"config.{name}.checkpoint={directory!r} has {meta['num_classes']} classes, the "
             f"dataset has {config.num_classes}"
         )
-    options = dict(meta.get("build_options") or {})
-    if "depths" in options and options["depths"] is not None:
-        options["depths"] = tuple(options["depths"])
-    model = common.build(backbone, config, options)
-    logging.info("%s: %s from %s (%s)", name, backbone, directory, options)
-    return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    logging.info("%s: %s from %s (%s)", name, backbone, directory, meta.get("build_options"))
+    return model, variables
 
 
 class MGD:
     uses_unlabeled = True
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, teachers: dict | None = None):
+        """`teachers` maps teacher_deep / teacher_wide to (model, variables); by default they
+        are loaded from `config.<name>.checkpoint`."""
         self.config = config
         options = common.student_options(config)
         self.eval_model = common.build(config.student, config, options)
         self.export_meta = {"backbone": config.student, "num_classes": config.num_classes,
                             "build_options": options}
-        self._teachers = {name: load_teacher(config, name) for name in TEACHERS}
+        self._teachers = teachers or {name: load_teacher(config, name) for name in TEACHERS}
         self.teacher_models = {name: model for name, (model, _) in self._teachers.items()}
 
     def init_variables(self, rng: jax.Array) -> common.Variables:
