@@ -2,9 +2,16 @@
 export PROJECT=my-gcp-project
 export ZONE=us-central2-b
 export TPU_NAME=mgd-v4-32
-export ACCELERATOR_TYPE=v4-32            # v5litepod-32 / v5p-32 / ...
+# v4-8 = 4 devices, which divides the recipe's global batch of 8 (VOC, Cityscapes teachers).
+# Larger slices need a larger global batch: see the README's scaling guide.
+export ACCELERATOR_TYPE=v4-8             # v5litepod-8 / v5p-8 / ...
 export RUNTIME_VERSION=tpu-ubuntu2204-base  # v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p
 export BUCKET=my-bucket
-export DATA_DIR=gs://$BUCKET/tensorflow_datasets   # prepared with launch/prepare_data.sh
-export SPLIT_DIR=gs://$BUCKET/mgd_splits           # your copy of the standard split lists
+# Paths must be local on every worker: mount the bucket with gcsfuse at the same path on all
+# workers (launch/setup_worker.sh does it when MOUNT_BUCKET=1), or copy the data to local disk.
+export MOUNT=/mnt/$BUCKET
+export MOUNT_BUCKET=1
+export DATA_DIR=$MOUNT/tensorflow_datasets   # prepared with launch/prepare_data.sh
+export SPLIT_DIR=$MOUNT/mgd_splits           # your copy of the standard split lists
+export RUNS_DIR=$MOUNT/runs                  # workdirs (checkpoints, logs)
 export REPO_REF=main

@@ -96,9 +96,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
     os.makedirs(workdir, exist_ok=True)
     if not config.data_dir:  # self-contained by default: the data lives in the workdir
         config.data_dir = os.path.join(workdir, "data")
-    config.dataset = prepare.ensure_synthetic(
-        config.data_dir, num_classes=config.num_classes, **config.demo.synthetic.to_dict()
-    )
+    sizes = config.demo.synthetic.to_dict()
+    if sizes.get("num_classes", config.num_classes) != config.num_classes:
+        raise ValueError("config.demo.synthetic.num_classes must equal config.num_classes")
+    sizes["num_classes"] = config.num_classes
+    config.dataset = prepare.ensure_synthetic(config.data_dir, **sizes)
     print(
         "MGD demo on the synthetic dataset. The networks are depth- and width-reduced members "
         "of the official families (full-size teachers do not train in minutes on a CPU).",

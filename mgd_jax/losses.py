@@ -158,15 +158,19 @@ def content_aware(
     norm and gives NaN on an all-zero (post-ReLU) region. Elsewhere the values are identical.
 
     Args:
-      student_feature, teacher_feature: (N, H, W, C) decoder features (same shape).
+      student_feature, teacher_feature: (N, H, W, C) decoder features. Only N must agree: the
+        similarity matrices are grid^2 x grid^2 whatever the channels or the spatial size (the
+        official networks both have 256 channels; reduced-width ones differ).
       grid: pooled grid size (7 in the official code).
     Returns:
       A float32 scalar.
     """
-    if student_feature.shape != teacher_feature.shape:
+    if student_feature.ndim != 4 or teacher_feature.ndim != 4 or (
+        student_feature.shape[0] != teacher_feature.shape[0]
+    ):
         raise ValueError(
             f"losses.content_aware: student feature {student_feature.shape} and teacher feature "
-            f"{teacher_feature.shape} must have the same (N, H, W, C) shape"
+            f"{teacher_feature.shape} must be (N, H, W, C) with the same N"
         )
     ms = _cosine_self_similarity(student_feature, grid)
     mt = _cosine_self_similarity(teacher_feature, grid)

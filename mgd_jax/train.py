@@ -211,22 +211,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final = method.eval_variables(state.params, state.batch_stats)
     if scores is None:  # resumed after the last step: evaluate what was restored
         scores = evaluate_state(steps, "eval", final)
+    if hasattr(train_iter, "close"):  # worker processes, shared memory
+        train_iter.close()
+
+    def export(name: str, variables, step: int, miou: float) -> str:
+        directory = os.path.join(workdir, name)
+        meta = dict(method.export_meta, source=workdir, step=int(step), miou=float(miou))
+        weights.save_variables(directory, jax.device_get(variables), meta, overwrite=True)
+        return directory
+
+    export_dir = export("export", final, steps, scores["miou"])
     best = ckpt.best(state)
     best_summary = None
     if best is not None:
         best_step, best_state = best
-        best_scores = scores
+        best_summary = {"step": int(best_step), "miou": float(scores["miou"]), "export": export_dir}
         if best_step != steps:  # re-evaluated rather than trusted, as a check of the checkpoint
             best_variables = method.eval_variables(best_state.params, best_state.batch_stats)
             best_scores = evaluate_state(best_step, "best", best_variables)
-        best_summary = {"step": int(best_step), "miou": float(best_scores["miou"])}
+            best_summary.update(
+                miou=float(best_scores["miou"]),
+                export=export("export_best", best_variables, best_step, best_scores["miou"]),
+            )
     ckpt.close()
 
-    export_dir = os.path.join(workdir, "export")
-    weights.save_variables(
-        export_dir, jax.device_get(final), dict(method.export_meta, source=workdir),
-        overwrite=True,
-    )
     result = {
         "method": config.method,
         "steps": steps,

@@ -275,8 +275,13 @@ def test_content_aware_all_zero_region_is_finite():
 def test_content_aware_identical_features_is_zero_and_shape_checked():
     f = jnp.asarray(np.random.default_rng(6).random((2, 10, 10, 3)), jnp.float32)
     assert float(losses.content_aware(f, f)) == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(ValueError, match="same"):
-        losses.content_aware(f, f[:, :9])
+    with pytest.raises(ValueError, match="same N"):
+        losses.content_aware(f, f[:1])
+    # Different widths / sizes are fine (reduced-width students vs teachers): the matrices are
+    # grid^2 x grid^2 either way; a channel-duplicated feature has the same similarities.
+    wide = jnp.concatenate([f, f], axis=-1)
+    assert float(losses.content_aware(f, wide)) == pytest.approx(0.0, abs=1e-10)
+    assert np.isfinite(float(losses.content_aware(f, f[:, :9, :8])))
 
 
 def test_gradients_student_nonzero_teacher_zero_under_stop_gradient():

@@ -38,6 +38,8 @@ class SyntheticSpec:
     num_val: int = 100
     seed: int = 0
     boundary_ignore: bool = True  # 1-px 255 band along label boundaries
+    max_distractors: int = 2  # non-class objects per image: 0..max_distractors
+    object_size: int = 20  # mean object radius, % of the image size (radius ±30%)
 
     def __post_init__(self):
         max_classes = 1 + len(SHAPES) * len(TEXTURES) - 1  # keep >= 1 distractor pair
@@ -55,6 +57,10 @@ class SyntheticSpec:
             return "default"
         name = (f"c{self.num_classes}_s{self.image_size}_n{self.num_train}_v{self.num_val}"
                 f"_seed{self.seed}")
+        if self.max_distractors != 2:
+            name += f"_d{self.max_distractors}"
+        if self.object_size != 20:
+            name += f"_o{self.object_size}"
         return name if self.boundary_ignore else name + "_nb"
 
     @classmethod
@@ -62,11 +68,14 @@ class SyntheticSpec:
         """Inverse of :attr:`config_name`."""
         if name == "default":
             return cls()
-        m = re.fullmatch(r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(_nb)?", name)
+        m = re.fullmatch(
+            r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(?:_d(\d+))?(?:_o(\d+))?(_nb)?", name
+        )
         if m is None:
             raise ValueError(f"{name!r} is not a synthetic config name")
         c, s, n, v, seed = (int(g) for g in m.groups()[:5])
-        return cls(c, s, n, v, seed, boundary_ignore=m.group(6) is None)
+        return cls(c, s, n, v, seed, boundary_ignore=m.group(8) is None,
+                   max_distractors=int(m.group(6) or 2), object_size=int(m.group(7) or 20))
 
     def cli_args(self) -> str:
         """The ``prepare synthetic`` options that build this spec."""
@@ -208,11 +217,12 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.
     ]
     objects = [(int(c), *pairs[c - 1]) for c in rng.integers(1, spec.num_classes,
                                                              int(rng.integers(1, 4)))]
-    for j in rng.integers(0, len(distractor_pairs), int(rng.integers(0, 3))):
+    n_distractors = int(rng.integers(0, spec.max_distractors + 1))
+    for j in rng.integers(0, len(distractor_pairs), n_distractors):
         objects.append((0, *distractor_pairs[j]))
     for k in rng.permutation(len(objects)):
         cls, shape, fill = objects[k]
-        r = rng.uniform(0.14, 0.26) * size
+        r = rng.uniform(0.7, 1.3) * spec.object_size / 100 * size
         cx, cy = rng.uniform(0.2 * r, size - 0.2 * r, 2)
         u, v = _rotated((x - cx) / r, (y - cy) / r, rng.uniform(0, 2 * math.pi))
         mask = _shape_mask(shape, u, v)

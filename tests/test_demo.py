@@ -1,0 +1,50 @@
+"""The embedded default, at CI size: every stage end to end, the table and results.json.
+
+(The issue's accuracy claim, MGD >= Sup.l + 3 mIoU points, is not asserted: it does not hold
+reliably at a size that fits CI; see the README.)"""
+
+import importlib.util
+import json
+import os
+
+from mgd_jax import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(arg):
+    spec = importlib.util.spec_from_file_location("demo_config", f"{ROOT}/configs/demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_stage_configs_share_the_student_setting():
+    c = demo_config(None)
+    sup = demo.stage_config(c, "student_supervised", "/w")
+    mgd = demo.stage_config(c, "student_mgd", "/w")
+    for field in ("student", "num_train_steps", "seed", "partition", "labeled_count", "lr",
+                  "batch_size", "crop_size"):
+        assert sup[field] == mgd[field], field
+    assert sup.model == mgd.model
+    assert (sup.method, mgd.method) == ("supervised", "mgd")
+    assert mgd.teacher_deep.checkpoint == "/w/teacher_deep/export"
+    assert demo_config("stage=teacher_wide").cps.backbone == "wide_resnet50_2"
+
+
+def test_demo_runs_every_stage(tmp_path, capsys):
+    results = demo.run(demo_config("quick"), str(tmp_path))
+    printed = capsys.readouterr().out
+    assert "student_mgd" in printed and "mIoU %" in printed
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk == results
+    assert set(results) == {"teacher_resnet101", "teacher_wide_resnet50_2",
+                            "student_supervised", "student_mgd"}
+    for r in results.values():
+        assert 0 <= r["miou"] <= 1 and r["params"] > 0 and r["arch"]
+    assert results["student_supervised"]["params"] == results["student_mgd"]["params"]
+    assert results["teacher_resnet101"]["params"] > results["student_mgd"]["params"]
+    # Each stage is an ordinary run in its own sub-workdir; MGD evaluated the loaded teachers.
+    mgd = json.loads((tmp_path / "student_mgd" / "final_metrics.json").read_text())
+    assert mgd["teachers"]["teacher_deep"] == results["teacher_resnet101"]["miou"]
+    assert (tmp_path / "teacher_wide" / "export" / "meta.json").is_file()
