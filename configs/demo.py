@@ -4,7 +4,7 @@
 
 runs four stages (CPS teacher T_D, CPS teacher T_W, Sup.l student, MGD student) and prints one
 table. `configs/demo.py:stage=student_mgd` gives a single stage's plain config (set
---config.data_dir and the teacher checkpoints yourself). `quick` is the CI-sized variant.
+--config.data_dir and the teacher checkpoints yourself).
 The networks are depth/width-reduced members of the official families; the Sup.l and MGD students
 share architecture, steps, labeled subset and seed, so any gain comes from the method alone.
 """
@@ -15,7 +15,7 @@ from mgd_jax import config_lib, demo
 
 
 def get_config(arg: str | None = None):
-    a = config_lib.parse_arg(arg, stage="", quick=False)
+    a = config_lib.parse_arg(arg, stage="")
     c = config_lib.base_config()
     c.stages = ",".join(demo.STAGES)
     c.dataset = "mgd_synthetic"
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
     c.num_classes = 3  # background + disc+stripes + disc+dots: texture AND shape decide
     c.partition_source = "seeded"  # no standard lists for synthetic data
     c.partition = 16
-    c.labeled_count = 32  # of 512: the Sup.l student is label-limited here
+    c.labeled_count = 32  # of 2048 (1/64): the Sup.l student is label-limited here
     c.crop_size = 48
     c.scales = (0.75, 1.0, 1.25, 1.5)
     c.batch_size = 8
@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
     c.demo = ml_collections.ConfigDict()
     d = c.demo
     d.synthetic = ml_collections.ConfigDict({
-        "num_train": 512, "num_val": 96, "image_size": 48, "num_classes": 3,
+        "num_train": 2048, "num_val": 96, "image_size": 48, "num_classes": 3,
         "max_distractors": 1, "object_size": 30,
     })
     d.teacher_steps = 2000
@@ -64,11 +64,6 @@ def get_config(arg: str | None = None):
     d.teacher_wide = ml_collections.ConfigDict(
         {"backbone": "wide_resnet50_2", "width": 0.125, "depths": "1,1,1,1"}
     )
-    if a.quick:  # CI-sized: every stage end to end, in about two minutes
-        d.synthetic.num_train = 128
-        d.synthetic.num_val = 32
-        c.labeled_count = 16
-        d.teacher_steps = d.student_steps = 60
     if a.stage:
         return demo.stage_config(c, a.stage)
     return c

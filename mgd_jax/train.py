@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 
 from mgd_jax import (
     checkpoint,
@@ -62,6 +64,14 @@ def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, sched
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     return new_state, step_metrics
+
+
+def average_of(step_metrics: dict[str, jax.Array]) -> clu_metrics.Collection:
+    """A clu collection averaging every scalar of `step_metrics` over the steps it merges."""
+    collection = clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in step_metrics}
+    )
+    return collection.single_from_model_output(**step_metrics)
 
 
 def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabeled: int) -> int:
@@ -152,7 +162,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     frozen = parallel.replicate(method.frozen_variables(), mesh)
     eval_params = method.eval_variables(state.params, state.batch_stats)["params"]
     num_params = models.count_params(eval_params)
-    reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters")
+    reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters"
+                  f" (per-leaf overview in {os.path.join(workdir, 'parameters.txt')})")
+    if is_main:
+        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
+            f.write(parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
 
     train_iter = iter(data.train)
     ckpt = checkpoint.Checkpointer(
@@ -188,14 +202,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     scores = None
     images_per_step = config.batch_size * (3 if method.uses_unlabeled else 1)
     t0 = time.time()
+    interval = None  # clu averages of the step metrics since the last log line (on device)
     for step in range(start, steps):
         batch = parallel.global_batch(next(train_iter), mesh)
         state, step_metrics = step_fn(state, frozen, batch)
+        current = average_of(step_metrics)
+        interval = current if interval is None else interval.merge(current)
         done = step + 1
         if done % config.log_every == 0 or done == steps:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
+            interval = None
             if not all(np.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss at step {done}: {values}")
+                raise FloatingPointError(f"non-finite loss in the steps up to {done}: {values}")
             reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
             reporter.progress(done, images_per_step)
         if done % config.eval_every == 0 or done == steps:

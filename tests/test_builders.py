@@ -394,11 +394,26 @@ def test_synthetic_class_design():
     for tex in {t for _, t in pairs}:
         assert sum(t == tex for _, t in pairs) >= 2
     assert len(synthetic.class_names(24)) == 24
-    for spec in (synthetic.SyntheticSpec(), synthetic.SyntheticSpec(3, 32, 10, 4, 5, False)):
+    for spec in (synthetic.SyntheticSpec(), synthetic.SyntheticSpec(3, 32, 10, 4, 5, False),
+                 synthetic.SyntheticSpec(3, 48, 10, 4, max_distractors=0, object_size=30),
+                 synthetic.SyntheticSpec(4, 48, 10, 4, boundary_ignore=False, object_size=25)):
         assert synthetic.SyntheticSpec.from_config_name(spec.config_name) == spec
     assert synthetic.SyntheticSpec(num_train=7).cli_args() == "--num_train=7"
     with pytest.raises(ValueError, match="num_classes"):
         synthetic.SyntheticSpec(num_classes=1)
+
+
+def test_synthetic_difficulty_knobs():
+    """No distractors: every non-background object pixel belongs to a class object; larger
+    objects cover more of the image."""
+    def coverage(**kw):
+        spec = synthetic.SyntheticSpec(num_classes=3, image_size=48, **kw)
+        labels = [synthetic.render(spec, "train", i)[1] for i in range(24)]
+        return np.mean([np.mean((lb > 0) & (lb < 255)) for lb in labels])
+
+    assert coverage(object_size=30) > 1.5 * coverage(object_size=15)
+    spec = synthetic.SyntheticSpec(num_classes=3, image_size=48, max_distractors=0)
+    assert spec.config_name.endswith("_d0")
 
 
 def test_multi_shard_order_and_no_shuffler(tmp_path, monkeypatch):

@@ -1,7 +1,6 @@
-"""The embedded default, at CI size: every stage end to end, the table and results.json.
-
-(The issue's accuracy claim, MGD >= Sup.l + 3 mIoU points, is not asserted: it does not hold
-reliably at a size that fits CI; see the README.)"""
+"""The embedded default as shipped (it is CI-sized: ~5 minutes on 2 cores): every stage end to
+end, the table, results.json, and its claim that the MGD student beats the Sup.l student by at
+least 3 mIoU points (same architecture, steps, labeled subset and seed)."""
 
 import importlib.util
 import json
@@ -32,8 +31,8 @@ def test_stage_configs_share_the_student_setting():
     assert demo_config("stage=teacher_wide").cps.backbone == "wide_resnet50_2"
 
 
-def test_demo_runs_every_stage(tmp_path, capsys):
-    results = demo.run(demo_config("quick"), str(tmp_path))
+def test_demo_mgd_beats_supervised(tmp_path, capsys):
+    results = demo.run(demo_config(None), str(tmp_path))
     printed = capsys.readouterr().out
     assert "student_mgd" in printed and "mIoU %" in printed
     on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -48,3 +47,5 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     mgd = json.loads((tmp_path / "student_mgd" / "final_metrics.json").read_text())
     assert mgd["teachers"]["teacher_deep"] == results["teacher_resnet101"]["miou"]
     assert (tmp_path / "teacher_wide" / "export" / "meta.json").is_file()
+    gain = results["student_mgd"]["miou"] - results["student_supervised"]["miou"]
+    assert gain >= 0.03, results

@@ -49,6 +49,10 @@ class SyntheticSpec:
             raise ValueError(f"image_size={self.image_size}: expected >= 24")
         if self.num_train < 1 or self.num_val < 1:
             raise ValueError(f"num_train={self.num_train}, num_val={self.num_val}: expected >= 1")
+        if self.max_distractors < 0:
+            raise ValueError(f"max_distractors={self.max_distractors}: expected >= 0")
+        if not 5 <= self.object_size <= 45:
+            raise ValueError(f"object_size={self.object_size}: expected 5..45 (% of the image)")
 
     @property
     def config_name(self) -> str:
