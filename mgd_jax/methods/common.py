@@ -100,6 +100,15 @@ def normalize(part: dict[str, jax.Array]) -> jax.Array:
     return augment.normalize(part["image"], part["valid"])
 
 
+def semi_supervised_inputs(batch: dict) -> tuple[jax.Array, ...]:
+    """(x_l, labels, u0, u1, mask, u_mix): a train batch normalised, with the CutMix image."""
+    x_l = normalize(batch["labeled"])
+    u0 = normalize(batch["unlabeled_0"])
+    u1 = normalize(batch["unlabeled_1"])
+    mask = batch["mask"]
+    return x_l, batch["labeled"]["label"], u0, u1, mask, mix(u0, u1, mask)
+
+
 def forward(model: Any, params: Any, batch_stats: Any, images: jax.Array, *, train: bool = True):
     """One forward; in train mode returns the BN statistics it updated (else unchanged)."""
     variables = {"params": params, "batch_stats": batch_stats}

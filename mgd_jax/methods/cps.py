@@ -48,12 +48,7 @@ class CPS:
     def loss(self, params, batch_stats, frozen, batch, rng):
         del frozen, rng
         model, config = self.eval_model, self.config
-        x_l = common.normalize(batch["labeled"])
-        labels = batch["labeled"]["label"]
-        u0 = common.normalize(batch["unlabeled_0"])
-        u1 = common.normalize(batch["unlabeled_1"])
-        mask = batch["mask"]
-        u_mix = common.mix(u0, u1, mask)
+        x_l, labels, u0, u1, mask, u_mix = common.semi_supervised_inputs(batch)
 
         stats = dict(batch_stats)
         pseudo = {}

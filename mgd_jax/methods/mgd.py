@@ -69,12 +69,7 @@ class MGD:
         del rng
         config, student = self.config, self.eval_model
         switch = config.loss
-        x_l = common.normalize(batch["labeled"])
-        labels = batch["labeled"]["label"]
-        u0 = common.normalize(batch["unlabeled_0"])
-        u1 = common.normalize(batch["unlabeled_1"])
-        mask = batch["mask"]
-        u_mix = common.mix(u0, u1, mask)
+        x_l, labels, u0, u1, mask, u_mix = common.semi_supervised_inputs(batch)
         batch_bn = config.teacher_bn == "batch"
 
         def teacher(name, images):
