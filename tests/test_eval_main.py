@@ -118,7 +118,8 @@ def test_cli_end_to_end_on_synthetic_data(tiny, tmp_path):
     cmd = [
         sys.executable, "-m", "mgd_jax.eval_main", f"--checkpoint={tiny[0]}",
         "--config=configs/demo.py:stage=student_supervised", f"--config.data_dir={data_dir}",
-        f"--config.dataset={name}", "--config.eval.pad_to=(32, 32)", "--config.eval.crop=32",
+        f"--config.dataset={name}", f"--config.num_classes={NUM_CLASSES}",
+        "--config.eval.pad_to=(32, 32)", "--config.eval.crop=32",
         "--config.eval.batch_size=8", "--flip", f"--workdir={out}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -243,7 +243,7 @@ def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
     """`python -m mgd_jax.main` for CPS (teacher export), then supervised and MGD from it."""
     data_dir, name = synthetic_dir
     common_args = [
-        f"--config.data_dir={data_dir}", f"--config.dataset={name}",
+        f"--config.data_dir={data_dir}", f"--config.dataset={name}", "--config.num_classes=5",
         "--config.num_train_steps=2", "--config.crop_size=32", "--config.eval.pad_to=(32, 32)",
         "--config.eval.crop=32", "--config.model.width=0.125", "--config.model.depths=1,1,1,1",
         "--config.log_every=1",
