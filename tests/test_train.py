@@ -280,3 +280,36 @@ def test_bad_config_fails_before_compiling(tmp_path):
     )
     assert proc.returncode != 0
     assert "config.teacher_deep.checkpoint" in proc.stderr
+
+
+def test_imagenet_init_merges_a_backbone_checkpoint(tmp_path):
+    """config.student_init: a torchvision ResNet-18 imported with --backbone_only loads into the
+    deep-stem student the official way (bn1, layer1-4 loaded; the deep stem keeps its init)."""
+    from torch_reference import torch, torchvision
+
+    from mgd_jax.methods import common
+
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    subprocess.run(
+        [sys.executable, "-m", "mgd_jax.weights", "--backbone=resnet18",
+         f"--torch={tmp_path / 'r18.pth'}", "--backbone_only", f"--out={tmp_path / 'ck'}"],
+        check=True, capture_output=True, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""),
+    )
+    config = tiny_config("supervised")
+    config.model.width, config.model.depths, config.num_classes = 1.0, "", 21
+    model = common.build("resnet18", config, common.student_options(config))
+    fresh = common.init_network(jax.random.key(0, impl="rbg"), model, config)
+    loaded = common.init_network(jax.random.key(0, impl="rbg"), model, config, str(tmp_path / "ck"))
+    state = reference.state_dict()
+    np.testing.assert_array_equal(
+        loaded["params"]["backbone"]["layer3_1"]["conv2"]["kernel"],
+        state["layer3.1.conv2.weight"].numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(loaded["batch_stats"]["backbone"]["bn1"]["var"],
+                                  state["bn1.running_var"].numpy())
+    for leaf in ("conv1_0", "conv1_3", "conv1_6"):  # deep stem: not in torchvision's file
+        np.testing.assert_array_equal(loaded["params"]["backbone"][leaf]["kernel"],
+                                      fresh["params"]["backbone"][leaf]["kernel"])
+    np.testing.assert_array_equal(loaded["params"]["head"]["aspp"]["red_conv"]["kernel"],
+                                  fresh["params"]["head"]["aspp"]["red_conv"]["kernel"])
