@@ -116,49 +116,34 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-class AugmentLabeled(grain.transforms.RandomMap):
-    """Source example -> {"image" uint8, "valid" bool, "label" int32} (official TrainPre)."""
+class Augment(grain.transforms.RandomMap):
+    """Source example -> {"image" uint8, "valid" bool[, "label" int32]} (official TrainPre).
 
-    def __init__(self, crop_size: tuple[int, int], scales: Sequence[float]):
+    Unlabeled (`labeled=False`): any label in the source is ignored.
+    """
+
+    def __init__(self, crop_size: tuple[int, int], scales: Sequence[float], labeled: bool):
         self.crop_size = crop_size
         self.scales = tuple(float(s) for s in scales)
+        self.labeled = labeled
 
     def random_map(
         self, element: dict[str, Any], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
         key = element.get("key", "?")
-        if element.get("label") is None:
+        if self.labeled and element.get("label") is None:
             raise ValueError(f"labeled example {key!r} has no 'label'")
         image, valid, label = augment.train_augment(
             rng,
             element["image"],
-            element["label"],
+            element["label"] if self.labeled else None,
             crop_size=self.crop_size,
             scales=self.scales,
             key=key,
         )
+        if not self.labeled:
+            return {"image": image, "valid": valid}
         return {"image": image, "valid": valid, "label": label.astype(np.int32)}
-
-
-class AugmentUnlabeled(grain.transforms.RandomMap):
-    """Source example -> {"image" uint8, "valid" bool}; any label in the source is ignored."""
-
-    def __init__(self, crop_size: tuple[int, int], scales: Sequence[float]):
-        self.crop_size = crop_size
-        self.scales = tuple(float(s) for s in scales)
-
-    def random_map(
-        self, element: dict[str, Any], rng: np.random.Generator
-    ) -> dict[str, np.ndarray]:
-        image, valid, _ = augment.train_augment(
-            rng,
-            element["image"],
-            None,
-            crop_size=self.crop_size,
-            scales=self.scales,
-            key=element.get("key", "?"),
-        )
-        return {"image": image, "valid": valid}
 
 
 class AddCutMixMask(grain.transforms.RandomMap):
@@ -339,15 +324,16 @@ def train_dataset(
             .repeat(reseed_each_epoch=reshuffle)
         )
 
-    slots = {"labeled": stream(labeled, s_lab).random_map(AugmentLabeled(crop, scales), seed=a_lab)}
+    augment_labeled = Augment(crop, scales, labeled=True)
+    slots = {"labeled": stream(labeled, s_lab).random_map(augment_labeled, seed=a_lab)}
     if unlabeled is not None:
         if pairing == "official":
             # One fixed order shared by both streams: u0[i], u1[i] = one image, two augmentations.
             u0 = u1 = stream(unlabeled, s_u0, reshuffle=False)
         else:
             u0, u1 = stream(unlabeled, s_u0), stream(unlabeled, s_u1)
-        slots["unlabeled_0"] = u0.random_map(AugmentUnlabeled(crop, scales), seed=a_u0)
-        slots["unlabeled_1"] = u1.random_map(AugmentUnlabeled(crop, scales), seed=a_u1)
+        slots["unlabeled_0"] = u0.random_map(Augment(crop, scales, labeled=False), seed=a_u0)
+        slots["unlabeled_1"] = u1.random_map(Augment(crop, scales, labeled=False), seed=a_u1)
     examples = _DictZip(slots)
     if unlabeled is not None:
         examples = examples.random_map(AddCutMixMask(crop, mask_kwargs), seed=s_mask)
