@@ -109,9 +109,8 @@ def test_errors_name_the_problem(tiny, tmp_path):
 
 
 def test_cli_end_to_end_on_synthetic_data(tiny, tmp_path):
-    prepare = pytest.importorskip("mgd_jax.data.prepare")
-    if not hasattr(prepare, "ensure_synthetic"):
-        pytest.skip("mgd_jax.data.prepare.ensure_synthetic is not there yet")
+    from mgd_jax.data import prepare
+
     data_dir = tmp_path / "data"
     name = prepare.ensure_synthetic(str(data_dir), num_train=2, num_val=5, image_size=32)
     out = tmp_path / "out"

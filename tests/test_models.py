@@ -393,8 +393,7 @@ def test_ghost_bn_groups_are_independent_in_the_backbone():
 def test_batch_statistics_are_global_when_sharded():
     """Under jit on a batch sharded over devices (one image each), BN sees the global batch."""
     name, model, v, _, ref, ref_upd = _small_run("resnet18")
-    if len(jax.devices()) < 2:
-        pytest.skip("needs the simulated CPU devices of conftest.py")
+    assert len(jax.devices()) >= 2, "conftest.py simulates 8 CPU devices"
     mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
     x = jax.device_put(_images(), NamedSharding(mesh, P("data")))
     out, upd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
