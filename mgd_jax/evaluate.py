@@ -230,15 +230,13 @@ def evaluate_dataset(
     batches: Iterable[Mapping[str, Any]],
     num_classes: int,
     *,
-    mode: str = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride_rate: float = 2 / 3,
-    flip: bool = False,
-    scales: Sequence[float] = (1.0,),
-    windows_per_call: int | None = None,
     ignore_index: int = 255,
+    **predict_kwargs,
 ) -> np.ndarray:
     """Confusion matrix (np.int64 (C, C), rows = ground truth) over all `batches` (one process).
+
+    `predict_kwargs` go to `predict_logits` (mode, crop_size, stride_rate, flip, scales,
+    windows_per_call).
 
     Counts accumulate on device in int32 and are moved into an int64 host total before they could
     reach 2**31 (each batch counts at most B*H*W pixels), so no overflow can pass silently. For
@@ -250,12 +248,7 @@ def evaluate_dataset(
             logits_fn,
             num_classes=num_classes,
             ignore_index=ignore_index,
-            mode=mode,
-            crop_size=crop_size,
-            stride_rate=stride_rate,
-            flip=flip,
-            scales=tuple(scales),
-            windows_per_call=windows_per_call,
+            **predict_kwargs,
         )
     )
     host = np.zeros((num_classes, num_classes), np.int64)
