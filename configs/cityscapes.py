@@ -3,7 +3,7 @@
   python -m mgd_jax.main --config=configs/cityscapes.py:method=cps,teacher=resnet101,partition=8 ...
   python -m mgd_jax.main --config=configs/cityscapes.py:method=mgd,student=resnet18,partition=8 ...
 
-Arguments as in configs/voc.py. Every number is the official one (mgd-method.md §4.1, §4.6), with
+Arguments as in configs/voc.py. Every number is the official one (docs/method.md §4.1, §4.6), with
 its origin; where the official repo has no config (MobileNetV2 on Cityscapes) the choice is ours
 and says so.
 """

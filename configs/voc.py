@@ -6,7 +6,7 @@
 
 Arguments: method (supervised | cps | mgd), student (resnet18 | mobilenet_v2), teacher (the CPS
 backbone: resnet101 | wide_resnet50_2), partition (16 | 8 | 4 | 2), smoke. Every number below is the
-official one (mgd-method.md §4), with its origin.
+official one (docs/method.md §4), with its origin.
 """
 
 from mgd_jax import config_lib

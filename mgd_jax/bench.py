@@ -1,15 +1,16 @@
 """Train-step benchmark: compile time, ms/step, images/s, MFU and peak memory of a method.
 
-    python -m mgd_jax.bench --config=configs/voc.py:method=mgd [--steps=10] [--warmup=2] \
+    python -m mgd_jax.bench_main --config=configs/voc.py:method=mgd [--steps=10] [--warmup=2] \
         [--batch=16] [--json=OUT.json]
     # quick on a CPU: reduced networks and crop (any config field can be overridden)
-    python -m mgd_jax.bench --config=configs/voc.py:method=supervised --steps=3 \
+    python -m mgd_jax.bench_main --config=configs/voc.py:method=supervised --steps=3 \
         --config.model.width=0.25 --config.model.depths=1,1,1,1 --config.crop_size=64
 
 It times the real jitted training step (`train.train_step` with the method's loss, the optimizer,
 donation, the batch sharded on the `data` mesh axis) on random inputs: no dataset is read, and for
 `method=mgd` the two teachers are random networks built from `config.teacher_deep` /
-`config.teacher_wide` (backbone, width, depths), so no checkpoint is needed. Only the device step
+`config.teacher_wide` (backbone, width, depths; `frozen_variables(random=True)`), so no checkpoint
+is needed. Only the device step
 is timed (one fixed batch, already on the devices), not the input pipeline.
 
 Reported:
@@ -27,7 +28,6 @@ Reported:
 from __future__ import annotations
 
 import functools
-import json
 import statistics
 import time
 from typing import Any
@@ -37,10 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mgd_jax import methods, optim, parallel, train
+from mgd_jax import methods, models, optim, parallel, train
 from mgd_jax.data import cutmix
-from mgd_jax.methods import common
-from mgd_jax.methods import mgd as mgd_method
 
 # Peak dense bf16 FLOP/s per device, matched against `device.device_kind` (lower case, first
 # match wins: specific names before generic ones).
@@ -68,27 +66,6 @@ def peak_flops(device: Any) -> float | None:
         if name in kind:
             return flops
     return None
-
-
-def random_teacher(config: ml_collections.ConfigDict, name: str):
-    """(model, variables) of a randomly initialised teacher as configured (bench only)."""
-    t = config[name]
-    options = common.build_options(t.backbone, width=t.width, depths=t.depths,
-                                   replica_batch=config.replica_batch)
-    model = common.build(t.backbone, config, options)
-    init = jax.jit(functools.partial(model.init, train=False))
-    key = jax.random.key(config.seed + 1 + mgd_method.TEACHERS.index(name), impl="rbg")
-    variables = init(key, jnp.zeros((1, 64, 64, 3), jnp.float32))
-    return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-
-
-def make_method(config: ml_collections.ConfigDict):
-    """The configured method; MGD gets random teachers instead of loading checkpoints."""
-    if config.method != "mgd":
-        return methods.get(config)
-    return mgd_method.MGD(
-        config, teachers={name: random_teacher(config, name) for name in mgd_method.TEACHERS}
-    )
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabeled: bool,
@@ -138,7 +115,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     say = print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
 
     t0 = time.perf_counter()
-    method = make_method(config)
+    method = methods.get(config)
     mesh = parallel.make_mesh()
     schedule = optim.poly_schedule(config.lr, 10_000, power=config.lr_power)
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
@@ -149,7 +126,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
         rng=jax.random.PRNGKey(config.seed),
     )
     state = parallel.replicate(state, mesh)
-    frozen = parallel.replicate(method.frozen_variables(), mesh)
+    frozen = parallel.replicate(method.frozen_variables(random=True), mesh)
     local = random_batch(config, config.batch_size // jax.process_count(),
                          method.uses_unlabeled, seed=config.seed + jax.process_index())
     batch_arrays = parallel.global_batch(local, mesh)
@@ -189,7 +166,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     stats = [d.memory_stats() or {} for d in jax.local_devices()]
     peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
     images = config.batch_size * (3 if method.uses_unlabeled else 1)
-    dtype = jnp.dtype(common.compute_dtype(config)).name
+    dtype = jnp.dtype(models.compute_dtype(config.precision)).name
     result = {
         "method": config.method,
         "student": config.student if config.method != "cps" else config.cps.backbone,
@@ -236,47 +213,3 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     if not np.isfinite(loss):
         say(f"  warning: the loss is {loss} on random data")
     return result
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-_FLAGS: dict[str, Any] = {}
-
-
-def _define_flags() -> None:
-    """Defined only when run as a program (no clash with other entry points' --config)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    _FLAGS["config"] = config_flags.DEFINE_config_file(
-        "config", None, "Config file with ':key=value,...' arguments.", lock_config=True
-    )
-    _FLAGS["steps"] = flags.DEFINE_integer("steps", 10, "Timed steps (median reported).")
-    _FLAGS["warmup"] = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-    _FLAGS["batch"] = flags.DEFINE_integer("batch", None, "Global labeled batch "
-                                           "(default: config.batch_size).")
-    _FLAGS["peak_tflops"] = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device "
-                                               "for MFU (default: built-in table).")
-    _FLAGS["json"] = flags.DEFINE_string("json", None, "Also write the results here.")
-    flags.mark_flags_as_required(["config"])
-
-
-def main(argv: list[str]) -> None:
-    from absl import app
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = run_bench(_FLAGS["config"].value, steps=_FLAGS["steps"].value,
-                       warmup=_FLAGS["warmup"].value, batch=_FLAGS["batch"].value,
-                       peak_tflops=_FLAGS["peak_tflops"].value)
-    if _FLAGS["json"].value and jax.process_index() == 0:
-        with open(_FLAGS["json"].value, "w") as f:
-            json.dump(result, f, indent=2)
-
-
-if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)

@@ -2,6 +2,7 @@
 
 `<workdir>/checkpoints/<step>` keeps the latest N (state + grain iterator, for exact resume);
 `<workdir>/checkpoints/best/<step>` keeps the best-by-mIoU state. Teachers are never saved here.
+`restore_raw` reads a state back without a template (tools that inspect a run).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from mgd_jax.errors import ExportError
+
+CHECKPOINTS_DIR = "checkpoints"
+BEST_DIR = "best"
 
 
 class Checkpointer:
@@ -26,7 +32,7 @@ class Checkpointer:
             item_names=("state", "data_iter"),
         )
         self._best = ocp.CheckpointManager(
-            os.path.join(directory, "best"),
+            os.path.join(directory, BEST_DIR),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["miou"], best_mode="max",
                 enable_async_checkpointing=asynchronous, create=True,
@@ -90,3 +96,33 @@ class Checkpointer:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+
+
+def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str, Any]]:
+    """(step, state as nested dicts of arrays on one local device) of a workdir's checkpoint;
+    `step` is a number, "latest" or "best". Needs no template and works on any topology: for
+    tools that read a run (also while it trains)."""
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_DIR)
+    best = step == "best"
+    where = os.path.join(directory, BEST_DIR) if best else directory
+    if not os.path.isdir(where):
+        raise ExportError(f"{workdir}: no {'best ' if best else ''}checkpoints in {where}")
+    with ocp.CheckpointManager(
+        where, options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
+    ) as manager:
+        steps = manager.all_steps()
+        chosen = manager.latest_step() if step in ("latest", "best") else int(step)
+        if chosen is None or chosen not in steps:
+            raise ExportError(
+                f"{workdir}: no checkpoint at step {step!r}; saved steps: {sorted(steps)}"
+            )
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+            manager.item_metadata(chosen)["state"],
+        )
+        restored = manager.restore(
+            chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        )
+    return int(chosen), dict(restored["state"])

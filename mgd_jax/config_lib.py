@@ -1,29 +1,26 @@
 """Shared config fields, `key=value` argument parsing and validation.
 
 Every file under `configs/` builds on `base_config()`; the numbers there are the official recipe's
-(`mgd-method.md` §4), each commented with its origin. `validate(config)` runs before anything
-compiles and names the offending field.
+(docs/method.md §4), each commented with its origin. `validate(config)` runs before anything
+compiles and names the offending field; the option lists it checks against live with the code
+that implements them (methods, models, evaluation, input pipeline).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-METHODS = ("supervised", "cps", "mgd")
-STUDENTS = ("resnet18", "mobilenet_v2")
-TEACHERS = ("resnet101", "wide_resnet50_2", "wide_resnet34_2")
-PRECISIONS = ("auto", "float32", "bfloat16")
-PAIRINGS = ("independent", "official")
-TEACHER_BN = ("batch", "running")
-EVAL_MODES = ("whole", "sliding")
+from mgd_jax import evaluate, methods, models, parallel
+from mgd_jax.data import input_pipeline
+from mgd_jax.errors import ConfigError
 
 # CPS per-partition epochs (TorchSemiSeg docs/getting_started.md); the 1/8 values equal MGD's
-# own configs (mgd-method.md §4.2). Partitions other than 1/8 are our documented choice.
+# own configs (docs/method.md §4.2). Partitions other than 1/8 are our documented choice.
 VOC_EPOCHS = {16: 32, 8: 34, 4: 40, 2: 60}
 CITYSCAPES_EPOCHS = {16: 128, 8: 137, 4: 160, 2: 240}
 
@@ -43,24 +40,25 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
             continue
         key, sep, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(
+            raise ConfigError(
                 f"config argument {key!r} is unknown; accepted: {', '.join(sorted(defaults))}"
             )
         default = defaults[key]
         if not sep:
             if not isinstance(default, bool):
-                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+                raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
             result[key] = True
         elif isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"config argument {key}={value!r}: expected true/false")
+                raise ConfigError(f"config argument {key}={value!r}: expected true/false")
             result[key] = value.lower() in ("true", "1")
-        elif isinstance(default, int):
-            result[key] = int(value)
-        elif isinstance(default, float):
-            result[key] = float(value)
         else:
-            result[key] = value
+            try:
+                result[key] = type(default)(value)
+            except ValueError:
+                raise ConfigError(
+                    f"config argument {key}={value!r}: expected a {type(default).__name__}"
+                ) from None
     return result
 
 
@@ -182,17 +180,21 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.evaluate_teachers = False
 
 
-def parse_depths(text: str) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        return tuple(int(x) for x in str(text).split(","))
-    except ValueError as e:
-        raise ValueError(f"config: depths {text!r} must be comma-separated integers") from e
+def load_workdir_config(path: str) -> ml_collections.ConfigDict:
+    """The config a training run recorded: `<path>/config.json`, or the one beside a network
+    directory inside a workdir (`<workdir>/export`)."""
+    root = os.path.abspath(os.path.expanduser(path))
+    for candidate in (root, os.path.dirname(root)):
+        file = os.path.join(candidate, "config.json")
+        if os.path.isfile(file):
+            with open(file) as f:
+                return ml_collections.ConfigDict(json.load(f))
+    raise ConfigError(f"{path}: no config.json here or in its parent folder; pass --config (the "
+                      "config the network was trained with)")
 
 
 def _fail(field: str, message: str) -> None:
-    raise ValueError(f"config.{field}: {message}")
+    raise ConfigError(f"config.{field}: {message}")
 
 
 def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
@@ -202,15 +204,11 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
         if value not in options:
             _fail(field, f"{value!r} is not one of {options}")
 
-    one_of("method", c.method, METHODS)
-    one_of("precision", c.precision, PRECISIONS)
-    one_of("pairing", c.pairing, PAIRINGS)
-    one_of("teacher_bn", c.teacher_bn, TEACHER_BN)
-    one_of("eval.mode", c.eval.mode, EVAL_MODES)
-    if c.method in ("supervised", "mgd"):
-        one_of("student", c.student, STUDENTS)
-    if c.method == "cps":
-        one_of("cps.backbone", c.cps.backbone, TEACHERS + STUDENTS)
+    one_of("method", c.method, methods.names())
+    one_of("precision", c.precision, models.PRECISIONS)
+    one_of("pairing", c.pairing, input_pipeline.PAIRINGS)
+    one_of("eval.mode", c.eval.mode, evaluate.MODES)
+    methods.check_config(c)
     if not c.dataset:
         _fail("dataset", "is empty")
     if c.num_classes < 2:
@@ -219,14 +217,11 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
                          ("crop_size", c.crop_size), ("eval.batch_size", c.eval.batch_size)):
         if value <= 0:
             _fail(field, f"must be positive, got {value}")
-    if c.batch_size % device_count:
-        _fail("batch_size", f"{c.batch_size} is not divisible by the {device_count} devices")
-    if c.eval.batch_size % device_count:
-        _fail("eval.batch_size", f"{c.eval.batch_size} is not divisible by {device_count} devices")
+    for field, value in (("batch_size", c.batch_size), ("eval.batch_size", c.eval.batch_size)):
+        parallel.process_share(value, field, device_count=device_count, process_count=1)
     if c.batch_size % c.replica_batch:
         _fail("replica_batch", f"{c.replica_batch} does not divide batch_size {c.batch_size}")
-    if c.partition_source not in ("lists", "seeded"):
-        _fail("partition_source", f"{c.partition_source!r} is not 'lists' or 'seeded'")
+    one_of("partition_source", c.partition_source, input_pipeline.PARTITION_SOURCES)
     if c.partition_source == "lists":
         if not c.split_dir:
             _fail(
@@ -247,21 +242,11 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     ph, pw = tuple(c.eval.pad_to)
     if c.eval.mode == "sliding" and c.eval.crop > min(ph, pw):
         _fail("eval.crop", f"{c.eval.crop} is larger than the padded size {c.eval.pad_to}")
-    if c.method == "mgd":
-        for name in ("teacher_deep", "teacher_wide"):
-            ckpt = c[name].checkpoint
-            if not ckpt:
-                _fail(f"{name}.checkpoint", "is empty: method=mgd needs a trained teacher")
-            if not os.path.isdir(os.path.expanduser(ckpt)):
-                _fail(f"{name}.checkpoint", f"{ckpt!r} does not exist")
-        if c.loss.lambda_image < 0 or c.loss.lambda_region < 0:
-            _fail("loss.lambda_*", "must be >= 0")
     for field in ("student_init", "cps.init"):
         path = c.student_init if field == "student_init" else c.cps.init
         if path and not os.path.isdir(os.path.expanduser(path)):
-            _fail(field, f"{path!r} does not exist (an mgd_jax.weights checkpoint directory)")
-    parse_depths(c.model.depths)
-
-
-def to_dict(c: ml_collections.ConfigDict) -> Mapping[str, Any]:
-    return c.to_dict()
+            _fail(field, f"{path!r} does not exist (a network directory of a backbone)")
+    try:
+        models.parse_depths(c.model.depths)
+    except ValueError as e:
+        _fail("model.depths", str(e))

@@ -1,10 +1,12 @@
-"""Evaluation: inference modes of the official `furnace/engine/evaluator.py` + confusion counting.
+"""Evaluation, all of it: the official protocol (pad / slide / TTA), the confusion matrix and its
+scores, the jitted multi-host loop (`Evaluator`) that training, the eval tool, notebooks and tests
+share, and `evaluate_network` (a saved network on a config's eval split, written as JSON).
 
 `logits_fn(images) -> logits` maps ImageNet-normalised NHWC float images to NHWC logits at the input
 size (e.g. a jitted `model.apply` in eval mode). Batches are the pipeline's eval batches
 {"image": uint8 (B,H,W,3), "valid": bool (B,H,W), "label": int (B,H,W)} with static (H, W).
 
-Modes (`mgd-method.md` §4.7):
+Modes (docs/method.md §4.7; official `furnace/engine/evaluator.py`):
 
 - "whole": one forward on the canvas as given. For VOC the pipeline pads every image centred to the
   crop (512x512, `valid` False on the pad, normalised to 0): that is the official
@@ -24,25 +26,44 @@ Modes (`mgd-method.md` §4.7):
   canvas is resized as a whole (one forward per scale) — an approximation of the official, which
   would rescale the unpadded image and switch to sliding windows when it outgrows the crop.
 
-Then argmax over classes and a confusion matrix over the pixels with `valid` and a label in [0, C).
+Then argmax over classes and one confusion matrix over the whole split (official
+`furnace/seg_opr/metric.py`): rows = ground truth, columns = prediction; pixels whose ground truth
+is outside [0, C) (255 included) or not `valid` are not counted; IoU = diag / (rowsum + colsum -
+diag); mIoU = nanmean(IoU) over classes (background included; a class absent from both ground truth
+and prediction is left out).
+
+Counts are int32 on device; one batch counts at most B*H*W pixels (< 2**31). `Evaluator` adds the
+batches' matrices on device and moves the total into an int64 host matrix before it could reach
+2**31, so no overflow passes silently (VOC val has at most 3.6e8 pixels, Cityscapes val 1.05e9).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+import json
 import math
+import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from mgd_jax import metrics
-from mgd_jax.data.augment import centered_margins, normalize
+from mgd_jax import parallel
+from mgd_jax.data import input_pipeline
+from mgd_jax.data.augment import as_pair, centered_margins, normalize
+from mgd_jax.data.datasets import IGNORE_INDEX, resolve
+from mgd_jax.errors import ConfigError, DataError, ExportError
 
-LogitsFn = Callable[[jax.Array], jax.Array]
+LogitsFn = Callable[[jax.Array], jax.Array]  # normalised NHWC images -> NHWC logits
+ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> logits
 MODES = ("whole", "sliding")
+INT32_MAX = 2**31 - 1
 
 
 class SlidingPlan(NamedTuple):
@@ -59,13 +80,6 @@ class SlidingPlan(NamedTuple):
     whole: bool
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
-
-
 def _starts(length: int, crop: int, stride: int) -> list[int]:
     # Official: n = ceil((L - crop) / stride) + 1 windows; start i = min(i*stride + crop, L) - crop.
     n = int(math.ceil((length - crop) / stride)) + 1
@@ -76,7 +90,7 @@ def sliding_plan(
     height: int, width: int, crop_size: int | Sequence[int], stride_rate: float = 2 / 3
 ) -> SlidingPlan:
     """Where the official evaluator puts its windows on an (height, width) image (static ints)."""
-    ch, cw = _pair(crop_size)
+    ch, cw = as_pair(crop_size)
     top, bottom = centered_margins(height, ch)
     left, right = centered_margins(width, cw)
     margins = (top, bottom, left, right)
@@ -113,7 +127,7 @@ def _sliding_logits(
 ) -> jax.Array:
     """Official `scale_process` on a uint8 batch: summed window logits (B, h, w, C), float32."""
     b, h, w, _ = image.shape
-    ch, cw = _pair(crop_size)
+    ch, cw = as_pair(crop_size)
     plan = sliding_plan(h, w, (ch, cw), stride_rate)
     top, bottom, left, right = plan.margins
     pad = ((0, 0), (top, bottom), (left, right))
@@ -208,7 +222,7 @@ def confusion_for_batch(
     batch: Mapping[str, Any],
     num_classes: int,
     *,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
     **predict_kwargs,
 ) -> jax.Array:
     """int32 (C, C) confusion matrix (rows = ground truth) of one eval batch; jittable.
@@ -222,49 +236,332 @@ def confusion_for_batch(
     label = jnp.asarray(batch["label"])
     scores = predict_logits(logits_fn, image, valid, **predict_kwargs)
     pred = jnp.argmax(scores, axis=-1)
-    return metrics.confusion_matrix(pred, label, num_classes, ignore_index, valid=valid)
+    return confusion_matrix(pred, label, num_classes, ignore_index, valid=valid)
 
 
-def evaluate_dataset(
-    logits_fn: LogitsFn,
-    batches: Iterable[Mapping[str, Any]],
+# ----------------------------------------------------------------------------------------------
+# Confusion matrix and scores
+
+
+def confusion_matrix(
+    pred: jax.Array,
+    label: jax.Array,
     num_classes: int,
-    *,
-    ignore_index: int = 255,
-    **predict_kwargs,
-) -> np.ndarray:
-    """Confusion matrix (np.int64 (C, C), rows = ground truth) over all `batches` (one process).
+    ignore_index: int = IGNORE_INDEX,
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """Confusion matrix of one batch (jittable): int32 (C, C), rows = ground truth, cols = pred.
 
-    `predict_kwargs` go to `predict_logits` (mode, crop_size, stride_rate, flip, scales,
-    windows_per_call).
+    A pixel is counted when 0 <= label < C, label != ignore_index, 0 <= pred < C (always true for an
+    argmax) and, if given, `valid` is True (e.g. False on padding). Everything else is ignored, like
+    the official `hist_info`.
 
-    Counts accumulate on device in int32 and are moved into an int64 host total before they could
-    reach 2**31 (each batch counts at most B*H*W pixels), so no overflow can pass silently. For
-    multi-host evaluation, jit `confusion_for_batch` under the mesh and sum the results instead.
+    Args:
+      pred: integer predictions, any shape.
+      label: integer ground truth, same shape as `pred`.
+      num_classes: C (static).
+      ignore_index: ignored ground-truth value (255).
+      valid: optional boolean mask, same shape, True where the pixel counts.
+    Returns:
+      int32 (C, C) counts. The caller keeps the counted pixels below 2**31 (see module doc).
     """
-    step = jax.jit(
-        functools.partial(
-            confusion_for_batch,
-            logits_fn,
-            num_classes=num_classes,
-            ignore_index=ignore_index,
-            **predict_kwargs,
+    if pred.shape != label.shape:
+        raise ValueError(f"evaluate.confusion_matrix: pred {pred.shape} != label {label.shape}")
+    pred = jnp.asarray(pred).astype(jnp.int32)
+    label = jnp.asarray(label).astype(jnp.int32)
+    keep = (label >= 0) & (label < num_classes) & (label != ignore_index)
+    keep &= (pred >= 0) & (pred < num_classes)
+    if valid is not None:
+        if valid.shape != label.shape:
+            raise ValueError(
+                f"evaluate.confusion_matrix: valid {valid.shape} != label {label.shape}"
+            )
+        keep &= jnp.asarray(valid, bool)
+    # Not-kept pixels go to an extra overflow bin that is dropped.
+    index = jnp.where(keep, label * num_classes + pred, num_classes * num_classes)
+    counts = jnp.bincount(index.reshape(-1), length=num_classes * num_classes + 1)
+    return counts[:-1].reshape(num_classes, num_classes).astype(jnp.int32)
+
+
+def scores(confusion: np.ndarray | jax.Array) -> dict[str, float | np.ndarray]:
+    """Scores of a confusion matrix (rows = ground truth), as fractions in [0, 1].
+
+    Returns:
+      {"miou": nanmean of per-class IoU, "iou_per_class": float64 (C,) with NaN for classes absent
+       from both ground truth and prediction, "pixel_accuracy": trace / total,
+       "mean_accuracy": nanmean over classes of diag / rowsum (classes without ground truth left
+       out)}. On an all-zero matrix every value is NaN.
+    """
+    hist = np.asarray(confusion, dtype=np.float64)
+    if hist.ndim != 2 or hist.shape[0] != hist.shape[1]:
+        raise ValueError(f"evaluate.scores: expected a square (C, C) matrix, got {hist.shape}")
+    diag = np.diag(hist)
+    rows = hist.sum(axis=1)
+    cols = hist.sum(axis=0)
+    total = hist.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (rows + cols - diag)
+        class_acc = diag / rows
+        pixel_acc = diag.sum() / total if total > 0 else np.nan
+    return {
+        "miou": _nanmean(iou),
+        "iou_per_class": iou,
+        "pixel_accuracy": float(pixel_acc),
+        "mean_accuracy": _nanmean(class_acc),
+    }
+
+
+def _nanmean(x: np.ndarray) -> float:
+    finite = x[~np.isnan(x)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def format_table(result: dict, class_names: Sequence[str] | None = None) -> str:
+    """A plain-text table of `scores(...)`: per-class IoU then mIoU and accuracies, in percent."""
+    iou = np.asarray(result["iou_per_class"], dtype=np.float64)
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(iou.size)]
+    if len(class_names) != iou.size:
+        raise ValueError(
+            f"evaluate.format_table: {len(class_names)} class names for {iou.size} classes"
         )
+    width = max([len(n) for n in class_names] + [len("pixel accuracy")])
+    lines = [f"{'id':>3}  {'class':<{width}}  {'IoU %':>7}"]
+    for i, (name, value) in enumerate(zip(class_names, iou, strict=True)):
+        lines.append(f"{i:>3}  {name:<{width}}  {_pct(value)}")
+    lines.append("-" * (width + 14))
+    lines.append(f"{'':>3}  {'mIoU':<{width}}  {_pct(result['miou'])}")
+    lines.append(f"{'':>3}  {'pixel accuracy':<{width}}  {_pct(result['pixel_accuracy'])}")
+    lines.append(f"{'':>3}  {'mean accuracy':<{width}}  {_pct(result['mean_accuracy'])}")
+    return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return f"{'nan':>7}" if np.isnan(value) else f"{100.0 * float(value):7.2f}"
+
+def score_scalars(prefix: str, result: Mapping[str, Any], class_names: Sequence[str]
+                  ) -> dict[str, float]:
+    """The scalars of `scores(...)` to report: `<prefix>/miou`, ...,
+    `<prefix>/iou_per_class/<name>`."""
+    values = {f"{prefix}/{k}": float(result[k])
+              for k in ("miou", "pixel_accuracy", "mean_accuracy")}
+    values.update({f"{prefix}/iou_per_class/{name}": float(v)
+                   for name, v in zip(class_names, result["iou_per_class"], strict=True)})
+    return values
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def model_logits(model: Any) -> ApplyFn:
+    """`(variables, images) -> logits` of a segmentation network in eval mode (running BN)."""
+    def apply(variables, images):
+        return model.apply(variables, images, train=False).logits
+
+    return apply
+
+
+def protocol_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`predict_logits` options of a config's `eval` block."""
+    e = config.eval
+    return {"mode": e.mode, "crop_size": e.crop, "stride_rate": e.stride_rate,
+            "flip": bool(e.flip), "scales": tuple(float(s) for s in e.get("scales", (1.0,)))}
+
+
+class Evaluator:
+    """Confusion matrices of networks on eval batches, with one protocol.
+
+    Each batch is a host's share of a global batch (`input_pipeline.eval_batches`); with a `mesh`
+    the batches are assembled into global arrays sharded on `data` (every process must take
+    part), without one they go to the default device (one process). One jitted step per apply
+    function; counts accumulate on device and are flushed to an int64 host total before they
+    could overflow int32.
+    """
+
+    def __init__(self, num_classes: int, *, mesh: Mesh | None = None, **protocol: Any):
+        if protocol.get("mode", "whole") not in MODES:
+            raise ConfigError(f"config.eval.mode: {protocol['mode']!r} is not one of {MODES}")
+        self.num_classes = int(num_classes)
+        self.mesh = mesh
+        self.protocol = protocol
+        self._steps: dict[Any, Callable] = {}
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh | None = None
+                    ) -> Evaluator:
+        return cls(config.num_classes, mesh=mesh, **protocol_options(config))
+
+    def _step(self, apply_fn: ApplyFn) -> Callable:
+        if apply_fn not in self._steps:
+            def step(variables, batch):
+                return confusion_for_batch(
+                    functools.partial(apply_fn, variables), batch, self.num_classes,
+                    **self.protocol,
+                )
+
+            self._steps[apply_fn] = jax.jit(step)
+        return self._steps[apply_fn]
+
+    def confusion(self, apply_fn: ApplyFn, variables: Any,
+                  batches: Iterable[Mapping[str, Any]]) -> np.ndarray:
+        """np.int64 (C, C) confusion matrix (rows = ground truth) over all `batches`."""
+        step = self._step(apply_fn)
+        processes = jax.process_count() if self.mesh is not None else 1
+        total = np.zeros((self.num_classes, self.num_classes), np.int64)
+        device, pending, seen = None, 0, 0
+        for local in batches:
+            arrays = {k: local[k] for k in ("image", "valid", "label")}
+            pixels = int(np.prod(np.shape(arrays["label"]))) * processes
+            if pixels > INT32_MAX:
+                raise ValueError(f"evaluate: one batch has {pixels} pixels, more than int32 "
+                                 "can count")
+            if device is not None and pending + pixels > INT32_MAX:
+                total += np.asarray(jax.device_get(device), np.int64)
+                device, pending = None, 0
+            if self.mesh is not None:
+                arrays = parallel.global_batch(arrays, self.mesh)
+            counts = step(variables, arrays)
+            device = counts if device is None else device + counts
+            pending += pixels
+            seen += 1
+        if not seen:
+            raise DataError("evaluate: the eval split is empty")
+        if device is not None:
+            total += np.asarray(jax.device_get(device), np.int64)
+        return total
+
+    def scores(self, apply_fn: ApplyFn, variables: Any,
+               batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        """`scores(...)` of the confusion matrix over `batches`."""
+        return scores(self.confusion(apply_fn, variables, batches))
+
+
+# ----------------------------------------------------------------------------------------------
+# A saved network on a config's eval split
+
+
+def class_names(source: Any, config: ml_collections.ConfigDict) -> list[str]:
+    """The source's class names, else the dataset table's, else class_<i>."""
+    info = getattr(source, "info", None)
+    if info is None:
+        try:
+            info = resolve(config.dataset)[0]
+        except DataError:
+            info = None
+    if info is not None and len(info.class_names) == config.num_classes:
+        return list(info.class_names)
+    return [f"class_{i}" for i in range(config.num_classes)]
+
+
+def protocol_text(config: ml_collections.ConfigDict, flip: bool, scales: Sequence[float]) -> str:
+    e = config.eval
+    pad = "x".join(str(int(v)) for v in e.pad_to)
+    if e.mode == "whole":
+        base = f"whole image padded to {pad}, one forward"
+    else:
+        base = (f"sliding {e.crop} px windows (stride ceil({e.crop} x {e.stride_rate:.3g})), "
+                f"summed logits, images padded to {pad}")
+    tta = []
+    if flip:
+        tta.append("flip")
+    if tuple(scales) != (1.0,):
+        tta.append("scales " + ",".join(f"{s:g}" for s in scales))
+    return base + ("; TTA: " + " + ".join(tta) if tta else "; single scale, no flip")
+
+
+def output_name(split: str, flip: bool, scales: Sequence[float]) -> str:
+    name = f"eval_{split}"
+    if flip:
+        name += "_flip"
+    if tuple(scales) != (1.0,):
+        name += "_ms" + "-".join(f"{s:g}" for s in scales)
+    return name + ".json"
+
+
+def evaluate_network(
+    config: ml_collections.ConfigDict,
+    network: Any,
+    *,
+    flip: bool | None = None,
+    scales: Sequence[float] = (1.0,),
+    source: Any = None,
+    output_dir: str | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Evaluates a loaded network (`export.Network`) on the config's eval split, or on `source`
+    (any `sources.Source` of labeled examples), with the config's protocol plus optional TTA.
+
+    Returns the scores (and the confusion matrix) and writes them as JSON under `output_dir`
+    (default: the network's directory; process 0 only). Every process must call it.
+    """
+    config = copy.deepcopy(config)
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"scales={scales}: expected positive numbers, e.g. 0.75,1,1.25")
+    with config.unlocked():
+        if flip is not None:
+            config.eval.flip = bool(flip)
+        config.eval.scales = scales
+    parallel.process_share(config.eval.batch_size, "eval.batch_size")
+    if network.num_classes != config.num_classes:
+        raise ExportError(
+            f"{network.directory}: the network has {network.num_classes} classes, "
+            f"config.num_classes is {config.num_classes} ({config.dataset})"
+        )
+    if source is None:
+        source = input_pipeline.eval_source(config)
+    names = class_names(source, config)
+    is_main = jax.process_index() == 0
+    say = print if (verbose and is_main) else (lambda *a, **k: None)
+    say(f"network: {network.describe()}", flush=True)
+    say(f"data: {config.dataset} {config.eval_split}, {len(source)} images", flush=True)
+    protocol = protocol_text(config, config.eval.flip, scales)
+    say(f"protocol: {protocol}", flush=True)
+
+    mesh = parallel.make_mesh()
+    evaluator = Evaluator.from_config(config, mesh)
+    t0 = time.time()
+    confusion = evaluator.confusion(
+        model_logits(network.model), parallel.replicate(network.variables, mesh),
+        input_pipeline.eval_batches(config, source),
     )
-    host = np.zeros((num_classes, num_classes), np.int64)
-    device = None
-    pending = 0  # pixels counted into `device` since the last flush
-    for batch in batches:
-        arrays = {k: batch[k] for k in ("image", "valid", "label")}
-        n = int(np.prod(np.shape(arrays["label"])))
-        if n > metrics.INT32_MAX:
-            raise ValueError(f"evaluate: one batch has {n} pixels, more than int32 can count")
-        if device is not None and pending + n > metrics.INT32_MAX:
-            host += np.asarray(device, np.int64)
-            device, pending = None, 0
-        counts = step(arrays)
-        device = counts if device is None else device + counts
-        pending += n
-    if device is not None:
-        host += np.asarray(device, np.int64)
-    return host
+    seconds = time.time() - t0
+    result_scores = scores(confusion)
+
+    say(format_table(result_scores, names), flush=True)
+    result = {
+        "checkpoint": network.directory,
+        "network": {k: network.meta.get(k) for k in ("backbone", "num_classes", "build_options",
+                                                      "source")},
+        "dataset": config.dataset,
+        "split": config.eval_split,
+        "num_images": len(source),
+        "protocol": protocol,
+        "mode": config.eval.mode,
+        "pad_to": [int(v) for v in config.eval.pad_to],
+        "crop": int(config.eval.crop),
+        "tta": {"flip": bool(config.eval.flip), "scales": list(scales)},
+        "miou": _num(result_scores["miou"]),
+        "pixel_accuracy": _num(result_scores["pixel_accuracy"]),
+        "mean_accuracy": _num(result_scores["mean_accuracy"]),
+        "iou_per_class": {n: _num(v) for n, v in zip(names, result_scores["iou_per_class"],
+                                                      strict=True)},
+        "confusion": np.asarray(confusion, np.int64).tolist(),
+        "seconds": seconds,
+    }
+    out_dir = os.path.expanduser(output_dir or network.directory)
+    path = os.path.join(out_dir, output_name(config.eval_split, config.eval.flip, scales))
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        say(f"mIoU {100 * result_scores['miou']:.2f}  pixel accuracy "
+            f"{100 * result_scores['pixel_accuracy']:.2f}  ({len(source)} images, "
+            f"{seconds:.1f} s) -> {path}", flush=True)
+    result["json"] = path
+    return result
+
+
+def _num(value: float) -> float | None:
+    return None if np.isnan(value) else float(value)

@@ -2,7 +2,7 @@
 
 Every function computes in float32 whatever the input dtype (bf16 activations included), returns a
 scalar and is jittable with static shapes. Reductions follow the official code exactly
-(`mgd-method.md` §1.2, §4.6):
+(docs/method.md §1.2, §4.6):
 
 - `cross_entropy`: `nn.CrossEntropyLoss(ignore_index=255)`, mean over non-ignored pixels.
 - `ohem_cross_entropy`: `ProbOhemCrossEntropy2d` (Cityscapes supervised loss).

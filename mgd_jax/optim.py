@@ -1,4 +1,4 @@
-"""Optimizer of the official recipe (`mgd-method.md` §4.1): SGD with momentum, masked weight decay,
+"""Optimizer of the official recipe (docs/method.md §4.1): SGD with momentum, masked weight decay,
 per-iteration poly learning rate without warmup.
 
 `make_optimizer` equals `torch.optim.SGD(params, lr, momentum, weight_decay)` with the official

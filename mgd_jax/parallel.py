@@ -6,12 +6,15 @@ statistics computed under jit are over the global batch: the recipe's SyncBN, wi
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from mgd_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -48,10 +51,28 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
 
 
-def local_batch_size(global_size: int, what: str = "batch_size") -> int:
-    """Per-process share of a global batch; it must divide evenly over processes and devices."""
-    if global_size % jax.device_count():
-        raise ValueError(
-            f"config.{what}={global_size} is not divisible by the {jax.device_count()} devices"
+def process_share(global_size: int, field: str = "batch_size", *,
+                  device_count: int | None = None, process_count: int | None = None) -> int:
+    """This process's share of a global batch `config.<field>`; it must split evenly over the
+    devices (and so over the processes). The one home of that check."""
+    devices = jax.device_count() if device_count is None else device_count
+    processes = jax.process_count() if process_count is None else process_count
+    if global_size <= 0 or global_size % devices or global_size % processes:
+        raise ConfigError(
+            f"config.{field}={global_size} must be a positive multiple of the {devices} devices"
+            + (f" and {processes} processes" if processes > 1 else "")
         )
-    return global_size // jax.process_count()
+    return global_size // processes
+
+
+def initialize_distributed() -> None:
+    """Multi-process start-up (TPU pods, multi-node GPU) where asked for with
+    MGD_JAX_DISTRIBUTED=1; a single process (Colab, one GPU, CPU) needs nothing."""
+    if os.environ.get("MGD_JAX_DISTRIBUTED", "0") == "1":
+        jax.distributed.initialize()
+
+
+def runtime_summary() -> str:
+    """One line saying what this process runs on."""
+    return (f"JAX {jax.__version__}: process {jax.process_index()} of {jax.process_count()}, "
+            f"{jax.device_count()} devices ({jax.default_backend()})")

@@ -1,42 +1,32 @@
-"""Images -> palette PNG predictions and overlays.
-
-    python -m mgd_jax.predict --checkpoint=DIR --input=IMG_OR_DIR [IMG_OR_DIR ...] --output=OUT \
-        [--mode=sliding|whole] [--crop=512] [--pad_to=H,W] [--bucket=128] [--batch=1] [--flip]
-
-`DIR` is an `mgd_jax.weights` checkpoint (e.g. `<workdir>/export` written at the end of training,
-or an imported official PyTorch checkpoint) or a training workdir (its `export/` is used).
-Writes `OUT/labels/<name>.png` (8-bit palette PNG of class ids: VOC colours for 21 classes,
-Cityscapes colours for 19, the VOC bit-interleaved colour map otherwise), unless `--no_overlay`
-`OUT/overlays/<name>.jpg` (the image blended with the colour prediction), and
-`OUT/predict_report.json` (what was written, what failed and why). Directories are searched
-recursively for .jpg/.jpeg/.png files; sub-folders are kept in the output names.
+"""Prediction: images of any size -> class-id maps (`Predictor`), and files -> palette PNGs,
+overlays and a report (`predict_files`). The command line is `python -m mgd_jax.predict_main`.
 
 Inference follows the official evaluator (`evaluate.predict_logits`):
-- `sliding` (default): an image whose long side fits `--crop` is padded centred to crop x crop
+- `sliding` (default): an image whose long side fits `crop` is padded centred to crop x crop
   (normalised 0) and takes one forward (the official whole branch, = the VOC protocol); bigger
   images are covered by crop-sized windows, stride ceil(crop * 2/3), summed logits (the
   Cityscapes protocol).
 - `whole`: one forward on the padded image whatever its size (no windows).
 
 Static shapes: every image is padded centred to a canvas (valid=False on the padding, normalised
-to 0) — crop x crop when it fits the crop, `--pad_to` when given and the image fits it, otherwise
-its size rounded up to a multiple of `--bucket` — and images of one canvas are batched; XLA
+to 0) — crop x crop when it fits the crop, `pad_to` when given and the image fits it, otherwise
+its size rounded up to a multiple of `bucket` — and images of one canvas are batched; XLA
 compiles one program per canvas. A large image on a bucketed canvas (not a multiple of the bucket)
 gets its windows placed on the canvas, a small deviation from the official window positions;
-`--bucket=1` gives the exact official placement (one compile per distinct size).
+`bucket=1` gives the exact official placement (one compile per distinct size).
 
-An unreadable image (or a failed write) is reported with its file name and skipped; everything
-else is still written. The exit status is 1 when anything failed.
+`predict_files` writes `labels/<name>.png` (8-bit palette PNG of class ids), `overlays/<name>.jpg`
+(the image blended with the colour prediction) and `predict_report.json` (what was written, what
+failed and why). Directories are searched recursively for .jpg/.jpeg/.png files; sub-folders are
+kept in the output names. An unreadable image (or a failed write) is reported with its file name
+and skipped; everything else is still written.
 """
-
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -44,97 +34,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image, ImageOps
 
-from mgd_jax import evaluate, weights
-from mgd_jax.methods import common
+from mgd_jax import evaluate
+from mgd_jax.data.augment import centered_margins
+from mgd_jax.data.datasets import palette_for
+from mgd_jax.errors import DataError
+from mgd_jax.export import Network
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MODES = ("sliding", "whole")
 REPORT_FILE = "predict_report.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks from checkpoints (shared with eval_main)
-
-
-@dataclasses.dataclass
-class Network:
-    model: Any
-    variables: dict[str, Any]  # {"params", "batch_stats"} (numpy leaves)
-    meta: dict[str, Any]
-    directory: str  # the weights checkpoint actually loaded
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.meta["num_classes"])
-
-    def describe(self) -> str:
-        options = self.meta.get("build_options") or {}
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
-        extra = f", {extra}" if extra else ""
-        return f"{self.meta['backbone']} ({self.num_classes} classes{extra}) from {self.directory}"
-
-
-def resolve_checkpoint(path: str) -> str:
-    """The weights checkpoint directory of `path`: the checkpoint itself (it has meta.json), or
-    a training workdir's `export/`. Errors say what was found instead."""
-    root = Path(os.path.expanduser(path))
-    if not root.is_dir():
-        raise FileNotFoundError(f"--checkpoint {path}: no such directory")
-    if (root / "meta.json").is_file():
-        return str(root)
-    if (root / "export" / "meta.json").is_file():
-        return str(root / "export")
-    hint = ""
-    if (root / "checkpoints").is_dir() or (root / "config.json").is_file():
-        hint = (" It looks like a training workdir without export/: the export is written when "
-                "training finishes.")
-    exports = sorted(str(p.parent.relative_to(root)) for p in root.glob("*/export/meta.json"))
-    if exports:
-        hint += f" Exports found in its sub-folders: {', '.join(exports)}."
-    raise FileNotFoundError(
-        f"--checkpoint {path}: not an mgd_jax.weights checkpoint (meta.json + variables/) nor a "
-        f"training workdir with export/.{hint}"
-    )
-
-
-def load_network(path: str, *, precision: str = "auto") -> Network:
-    """Loads a weights checkpoint (or a workdir's export/) and builds its network.
-
-    precision: "auto" (bfloat16 compute on GPU/TPU, float32 on CPU), "float32" or "bfloat16".
-    """
-    directory = resolve_checkpoint(path)
-    dtype = common.compute_dtype(ml_collections.ConfigDict({"precision": precision}))
-    model, variables, meta = weights.load_network(directory, dtype=dtype)
-    return Network(model, variables, meta, directory)
-
-
-# ----------------------------------------------------------------------------------------------
 # Colours
-
-
-def palette_for(num_classes: int, dataset: str | None = None) -> np.ndarray:
-    """(256, 3) uint8 colour table: the named dataset's, else VOC for 21 classes, Cityscapes for
-    19, the VOC bit-interleaved colour map otherwise; 255 (ignore) is VOC's boundary colour."""
-    from mgd_jax.data import sources
-
-    if dataset:
-        info, _ = sources.resolve(dataset)
-        if info.num_classes != num_classes:
-            raise ValueError(
-                f"--dataset={dataset} has {info.num_classes} classes, the network {num_classes}"
-            )
-        return info.palette_array()
-    for name in ("voc", "cityscapes"):
-        if sources.DATASETS[name].num_classes == num_classes:
-            return sources.DATASETS[name].palette_array()
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:] = np.asarray(sources.voc_colormap(256), np.uint8)
-    lut[255] = (224, 224, 192)
-    return lut
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -165,9 +79,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             img = ImageOps.exif_transpose(img)
             array = np.asarray(img.convert("RGB"), np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
     if array.ndim != 3 or min(array.shape[:2]) < 1:
-        raise ValueError(f"{path}: decoded to an empty image {array.shape}")
+        raise DataError(f"{path}: decoded to an empty image {array.shape}")
     return array
 
 
@@ -187,8 +101,6 @@ def canvas_shape(h: int, w: int, *, crop: int, bucket: int = 128,
 
 def pad_centered(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, tuple]:
     """(canvas uint8, valid bool, (top, left)): `image` centred in a zero canvas of `shape`."""
-    from mgd_jax.data.augment import centered_margins
-
     h, w = image.shape[:2]
     top, _ = centered_margins(h, shape[0])
     left, _ = centered_margins(w, shape[1])
@@ -210,12 +122,12 @@ class Predictor:
                  stride_rate: float = 2 / 3, pad_to: tuple[int, int] | None = None,
                  bucket: int = 128, batch_size: int = 1, flip: bool = False,
                  scales: Sequence[float] = (1.0,), windows_per_call: int | None = None):
-        if mode not in MODES:
-            raise ValueError(f"--mode={mode!r}: expected one of {MODES}")
+        if mode not in evaluate.MODES:
+            raise DataError(f"mode={mode!r}: expected one of {evaluate.MODES}")
         if crop < 1 or bucket < 1 or batch_size < 1:
-            raise ValueError(f"crop={crop}, bucket={bucket}, batch={batch_size}: must be >= 1")
+            raise DataError(f"crop={crop}, bucket={bucket}, batch={batch_size}: must be >= 1")
         if network.num_classes > 255:
-            raise ValueError(f"{network.num_classes} classes do not fit an 8-bit palette PNG")
+            raise DataError(f"{network.num_classes} classes do not fit an 8-bit palette PNG")
         self.network = network
         self.crop, self.pad_to, self.bucket = crop, pad_to, bucket
         self.batch_size = batch_size
@@ -291,7 +203,7 @@ def list_inputs(inputs: Iterable[str]) -> list[tuple[Path, str]]:
         elif root.exists():
             found.append((root, root.stem))
         else:
-            raise FileNotFoundError(f"--input {given}: no such file or directory")
+            raise DataError(f"input {given}: no such file or directory")
     counts: dict[str, int] = {}
     for _, stem in found:
         counts[stem] = counts.get(stem, 0) + 1
@@ -362,7 +274,7 @@ def predict_files(network: Network, inputs: Sequence[str], output: str | os.Path
     """Predicts every input image and writes labels/, overlays/ and the report under `output`."""
     items = list_inputs(inputs)
     if not items:
-        raise FileNotFoundError(f"--input {' '.join(inputs)}: no .jpg/.jpeg/.png files found")
+        raise DataError(f"input {' '.join(inputs)}: no .jpg/.jpeg/.png files found")
     output = Path(os.path.expanduser(output))
     output.mkdir(parents=True, exist_ok=True)
     palette = palette_for(network.num_classes, dataset)
@@ -392,90 +304,3 @@ def predict_files(network: Network, inputs: Sequence[str], output: str | os.Path
     with open(output / REPORT_FILE, "w") as f:
         json.dump(summary, f, indent=2)
     return report
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-def _pad_to(text: str) -> tuple[int, int] | None:
-    if not text:
-        return None
-    parts = [int(x) for x in text.replace("x", ",").split(",")]
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"--pad_to={text!r}: expected H,W or N")
-    return parts[0], parts[1]
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"--scales={text!r}: expected e.g. 0.75,1,1.25")
-    return values
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m mgd_jax.predict", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--checkpoint", required=True,
-                   help="mgd_jax.weights checkpoint dir, or a training workdir (uses export/)")
-    p.add_argument("--input", required=True, nargs="+", action="extend",
-                   help="image files and/or directories (repeatable)")
-    p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--mode", default="sliding", choices=MODES,
-                   help="sliding: official evaluator (one padded forward when the image fits the "
-                        "crop, else summed windows); whole: one forward per image")
-    p.add_argument("--crop", type=int, default=512, help="crop / window size (Cityscapes: 800)")
-    p.add_argument("--stride_rate", type=float, default=2 / 3)
-    p.add_argument("--pad_to", type=_pad_to, default=None,
-                   help="fixed canvas H,W for images that fit it (e.g. 1024,2048)")
-    p.add_argument("--bucket", type=int, default=128,
-                   help="other canvases: image size rounded up to this multiple")
-    p.add_argument("--batch", type=int, default=1, help="images per forward (per canvas)")
-    p.add_argument("--flip", action="store_true", help="TTA: add the flipped prediction")
-    p.add_argument("--scales", type=_scales, default=(1.0,), help="TTA scales, e.g. 0.75,1,1.25")
-    p.add_argument("--windows_per_call", type=int, default=None,
-                   help="sliding windows per network call (less memory)")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"))
-    p.add_argument("--dataset", default=None,
-                   help="palette of this dataset (voc | cityscapes | synthetic); "
-                        "default: by class count")
-    p.add_argument("--no_overlay", action="store_true", help="write the label PNGs only")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        network = load_network(args.checkpoint, precision=args.precision)
-        print(f"network: {network.describe()}", flush=True)
-        report = predict_files(
-            network, args.input, args.output, dataset=args.dataset,
-            overlay=not args.no_overlay, alpha=args.alpha,
-            mode=args.mode, crop=args.crop, stride_rate=args.stride_rate, pad_to=args.pad_to,
-            bucket=args.bucket, batch_size=args.batch, flip=args.flip, scales=args.scales,
-            windows_per_call=args.windows_per_call,
-        )
-    except (FileNotFoundError, ValueError, weights.WeightImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {len(report.written)} prediction(s) to {args.output}"
-          f" ({REPORT_FILE} lists them)")
-    if report.failed:
-        print(f"{len(report.failed)} input(s) FAILED:", file=sys.stderr)
-        for f in report.failed:
-            print(f"  {f['error']}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,16 +26,17 @@ from clu import parameter_overview
 from mgd_jax import (
     checkpoint,
     config_lib,
+    errors,
     evaluate,
+    export,
     methods,
-    metrics,
     models,
     optim,
     parallel,
     reporting,
-    weights,
 )
-from mgd_jax.data import streams
+from mgd_jax.data import input_pipeline
+from mgd_jax.methods.base import eval_variables
 
 
 @flax.struct.dataclass
@@ -75,56 +76,28 @@ def average_of(step_metrics: dict[str, jax.Array]) -> clu_metrics.Collection:
 
 
 def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabeled: int) -> int:
-    """`num_train_steps`, else epochs x the official iterations per epoch (§4.2)."""
+    """`num_train_steps`, else epochs x the official iterations per epoch (docs/method.md §4.2):
+    max(N // r, N - N // r) // batch for the 1/r partitions, max(labeled, unlabeled) // batch for
+    a partition given by an exact labeled count."""
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
-    per_epoch = max(num_labeled, num_unlabeled) // config.batch_size
+    if config.labeled_count > 0:
+        per_epoch = max(num_labeled, num_unlabeled) // config.batch_size
+    else:
+        per_epoch = config_lib.iters_per_epoch(
+            num_labeled + num_unlabeled, config.partition, config.batch_size
+        )
     if per_epoch < 1:
-        raise ValueError(
+        raise errors.ConfigError(
             f"config.batch_size={config.batch_size} exceeds the training set "
             f"({max(num_labeled, num_unlabeled)} images)"
         )
     return int(config.num_epochs) * per_epoch
 
 
-def make_eval_step(model: Any, config: ml_collections.ConfigDict):
-    """A jitted `(variables, global batch) -> confusion matrix` for the val protocol."""
-    def logits_fn(variables, images):
-        return model.apply(variables, images, train=False).logits
-
-    @jax.jit
-    def eval_step(variables, batch):
-        return evaluate.confusion_for_batch(
-            functools.partial(logits_fn, variables), batch, config.num_classes,
-            mode=config.eval.mode, crop_size=config.eval.crop,
-            stride_rate=config.eval.stride_rate, flip=config.eval.flip,
-            scales=tuple(float(s) for s in config.eval.get("scales", (1.0,))),
-        )
-
-    return eval_step
-
-
-def run_evaluation(eval_step, variables, eval_data, mesh) -> np.ndarray:
-    """Confusion matrix over the whole val split (every host takes part)."""
-    confusion, batches = 0, 0
-    for local_batch in eval_data:
-        part = eval_step(variables, parallel.global_batch(local_batch, mesh))
-        confusion = confusion + np.asarray(jax.device_get(part), np.int64)  # int64: no overflow
-        batches += 1
-    if not batches:
-        raise ValueError("the eval split is empty")
-    return confusion
-
-
-def _log_scores(reporter, step: int, prefix: str, scores: dict, class_names) -> None:
-    reporter.scalars(step, {
-        f"{prefix}/miou": scores["miou"],
-        f"{prefix}/pixel_accuracy": scores["pixel_accuracy"],
-        f"{prefix}/mean_accuracy": scores["mean_accuracy"],
-        **{f"{prefix}/iou_per_class/{name}": float(v)
-           for name, v in zip(class_names, scores["iou_per_class"], strict=True)},
-    })
-    reporter.text(f"{prefix}/table", metrics.format_table(scores, class_names))
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -136,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = parallel.make_mesh()
 
     method = methods.get(config)
-    data = streams.make(config, with_unlabeled=method.uses_unlabeled)
+    data = input_pipeline.create_streams(config, with_unlabeled=method.uses_unlabeled)
     steps = total_steps(config, data.num_labeled, data.num_unlabeled)
     schedule = optim.poly_schedule(config.lr, steps, power=config.lr_power)
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
@@ -145,6 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        _write_json(os.path.join(workdir, export.NETWORK_FILE),
+                    dict(method.export_meta, state_path=list(method.eval_path)))
     reporter.text("config", str(config))
     reporter.text("data", data.description)
 
@@ -160,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     state = parallel.replicate(state, mesh)
     frozen = parallel.replicate(method.frozen_variables(), mesh)
-    eval_params = method.eval_variables(state.params, state.batch_stats)["params"]
+    eval_params = eval_variables(method, state.params, state.batch_stats)["params"]
     num_params = models.count_params(eval_params)
     reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters"
                   f" (per-leaf overview in {os.path.join(workdir, 'parameters.txt')})")
@@ -170,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_iter = iter(data.train)
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints
+        os.path.join(workdir, checkpoint.CHECKPOINTS_DIR), keep=config.keep_checkpoints
     )
     state, resumed = ckpt.restore_or_init(state, train_iter)
     start = int(jax.device_get(state.step))
@@ -181,23 +156,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         functools.partial(train_step, method=method, tx=tx, schedule=schedule),
         donate_argnums=(0,),
     )
-    eval_step = make_eval_step(method.eval_model, config)
+    evaluator = evaluate.Evaluator.from_config(config, mesh)
+    apply_eval = evaluate.model_logits(method.eval_model)
     class_names = data.info.class_names
 
-    def evaluate_state(step: int, prefix: str, variables) -> dict:
-        confusion = run_evaluation(eval_step, variables, data.eval_batches(), mesh)
-        scores = metrics.scores(confusion)
-        _log_scores(reporter, step, prefix, scores, class_names)
+    def evaluate_variables(step: int, prefix: str, apply_fn, variables) -> dict:
+        scores = evaluator.scores(apply_fn, variables, data.eval_batches())
+        reporter.scalars(step, evaluate.score_scalars(prefix, scores, class_names))
+        reporter.text(f"{prefix}/table", evaluate.format_table(scores, class_names))
         return scores
 
-    teacher_scores = {}
-    if start == 0 and config.method == "mgd" and config.evaluate_teachers:
-        # A cheap guard against a wrong import or preprocessing.
-        for name, model in method.teacher_models.items():
-            teacher_step = make_eval_step(model, config)
-            confusion = run_evaluation(teacher_step, frozen[name], data.eval_batches(), mesh)
-            teacher_scores[name] = metrics.scores(confusion)
-            _log_scores(reporter, 0, f"{name}_eval", teacher_scores[name], class_names)
+    extra_scores = {}
+    if start == 0:  # e.g. MGD's teachers: a cheap guard against a wrong import or preprocessing
+        for name, (model, variables) in method.extra_evals(frozen).items():
+            extra_scores[name] = evaluate_variables(
+                0, f"{name}_eval", evaluate.model_logits(model), variables
+            )
 
     scores = None
     images_per_step = config.batch_size * (3 if method.uses_unlabeled else 1)
@@ -217,8 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
             reporter.progress(done, images_per_step)
         if done % config.eval_every == 0 or done == steps:
-            scores = evaluate_state(
-                done, "eval", method.eval_variables(state.params, state.batch_stats)
+            scores = evaluate_variables(
+                done, "eval", apply_eval, eval_variables(method, state.params, state.batch_stats)
             )
             ckpt.save_best(done, state, scores["miou"])
         if done % config.checkpoint_every == 0 or done == steps:
@@ -226,30 +200,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.wait()
     elapsed = time.time() - t0
 
-    final = method.eval_variables(state.params, state.batch_stats)
+    final = eval_variables(method, state.params, state.batch_stats)
     if scores is None:  # resumed after the last step: evaluate what was restored
-        scores = evaluate_state(steps, "eval", final)
+        scores = evaluate_variables(steps, "eval", apply_eval, final)
     if hasattr(train_iter, "close"):  # worker processes, shared memory
         train_iter.close()
 
-    def export(name: str, variables, step: int, miou: float) -> str:
+    def save_export(name: str, variables, step: int, miou: float) -> str:
         directory = os.path.join(workdir, name)
         meta = dict(method.export_meta, source=workdir, step=int(step), miou=float(miou))
-        weights.save_variables(directory, jax.device_get(variables), meta, overwrite=True)
+        export.save_network(directory, jax.device_get(variables), meta, overwrite=True)
         return directory
 
-    export_dir = export("export", final, steps, scores["miou"])
+    export_dir = save_export("export", final, steps, scores["miou"])
     best = ckpt.best(state)
     best_summary = None
     if best is not None:
         best_step, best_state = best
         best_summary = {"step": int(best_step), "miou": float(scores["miou"]), "export": export_dir}
         if best_step != steps:  # re-evaluated rather than trusted, as a check of the checkpoint
-            best_variables = method.eval_variables(best_state.params, best_state.batch_stats)
-            best_scores = evaluate_state(best_step, "best", best_variables)
+            best_variables = eval_variables(method, best_state.params, best_state.batch_stats)
+            best_scores = evaluate_variables(best_step, "best", apply_eval, best_variables)
             best_summary.update(
                 miou=float(best_scores["miou"]),
-                export=export("export_best", best_variables, best_step, best_scores["miou"]),
+                export=save_export("export_best", best_variables, best_step,
+                                   best_scores["miou"]),
             )
     ckpt.close()
 
@@ -263,11 +238,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "params": int(num_params),
         "export": export_dir,
         "train_seconds": elapsed,
-        "teachers": {k: float(v["miou"]) for k, v in teacher_scores.items()},
+        "extra_evals": {k: float(v["miou"]) for k, v in extra_scores.items()},
     }
     if is_main:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(os.path.join(workdir, "final_metrics.json"), result)
     reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
     reporter.close()
     logging.info("done: %s", result)

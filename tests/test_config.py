@@ -57,7 +57,7 @@ def test_voc_teacher_and_cityscapes_recipes():
 
 
 def test_official_iteration_arithmetic():
-    # mgd-method.md §4.2: VOC 1/8 -> 1157 iterations per epoch, Cityscapes student 1/16 -> 174.
+    # docs/method.md §4.2: VOC 1/8 -> 1157 iterations per epoch, Cityscapes student 1/16 -> 174.
     assert config_lib.iters_per_epoch(10582, 8, 8) == 1157
     assert config_lib.iters_per_epoch(10582, 16, 8) == 1240
     assert config_lib.iters_per_epoch(2975, 16, 16) == 174

@@ -1,4 +1,4 @@
-"""data.cutmix.box_mask: official BoxMaskGenerator semantics (mgd-method.md §4.5)."""
+"""data.cutmix.box_mask: official BoxMaskGenerator semantics (docs/method.md §4.5)."""
 
 import numpy as np
 import pytest

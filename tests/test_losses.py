@@ -1,4 +1,4 @@
-"""Losses vs brute-force numpy references written from the spec (mgd-method.md §1.2, §4.6)."""
+"""Losses vs brute-force numpy references written from the spec (docs/method.md §1.2, §4.6)."""
 
 import math
 
@@ -254,7 +254,7 @@ def test_content_aware_matches_numpy(size, grid):
 
 
 def test_adaptive_pool_bins_overlap_like_pytorch():
-    # the documented 128 -> 7 bins of mgd-method.md §1.2, via the pooling losses.content_aware uses
+    # the documented 128 -> 7 bins of docs/method.md §1.2, via the pooling losses.content_aware uses
     x = np.arange(128, dtype=np.float32)[None, :, None, None] * np.ones((1, 1, 3, 1), np.float32)
     pooled = np.asarray(adaptive_avg_pool2d(jnp.asarray(x), (7, 1)))[0, :, 0, 0]
     bins = [(0, 19), (18, 37), (36, 55), (54, 74), (73, 92), (91, 110), (109, 128)]

@@ -141,7 +141,7 @@ def test_full_size_parameter_counts_are_official():
 
 
 def test_full_size_costs_match_spec():
-    """mgd-method.md §3.3 (conv MACs) and §5.3 (backbone FLOPs counted like thop), at 512 px."""
+    """docs/method.md §3.3 (conv MACs) and §5.3 (backbone FLOPs counted like thop), at 512 px."""
     spec = {  # name: (GMACs, backbone GFLOPs), to the digits the spec gives
         "resnet18": ("42.47", "17.21"),
         "mobilenet_v2": ("22.45", "1.529"),

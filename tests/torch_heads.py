@@ -1,5 +1,5 @@
 """PyTorch reference of the official DeepLabv3+ segmentation network, written from the spec
-(mgd-method.md §2.3 / §3), for the parity tests.
+(docs/method.md §2.3 / §3), for the parity tests.
 
 `SegNet(backbone, kind, ...)` holds a torchvision / timm backbone under `backbone`, the head under
 `head` and the 1x1 classifier under `classifier`, so its state dict has the key layout of the

@@ -1,6 +1,6 @@
 """Host-side per-example transforms (numpy + OpenCV, uint8 in and out); device-side normalisation.
 
-The training recipe (official `TrainPre`, mgd-method.md §4.4) is
+The training recipe (official `TrainPre`, docs/method.md §4.4) is
 
     hflip (p=0.5) -> random scale s in {0.5, 0.75, 1, 1.5, 1.75, 2.0} -> normalise -> random crop
     -> centred pad (image with 0, label with 255).
@@ -23,10 +23,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from mgd_jax.data.datasets import IGNORE_INDEX
+
 # ImageNet statistics used by every official config (RGB order).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 # Official `train_scale_array` (note: no 1.25).
 TRAIN_SCALES = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
 
@@ -70,6 +71,14 @@ def normalize(image: Any, valid: Any = None, *, exact: bool = False) -> Any:
     if valid is not None:
         out = xp.where(valid[..., None], out, xp.float32(0.0))
     return out
+
+
+def as_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """An int size or an (h, w) pair as (h, w)."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
 
 
 def centered_margins(size: int, target: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""CutMix box masks, official `mask_gen.BoxMaskGenerator` semantics (mgd-method.md §4.5).
+"""CutMix box masks, official `mask_gen.BoxMaskGenerator` semantics (docs/method.md §4.5).
 
 Per mask, with the official config (prop_range=(0.25, 0.5), n_boxes=3, random_aspect_ratio,
 prop_by_area, within_bounds, invert):

@@ -1,8 +1,5 @@
-"""Prepares the datasets as tfds array_record files (no TensorFlow).
-
-    python -m mgd_jax.data.prepare voc        --manual_dir=/data/voc  --data_dir=~/mgd_data
-    python -m mgd_jax.data.prepare cityscapes --manual_dir=/data/city --data_dir=~/mgd_data
-    python -m mgd_jax.data.prepare synthetic  --data_dir=~/mgd_data [--num_train=400 ...]
+"""Prepares the datasets as tfds array_record files (no TensorFlow); the command line is
+`python -m mgd_jax.prepare_main`.
 
 Every listed id's image and mask are located before anything is written; each example is then
 decoded and checked (corrupt image, mask size, label values) while it is written. tfds writes
@@ -13,25 +10,17 @@ into ``<builder>/incomplete.*`` and renames it into place only on success, with 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import io
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.sources import (
-    DATASETS,
-    DataError,
-    dataset_dir,
-    is_prepared,
-    open_split,
-    resolve,
-)
+from mgd_jax.data.datasets import resolve
+from mgd_jax.data.sources import dataset_dir, is_prepared, open_split
+from mgd_jax.errors import DataError
 
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
 
@@ -182,54 +171,3 @@ def ensure_synthetic(data_dir: str | os.PathLike, **sizes) -> str:
     if not is_prepared(name, data_dir):
         prepare_synthetic(data_dir, quiet=True, **sizes)
     return name
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mgd_jax.data.prepare", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="dataset", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data_dir", default=DEFAULT_DATA_DIR,
-                        help="where the prepared dataset goes (default: %(default)s)")
-    common.add_argument("--overwrite", action="store_true", help="rebuild if already prepared")
-    common.add_argument("--num_workers", type=int, default=None,
-                        help="decode/check threads (default: min(8, CPUs))")
-    for name in ("voc", "cityscapes"):
-        p = sub.add_parser(name, parents=[common], help=f"prepare {name} from a manual dir")
-        p.add_argument("--manual_dir", required=True, help="folder with the downloaded files")
-        p.add_argument("--train_list", default=None,
-                       help="optional list of train ids (default: derived, see README)")
-        p.add_argument("--val_list", default=None, help="optional list of val ids")
-    p = sub.add_parser("synthetic", parents=[common], help="generate the synthetic dataset")
-    defaults = synthetic.SyntheticSpec()
-    for field in dataclasses.fields(synthetic.SyntheticSpec):
-        if field.type in ("int", int):
-            p.add_argument(f"--{field.name}", type=int, default=getattr(defaults, field.name))
-    p.add_argument("--no_boundary_ignore", action="store_true",
-                   help="no 255 band along label boundaries")
-    args = parser.parse_args(argv)
-    try:
-        if args.dataset == "synthetic":
-            sizes = {f.name: getattr(args, f.name)
-                     for f in dataclasses.fields(synthetic.SyntheticSpec) if hasattr(args, f.name)}
-            sizes["boundary_ignore"] = not args.no_boundary_ignore
-            name = prepare_synthetic(args.data_dir, overwrite=args.overwrite,
-                                     num_workers=args.num_workers, **sizes)
-            print(f"Open it with open_split({name!r}, 'train', {args.data_dir!r})")
-        else:
-            fn = prepare_voc if args.dataset == "voc" else prepare_cityscapes
-            fn(args.manual_dir, args.data_dir, train_list=args.train_list,
-               val_list=args.val_list, overwrite=args.overwrite, num_workers=args.num_workers)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__ = ["DATASETS", "ensure_synthetic", "main", "prepare_cityscapes", "prepare_synthetic",
-           "prepare_voc", "synthetic_name"]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,183 +1,90 @@
-"""Dataset descriptions and random-access sources over the prepared tfds datasets.
+"""Sources: random access to example dicts. The reader of prepared splits (`open_split`), plus
+in-memory (`ArraySource`) and subset (`Subset`) views; the input pipeline takes any `Source`.
 
-A prepared dataset lives in ``<data_dir>/<builder>/[<config>/]<version>/`` (array_record shards,
-tfds' ``dataset_info.json`` / ``features.json``) plus our sidecar ``mgd_dataset.json`` holding the
-class table and every split's keys in index order. The sidecar is written inside tfds' temporary
-``incomplete.*`` directory, so a directory that has it is complete.
+A prepared dataset lives in `<data_dir>/<builder>/[<config>/]<version>/` (array_record shards,
+tfds' `dataset_info.json` / `features.json`) plus our sidecar `mgd_dataset.json` holding the class
+table and every split's keys in index order. The sidecar is written inside tfds' temporary
+`incomplete.*` directory, so a directory that has it is complete.
 
-``open_split(dataset, split, data_dir)`` returns a :class:`Source`: ``len(src)``,
-``src[i] -> {"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W), "key": str}``, ``src.keys``,
-``src.info``. It only reads JSON until the first example is requested, and pickles without the
+`open_split(dataset, split, data_dir)` returns a `PreparedSplit`: `len(src)`,
+`src[i] -> {"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W), "key": str}`, `src.keys`,
+`src.info`. It only reads JSON until the first example is requested, and pickles without the
 open file handles (grain worker processes reopen them).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from mgd_jax.data import synthetic
+from mgd_jax.data.datasets import PREPARE_COMMAND, DatasetInfo, resolve
+from mgd_jax.errors import DataError
+
 SIDECAR = "mgd_dataset.json"
 SIDECAR_FORMAT = 1
-IGNORE_INDEX = 255
 
 
-class DataError(ValueError):
-    """Bad or missing data: the message names the file / id and what was expected."""
+class Source(Protocol):
+    """What the input pipeline needs from a split: random access to example dicts
+    {"image": uint8 (H, W, 3), "label": uint8 (H, W) (labeled sources), "key": str}."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    """What a dataset is, independent of where (or whether) it has been prepared."""
+class ArraySource:
+    """A picklable in-memory Source: lists/arrays of uint8 images (H,W,3) and labels (H,W).
 
-    name: str  # short name used in configs: "voc", "cityscapes", "synthetic"
-    builder: str  # tfds builder name: "mgd_voc_aug", ...
-    num_classes: int
-    class_names: tuple[str, ...]
-    palette: tuple[tuple[int, int, int], ...]  # one RGB colour per class id
-    split_sizes: Mapping[str, int]  # official (expected) number of examples per split
-    train_split: str
-    eval_split: str
-    ignore_index: int = IGNORE_INDEX
-    version: str = "1.0.0"  # tfds version directory of the prepared data
-    config: str | None = None  # tfds builder config (synthetic only)
-    prepare_command: str = ""  # how to prepare it, for error messages
+    Handy for notebooks and tests. Images may differ in size. `labels=None` gives an unlabeled
+    source (examples have no "label").
+    """
 
-    def __post_init__(self):
-        if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
-            raise ValueError(
-                f"DatasetInfo {self.name!r}: {self.num_classes} classes but "
-                f"{len(self.class_names)} names and {len(self.palette)} palette colours"
-            )
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[np.ndarray] | None = None,
+        keys: Sequence[str] | None = None,
+        info: DatasetInfo | None = None,
+    ):
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"ArraySource: {len(images)} images but {len(labels)} labels")
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"ArraySource: {len(images)} images but {len(keys)} keys")
+        self.images = list(images)
+        self.labels = None if labels is None else list(labels)
+        self.keys = [str(i) for i in range(len(images))] if keys is None else list(keys)
+        self.info = info
 
-    def palette_array(self) -> np.ndarray:
-        """(256, 3) uint8 lookup table: class id -> colour; the ignore index -> (224, 224, 192)."""
-        lut = np.zeros((256, 3), np.uint8)
-        lut[: self.num_classes] = np.asarray(self.palette, np.uint8)
-        lut[self.ignore_index] = (224, 224, 192)  # VOC's boundary colour
-        return lut
+    def __len__(self) -> int:
+        return len(self.images)
 
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["split_sizes"] = dict(self.split_sizes)
-        return d
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> DatasetInfo:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in fields}
-        d["class_names"] = tuple(d["class_names"])
-        d["palette"] = tuple(tuple(int(c) for c in rgb) for rgb in d["palette"])
-        d["split_sizes"] = dict(d["split_sizes"])
-        return cls(**d)
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = {"image": self.images[index], "key": self.keys[index]}
+        if self.labels is not None:
+            ex["label"] = self.labels[index]
+        return ex
 
 
-def voc_colormap(n: int) -> tuple[tuple[int, int, int], ...]:
-    """The PASCAL VOC colour map (bit-interleaved class id), first ``n`` entries."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append((r, g, b))
-    return tuple(out)
+class Subset:
+    """A picklable view of a source restricted to some indices (grain-compatible)."""
 
+    def __init__(self, source: Source, indices: Sequence[int]):
+        self.source = source
+        self.indices = list(indices)
+        self.info = getattr(source, "info", None)
 
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
-)  # fmt: skip
+    def __len__(self) -> int:
+        return len(self.indices)
 
-
-def _cityscapes_classes() -> tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]]:
-    # The official label table; trainIds 0..18 in order.
-    from cityscapesscripts.helpers.labels import labels
-
-    by_train_id = {lb.trainId: lb for lb in labels if 0 <= lb.trainId < 255}
-    ids = sorted(by_train_id)
-    assert ids == list(range(19)), ids
-    return (
-        tuple(by_train_id[i].name for i in ids),
-        tuple(tuple(by_train_id[i].color) for i in ids),
-    )
-
-
-_CITY_NAMES, _CITY_PALETTE = _cityscapes_classes()
-
-_PREPARE = "python -m mgd_jax.data.prepare"
-
-DATASETS: dict[str, DatasetInfo] = {
-    "voc": DatasetInfo(
-        name="voc",
-        builder="mgd_voc_aug",
-        num_classes=21,
-        class_names=VOC_CLASSES,
-        palette=voc_colormap(21),
-        split_sizes={"train_aug": 10582, "val": 1449},
-        train_split="train_aug",
-        eval_split="val",
-        prepare_command=f"{_PREPARE} voc --manual_dir=<folder with VOCdevkit + SBD> "
-        "--data_dir={data_dir}",
-    ),
-    "cityscapes": DatasetInfo(
-        name="cityscapes",
-        builder="mgd_cityscapes",
-        num_classes=19,
-        class_names=_CITY_NAMES,
-        palette=_CITY_PALETTE,
-        split_sizes={"train": 2975, "val": 500},
-        train_split="train",
-        eval_split="val",
-        prepare_command=f"{_PREPARE} cityscapes --manual_dir=<folder with the Cityscapes zips> "
-        "--data_dir={data_dir}",
-    ),
-}
-
-
-def _synthetic_default() -> DatasetInfo:
-    from mgd_jax.data import synthetic
-
-    return synthetic.dataset_info(synthetic.SyntheticSpec())
-
-
-DATASETS["synthetic"] = _synthetic_default()
-
-_ALIASES = {
-    "voc": "voc",
-    "voc_aug": "voc",
-    "mgd_voc_aug": "voc",
-    "pascal_voc": "voc",
-    "cityscapes": "cityscapes",
-    "city": "cityscapes",
-    "mgd_cityscapes": "cityscapes",
-    "synthetic": "synthetic",
-    "mgd_synthetic": "synthetic",
-}
-
-
-def resolve(dataset: str) -> tuple[DatasetInfo, str | None]:
-    """``"voc"`` / ``"mgd_voc_aug"`` / ``"synthetic/<config>"`` -> (base info, config name)."""
-    name, _, config = dataset.partition("/")
-    key = _ALIASES.get(name.lower())
-    if key is None:
-        raise DataError(
-            f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)} "
-            "(or 'synthetic/<config>')"
-        )
-    info = DATASETS[key]
-    if config and info.config is None:
-        raise DataError(f"Dataset {dataset!r}: {key} has no builder configs")
-    return info, (config or info.config)
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[self.indices[index]]
 
 
 def dataset_dir(dataset: str, data_dir: str | os.PathLike) -> Path:
@@ -211,13 +118,11 @@ def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
 def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> DataError:
     info, config = resolve(dataset)
     if info.name == "synthetic":
-        from mgd_jax.data.synthetic import SyntheticSpec
-
         try:
-            extra = SyntheticSpec.from_config_name(config).cli_args()
+            extra = synthetic.SyntheticSpec.from_config_name(config).cli_args()
         except ValueError:
             extra = "<the size options of this config>"
-        cmd = f"{_PREPARE} synthetic --data_dir={data_dir} {extra}".rstrip()
+        cmd = f"{PREPARE_COMMAND} --dataset=synthetic --data_dir={data_dir} {extra}".rstrip()
     else:
         cmd = info.prepare_command.format(data_dir=data_dir)
     found = ""
@@ -236,8 +141,8 @@ def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> Data
     )
 
 
-class Source:
-    """Random-access view of one prepared split; decoded examples as numpy uint8."""
+class PreparedSplit:
+    """Random-access reader of one prepared split; decoded examples as numpy uint8."""
 
     def __init__(self, directory: str | os.PathLike, split: str, keys: Sequence[str],
                  info: DatasetInfo):
@@ -317,10 +222,11 @@ class Source:
         return state
 
     def __repr__(self) -> str:
-        return f"Source({self.info.name}:{self.split}, {len(self)} examples, {self.directory})"
+        return (f"PreparedSplit({self.info.name}:{self.split}, {len(self)} examples, "
+                f"{self.directory})")
 
 
-def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> Source:
+def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> PreparedSplit:
     """Opens a prepared split. ``dataset``: "voc" | "cityscapes" | "synthetic[/<config>]" (or
     the builder names); ``split``: e.g. "train_aug"/"val" (VOC; "train" is accepted for
     "train_aug"), "train"/"val" (Cityscapes, synthetic)."""
@@ -336,13 +242,13 @@ def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> Source:
         raise DataError(
             f"Dataset {dataset!r} at {path} has no split {split!r}; available: {sorted(splits)}"
         )
-    return Source(path, split, splits[split]["keys"], info)
+    return PreparedSplit(path, split, splits[split]["keys"], info)
 
 
-def keys_to_indices(source: Source | Sequence[str], keys: Iterable[str]) -> np.ndarray:
+def keys_to_indices(source: PreparedSplit | Sequence[str], keys: Iterable[str]) -> np.ndarray:
     """Indices (int64, in the order of ``keys``) of ``keys`` in ``source``; raises
     :class:`DataError` naming the ids that the source does not contain."""
-    if isinstance(source, Source):
+    if isinstance(source, PreparedSplit):
         lookup = source.index_of
         where = repr(source)
     else:

@@ -22,6 +22,8 @@ import re
 import numpy as np
 from PIL import Image
 
+from mgd_jax.data.datasets import DATASETS, DatasetInfo, voc_colormap
+
 SHAPES = ("disc", "triangle", "square", "cross", "ring", "diamond")
 TEXTURES = ("stripes", "dots", "checker", "grid")
 DISTRACTOR_FILLS = ("flat", "noise")  # never a class: objects filled like this are background
@@ -87,7 +89,7 @@ class SyntheticSpec:
         names = [f.name for f in dataclasses.fields(self) if f.name != "boundary_ignore"]
         args = [f"--{n}={getattr(self, n)}" for n in names
                 if getattr(self, n) != getattr(default, n)]
-        return " ".join(args + ([] if self.boundary_ignore else ["--no_boundary_ignore"]))
+        return " ".join(args + ([] if self.boundary_ignore else ["--noboundary_ignore"]))
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -111,21 +113,15 @@ def class_names(num_classes: int) -> tuple[str, ...]:
     return ("background",) + tuple(f"{s}+{t}" for s, t in class_pairs(num_classes))
 
 
-def dataset_info(spec: SyntheticSpec):
-    """The :class:`~mgd_jax.data.sources.DatasetInfo` of a synthetic spec."""
-    from mgd_jax.data.sources import DatasetInfo, voc_colormap
-
-    return DatasetInfo(
-        name="synthetic",
-        builder="mgd_synthetic",
+def dataset_info(spec: SyntheticSpec) -> DatasetInfo:
+    """The `DatasetInfo` of a synthetic spec (the table's "synthetic" entry, resized)."""
+    return dataclasses.replace(
+        DATASETS["synthetic"],
         num_classes=spec.num_classes,
         class_names=class_names(spec.num_classes),
         palette=voc_colormap(spec.num_classes),
         split_sizes=spec.split_sizes,
-        train_split="train",
-        eval_split="val",
         config=spec.config_name,
-        prepare_command="python -m mgd_jax.data.prepare synthetic --data_dir={data_dir}",
     )
 
 

@@ -1,4 +1,4 @@
-"""The teacher stage: cross pseudo supervision (CPS) with CutMix (mgd-method.md §2.4).
+"""The teacher stage: cross pseudo supervision (CPS) with CutMix (docs/method.md §2.4).
 
 Two branches of one architecture, both optimised: CE on labeled images for each, plus, on the
 mixed unlabeled image, each branch supervised by the other's hard pseudo-label. Pseudo-labels come
@@ -11,30 +11,37 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from mgd_jax import losses
-from mgd_jax.methods import common
+from mgd_jax import losses, models
+from mgd_jax.errors import ConfigError
+from mgd_jax.methods import base
 
 BRANCHES = ("branch1", "branch2")
 
 
 class CPS:
     uses_unlabeled = True
+    eval_path = ("branch1",)
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         backbone = config.cps.backbone
-        options = common.build_options(
+        options = base.build_options(
             backbone, width=config.model.width, depths=config.model.depths,
             output_stride=config.model.output_stride, replica_batch=config.replica_batch,
         )
-        self.eval_model = common.build(backbone, config, options)
-        self.export_meta = {"backbone": backbone, "num_classes": config.num_classes,
-                            "build_options": options}
+        self.eval_model = base.build(backbone, config, options)
+        self.export_meta = base.network_meta(backbone, config, options)
 
-    def init_variables(self, rng: jax.Array) -> common.Variables:
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        if models.canonical(config.cps.backbone) not in models.BACKBONES:
+            raise ConfigError(f"config.cps.backbone: {config.cps.backbone!r} is not one of "
+                              f"{models.BACKBONES + tuple(models.ALIASES)}")
+
+    def init_variables(self, rng: jax.Array) -> base.Variables:
         # Independent head initialisations, the same ImageNet backbone for both branches.
         per_branch = [
-            common.init_network(key, self.eval_model, self.config, self.config.cps.init)
+            base.init_network(key, self.eval_model, self.config, self.config.cps.init)
             for key in jax.random.split(rng, len(BRANCHES))
         ]
         return {
@@ -42,13 +49,18 @@ class CPS:
             for part in ("params", "batch_stats")
         }
 
-    def frozen_variables(self) -> dict:
+    def frozen_variables(self, *, random: bool = False) -> dict:
+        del random
+        return {}
+
+    def extra_evals(self, frozen: dict) -> dict:
+        del frozen
         return {}
 
     def loss(self, params, batch_stats, frozen, batch, rng):
         del frozen, rng
         model, config = self.eval_model, self.config
-        x_l, labels, u0, u1, mask, u_mix = common.semi_supervised_inputs(batch)
+        x_l, labels, u0, u1, mask, u_mix = base.semi_supervised_inputs(batch)
 
         stats = dict(batch_stats)
         pseudo = {}
@@ -56,17 +68,17 @@ class CPS:
         # as in the official code's train-mode no_grad passes).
         for name in BRANCHES:
             frozen_params = jax.lax.stop_gradient(params[name])
-            out0, stats[name] = common.forward(model, frozen_params, stats[name], u0)
-            out1, stats[name] = common.forward(model, frozen_params, stats[name], u1)
-            pseudo[name] = common.pseudo_labels(out0.logits, out1.logits, mask)
+            out0, stats[name] = base.forward(model, frozen_params, stats[name], u0)
+            out1, stats[name] = base.forward(model, frozen_params, stats[name], u1)
+            pseudo[name] = base.pseudo_labels(out0.logits, out1.logits, mask)
 
         mixed, sup = {}, {}
         for name in BRANCHES:
-            out, stats[name] = common.forward(model, params[name], stats[name], u_mix)
+            out, stats[name] = base.forward(model, params[name], stats[name], u_mix)
             mixed[name] = out.logits
         for name in BRANCHES:
-            out, stats[name] = common.forward(model, params[name], stats[name], x_l)
-            sup[name] = common.supervised_loss(config, out.logits, labels)
+            out, stats[name] = base.forward(model, params[name], stats[name], x_l)
+            sup[name] = base.supervised_loss(config, out.logits, labels)
 
         loss_cps = losses.cross_entropy(mixed["branch1"], pseudo["branch2"]) + losses.cross_entropy(
             mixed["branch2"], pseudo["branch1"]
@@ -79,6 +91,3 @@ class CPS:
             "loss_cps": loss_cps,
         }
         return loss, (stats, metrics)
-
-    def eval_variables(self, params, batch_stats) -> common.Variables:
-        return {"params": params["branch1"], "batch_stats": batch_stats["branch1"]}

@@ -1,4 +1,5 @@
-"""The student stage: multi-granularity distillation from two frozen teachers (§1.2, §6.1).
+"""The student stage: multi-granularity distillation from two frozen teachers
+(docs/method.md §1.2, §6.1).
 
 Routing, as in the official train.py:
   L_sup  CE (or OHEM) of S(x_l) against the ground truth;
@@ -12,68 +13,106 @@ logged loss carry no gradient and are not computed.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import losses, weights
-from mgd_jax.methods import common
+from mgd_jax import export, losses, models
+from mgd_jax.errors import ConfigError
+from mgd_jax.methods import base
 
 TEACHERS = ("teacher_deep", "teacher_wide")  # T_D, T_W
+TEACHER_BN = ("batch", "running")  # official: batch statistics (train-mode BN, §1.2)
 
 
-def load_teacher(config: ml_collections.ConfigDict, name: str):
-    """(model, variables) of a teacher checkpoint; its architecture comes from the checkpoint."""
-    directory = config[name].checkpoint
-    model, variables, meta = weights.load_network(directory, dtype=common.compute_dtype(config))
-    backbone = meta["backbone"]
-    expected = config[name].backbone
-    aliases = {"wide_resnet34_2": "wide_resnet50_2"}
-    if aliases.get(backbone, backbone) != aliases.get(expected, expected):
-        raise ValueError(
-            f"config.{name}.checkpoint={directory!r} holds a {backbone} network, but "
-            f"config.{name}.backbone is {expected!r}"
+def load_teacher(config: ml_collections.ConfigDict, name: str) -> base.Network:
+    """(model, variables) of a teacher network directory; its architecture comes from there."""
+    network = export.load_network(config[name].checkpoint, precision=config.precision)
+    backbone, expected = network.meta["backbone"], config[name].backbone
+    if models.canonical(backbone) != models.canonical(expected):
+        raise ConfigError(
+            f"config.{name}.checkpoint={config[name].checkpoint!r} holds a {backbone} network, "
+            f"but config.{name}.backbone is {expected!r}"
         )
-    if int(meta["num_classes"]) != config.num_classes:
-        raise ValueError(
-            f"config.{name}.checkpoint={directory!r} has {meta['num_classes']} classes, the "
-            f"dataset has {config.num_classes}"
+    if network.num_classes != config.num_classes:
+        raise ConfigError(
+            f"config.{name}.checkpoint={config[name].checkpoint!r} has {network.num_classes} "
+            f"classes, the dataset has {config.num_classes}"
         )
-    logging.info("%s: %s from %s (%s)", name, backbone, directory, meta.get("build_options"))
-    return model, variables
+    logging.info("%s: %s", name, network.describe())
+    return network.model, network.variables
+
+
+def random_teacher(config: ml_collections.ConfigDict, name: str) -> base.Network:
+    """A randomly initialised teacher of the configured architecture (benchmarks)."""
+    t = config[name]
+    options = base.build_options(t.backbone, width=t.width, depths=t.depths,
+                                 replica_batch=config.replica_batch)
+    model = base.build(t.backbone, config, options)
+    init = jax.jit(functools.partial(model.init, train=False))
+    key = jax.random.key(config.seed + 1 + TEACHERS.index(name), impl="rbg")
+    variables = init(key, jnp.zeros((1, 64, 64, 3), jnp.float32))
+    return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
 class MGD:
     uses_unlabeled = True
+    eval_path = ()
 
-    def __init__(self, config: ml_collections.ConfigDict, teachers: dict | None = None):
-        """`teachers` maps teacher_deep / teacher_wide to (model, variables); by default they
-        are loaded from `config.<name>.checkpoint`."""
+    def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
-        options = common.student_options(config)
-        self.eval_model = common.build(config.student, config, options)
-        self.export_meta = {"backbone": config.student, "num_classes": config.num_classes,
-                            "build_options": options}
-        self._teachers = teachers or {name: load_teacher(config, name) for name in TEACHERS}
-        self.teacher_models = {name: model for name, (model, _) in self._teachers.items()}
+        options = base.student_options(config)
+        self.eval_model = base.build(config.student, config, options)
+        self.export_meta = base.network_meta(config.student, config, options)
+        self.teacher_models: dict = {}  # set by frozen_variables()
 
-    def init_variables(self, rng: jax.Array) -> common.Variables:
-        return common.init_network(rng, self.eval_model, self.config, self.config.student_init)
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        if config.student not in models.STUDENTS:
+            raise ConfigError(f"config.student: {config.student!r} is not one of "
+                              f"{models.STUDENTS}")
+        if config.teacher_bn not in TEACHER_BN:
+            raise ConfigError(f"config.teacher_bn: {config.teacher_bn!r} is not one of "
+                              f"{TEACHER_BN}")
+        for name in TEACHERS:
+            path = config[name].checkpoint
+            if not path:
+                raise ConfigError(f"config.{name}.checkpoint: is empty: method=mgd needs a "
+                                  "trained teacher (a CPS run's export/ or an imported network)")
+            if not os.path.isdir(os.path.expanduser(path)):
+                raise ConfigError(f"config.{name}.checkpoint: {path!r} does not exist")
+        if config.loss.lambda_image < 0 or config.loss.lambda_region < 0:
+            raise ConfigError("config.loss.lambda_image / lambda_region: must be >= 0")
 
-    def frozen_variables(self) -> dict:
-        return {name: variables for name, (_, variables) in self._teachers.items()}
+    def init_variables(self, rng: jax.Array) -> base.Variables:
+        return base.init_network(rng, self.eval_model, self.config, self.config.student_init)
+
+    def frozen_variables(self, *, random: bool = False) -> dict:
+        """The two teachers' variables (their modules go to `teacher_models`)."""
+        make = random_teacher if random else load_teacher
+        teachers = {name: make(self.config, name) for name in TEACHERS}
+        self.teacher_models = {name: model for name, (model, _) in teachers.items()}
+        return {name: variables for name, (_, variables) in teachers.items()}
+
+    def extra_evals(self, frozen: dict) -> dict[str, base.Network]:
+        """Each teacher on val before training: a cheap guard against a wrong import."""
+        if not self.config.evaluate_teachers:
+            return {}
+        return {name: (self.teacher_models[name], frozen[name]) for name in TEACHERS}
 
     def loss(self, params, batch_stats, frozen, batch, rng):
         del rng
         config, student = self.config, self.eval_model
         switch = config.loss
-        x_l, labels, u0, u1, mask, u_mix = common.semi_supervised_inputs(batch)
+        x_l, labels, u0, u1, mask, u_mix = base.semi_supervised_inputs(batch)
         batch_bn = config.teacher_bn == "batch"
 
         def teacher(name, images):
-            return common.frozen_forward(
+            return base.frozen_forward(
                 self.teacher_models[name], frozen[name], images, batch_bn=batch_bn
             )
 
@@ -83,9 +122,9 @@ class MGD:
             if switch.consistency_unlabeled:
                 logits_0 = teacher(name, u0).logits
                 logits_1 = teacher(name, u1).logits
-                pseudo_mix[name] = common.pseudo_labels(logits_0, logits_1, mask)
+                pseudo_mix[name] = base.pseudo_labels(logits_0, logits_1, mask)
             if switch.consistency_labeled:
-                pseudo_l[name] = common.hard_labels(teacher(name, x_l).logits)
+                pseudo_l[name] = base.hard_labels(teacher(name, x_l).logits)
         if switch.image:
             mixed_out["teacher_deep"] = teacher("teacher_deep", u_mix)
         if switch.region:
@@ -96,13 +135,13 @@ class MGD:
         stats = batch_stats
         if config.student_nograd_bn_updates:
             no_grad = jax.lax.stop_gradient(params)
-            _, stats = common.forward(student, no_grad, stats, u0)
-            _, stats = common.forward(student, no_grad, stats, u1)
-        s_mix, stats = common.forward(student, params, stats, u_mix)
-        s_l, stats = common.forward(student, params, stats, x_l)
+            _, stats = base.forward(student, no_grad, stats, u0)
+            _, stats = base.forward(student, no_grad, stats, u1)
+        s_mix, stats = base.forward(student, params, stats, u_mix)
+        s_l, stats = base.forward(student, params, stats, x_l)
 
         zero = jnp.zeros((), jnp.float32)
-        loss_sup = common.supervised_loss(config, s_l.logits, labels) if switch.supervised else zero
+        loss_sup = base.supervised_loss(config, s_l.logits, labels) if switch.supervised else zero
         loss_p_unlabeled = sum(
             (losses.cross_entropy(s_mix.logits, pseudo_mix[n]) for n in pseudo_mix), zero
         )
@@ -132,6 +171,3 @@ class MGD:
             "loss_region": loss_region,
         }
         return loss, (stats, metrics)
-
-    def eval_variables(self, params, batch_stats) -> common.Variables:
-        return {"params": params, "batch_stats": batch_stats}

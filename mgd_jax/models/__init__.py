@@ -6,8 +6,8 @@ MobileNetV2 (students), ResNet-101 and Wide-ResNet-50-2 (teachers).
     out = model.apply(variables, images)                      # SegOutput(features, decoder, logits)
     out, upd = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
-Parameter trees mirror the PyTorch state-dict keys of the official `Single*Network` by the
-mechanical rule of notes/contracts.md (`backbone`, `head`, `classifier` at the top level).
+Parameter trees mirror the PyTorch state-dict keys of the official `Single*Network` by a
+mechanical rule (`mgd_jax.torch_import.flax_path`; `backbone`, `head`, `classifier` at the top).
 """
 
 from __future__ import annotations
@@ -22,10 +22,42 @@ from mgd_jax.models.deeplabv3plus import SegmentationModel, SegOutput
 from mgd_jax.models.mobilenet_v2 import MobileNetV2
 from mgd_jax.models.resnet import RESNET_CONFIGS, ResNet, scale_channels
 
-__all__ = ["BACKBONES", "SegOutput", "SegmentationModel", "build", "count_params"]
+__all__ = ["ALIASES", "BACKBONES", "PRECISIONS", "STUDENTS", "TEACHERS", "SegOutput",
+           "SegmentationModel", "build", "canonical", "compute_dtype", "count_params",
+           "parse_depths"]
 
+STUDENTS = ("resnet18", "mobilenet_v2")
+TEACHERS = ("resnet101", "wide_resnet50_2")
+BACKBONES = STUDENTS + TEACHERS
 ALIASES = {"wide_resnet34_2": "wide_resnet50_2"}  # the official name of the WRN-50-2 layout
-BACKBONES = ("resnet18", "mobilenet_v2", "resnet101", "wide_resnet50_2")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def canonical(backbone: str) -> str:
+    """The backbone's name in `BACKBONES` (aliases resolved)."""
+    return ALIASES.get(backbone, backbone)
+
+
+def compute_dtype(precision: str = "auto") -> jnp.dtype:
+    """Compute dtype of a precision setting: "auto" is bfloat16 on GPU/TPU and float32 on CPU
+    (parameters and BN statistics always stay float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(precision)
+
+
+def parse_depths(text: str | tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """Blocks per stage from "1,1,2,1" (or a tuple); None for "" (the official depths)."""
+    if not text:
+        return None
+    if isinstance(text, tuple | list):
+        return tuple(int(x) for x in text)
+    try:
+        return tuple(int(x) for x in str(text).split(","))
+    except ValueError as e:
+        raise ValueError(f"depths {text!r} must be comma-separated integers") from e
 
 
 def build(
@@ -53,7 +85,7 @@ def build(
         the official MobileNetV2 backbone uses plain per-GPU BN over 2 images). The head's BN is
         always over the whole (global) batch, like SyncBN.
     """
-    name = ALIASES.get(backbone, backbone)
+    name = canonical(backbone)
     if name not in BACKBONES:
         raise ValueError(
             f"models.build: unknown backbone {backbone!r}; expected one of "

@@ -29,8 +29,9 @@ from mgd_jax.data.builders.common import (
     FileRef,
     MgdBuilder,
 )
-from mgd_jax.data.sources import DATASETS, DataError
+from mgd_jax.data.datasets import DATASETS
 from mgd_jax.data.splits import read_list
+from mgd_jax.errors import DataError
 
 SPLITS = ("train", "val")
 

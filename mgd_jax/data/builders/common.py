@@ -24,14 +24,9 @@ from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mgd_jax.data.sources import (
-    DATASETS,
-    IGNORE_INDEX,
-    SIDECAR,
-    SIDECAR_FORMAT,
-    DataError,
-    DatasetInfo,
-)
+from mgd_jax.data.datasets import DATASETS, IGNORE_INDEX, DatasetInfo
+from mgd_jax.data.sources import SIDECAR, SIDECAR_FORMAT
+from mgd_jax.errors import DataError
 
 # Label file kinds the builders understand.
 INDEX_PNG = "index_png"  # class ids in a 'P' (palette: the indices) or 'L' PNG

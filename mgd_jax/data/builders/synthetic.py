@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 
 from mgd_jax.data import synthetic
 from mgd_jax.data.builders.common import MgdBuilder, png_bytes
-from mgd_jax.data.sources import DATASETS
+from mgd_jax.data.datasets import DATASETS
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,4 +1,7 @@
-"""grain input pipelines: the MGD training stream and the padded evaluation pass.
+"""The input pipeline: from a config to this host's train and eval streams (grain).
+
+`create_streams(config, with_unlabeled=...)` is what the trainer calls; `train_dataset` and
+`eval_dataset` are the grain pipelines it builds, usable on any `sources.Source`.
 
 Everything up to batching is a grain `MapDataset` (random access, element = f(index)), so:
 
@@ -9,17 +12,18 @@ Everything up to batching is a grain `MapDataset` (random access, element = f(in
 * multi-host sharding is an index mapping, see "Sharding" below.
 
 Training stream (`train_dataset`), per host and step: one labeled batch, two unlabeled batches and
-one CutMix mask per batch slot (the dict layout is in the contract, notes/contracts.md). Each stream
+one CutMix mask per batch slot (the layout is in `train_dataset`'s docstring). Each stream
 is an *infinite* repeat of its split, reshuffled every epoch, and the streams advance independently.
 The official code instead pads every list to `max_samples` (repeats plus random extra indices) so
 the loaders have equal length and an "epoch" is `max_samples // batch` steps; an infinite
 independent repeat per stream is the clean equivalent (every example is seen equally often, no list
-padding), and the trainer counts epochs as steps (mgd-method.md §4.2).
+padding), and the trainer counts epochs as steps (docs/method.md §4.2).
 
 Pairing of the two unlabeled batches:
 * "independent" (default, recommended by the spec): u0 and u1 follow two independent random orders.
 * "official": u0[i] and u1[i] are the *same* unlabeled image with two independent augmentations,
-  and the unlabeled order is one fixed permutation repeated every epoch (official loaders, §4.4).
+  and the unlabeled order is one fixed permutation repeated every epoch (official loaders,
+  docs/method.md §4.4).
 
 Sharding (`process_index` / `process_count`): the pipeline first defines one *global* stream of
 examples (global batch = batch_size * process_count); global step k holds global examples
@@ -52,68 +56,31 @@ must be picklable, and a script that uses `num_workers > 0` must guard its entry
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+import os
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import grain
+import jax
+import ml_collections
 import numpy as np
 
-from mgd_jax.data import augment, cutmix
+from mgd_jax import parallel
+from mgd_jax.data import augment, cutmix, splits
+from mgd_jax.data.datasets import IGNORE_INDEX
+from mgd_jax.data.sources import Source, Subset, keys_to_indices, open_split
+from mgd_jax.errors import ConfigError
 
-PAIRINGS = ("independent", "official")
-
-
-class Source(Protocol):
-    """What the pipeline needs from a split (see `data.sources`): random access to example dicts."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
-
-
-class ArraySource:
-    """A picklable in-memory Source: lists/arrays of uint8 images (H,W,3) and labels (H,W).
-
-    Handy for notebooks (e.g. Colab with a handful of arrays) and tests. Images may differ in size.
-    `labels=None` gives an unlabeled source (examples have no "label").
-    """
-
-    def __init__(
-        self,
-        images: Sequence[np.ndarray],
-        labels: Sequence[np.ndarray] | None = None,
-        keys: Sequence[str] | None = None,
-        info: Any = None,
-    ):
-        if labels is not None and len(labels) != len(images):
-            raise ValueError(f"ArraySource: {len(images)} images but {len(labels)} labels")
-        if keys is not None and len(keys) != len(images):
-            raise ValueError(f"ArraySource: {len(images)} images but {len(keys)} keys")
-        self.images = list(images)
-        self.labels = None if labels is None else list(labels)
-        self.keys = [str(i) for i in range(len(images))] if keys is None else list(keys)
-        self.info = info
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = {"image": self.images[index], "key": self.keys[index]}
-        if self.labels is not None:
-            ex["label"] = self.labels[index]
-        return ex
+PAIRINGS = ("independent", "official")  # of the two unlabeled streams (module doc)
+PARTITION_SOURCES = ("lists", "seeded")  # standard split lists, or a seeded random partition
 
 
 # --------------------------------------------------------------------------------------------------
 # Per-element transforms (module level so that spawned workers can unpickle them).
-
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    h, w = size
-    return int(h), int(w)
 
 
 class Augment(grain.transforms.RandomMap):
@@ -224,7 +191,7 @@ class _PadWithInvalid(grain.MapDataset):
         return {
             "image": np.zeros((h, w, 3), np.uint8),
             "valid": np.zeros((h, w), np.bool_),
-            "label": np.full((h, w), augment.IGNORE_INDEX, np.int32),
+            "label": np.full((h, w), IGNORE_INDEX, np.int32),
             "index": np.int32(-1),
         }
 
@@ -312,7 +279,7 @@ def train_dataset(
         raise ValueError("train_dataset: the labeled source is empty")
     if unlabeled is not None and len(unlabeled) == 0:
         raise ValueError("train_dataset: the unlabeled source is empty")
-    crop = _pair(crop_size)
+    crop = augment.as_pair(crop_size)
     (s_lab, s_u0, s_u1, a_lab, a_u0, a_u1, s_mask) = _seeds(seed, 7)
 
     def stream(src: Source, shuffle_seed: int, reshuffle: bool = True) -> grain.MapDataset:
@@ -366,7 +333,7 @@ def eval_dataset(
     `eval_steps(len(source), batch_size, process_count)` batches and every real pixel is seen
     exactly once over all hosts. `pad_to` must cover the largest image (the error names the key).
     """
-    pad = _pair(pad_to)
+    pad = augment.as_pair(pad_to)
     n = len(source)
     length = eval_steps(n, batch_size, process_count) * batch_size * process_count
     examples = _PadWithInvalid(grain.MapDataset.source(source).map(EvalPad(pad)), length, pad)
@@ -379,3 +346,112 @@ def eval_dataset(
 class _DropIndex(grain.transforms.Map):
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in element.items() if k != "index"}
+
+
+# --------------------------------------------------------------------------------------------------
+# From a config.
+
+
+@dataclasses.dataclass
+class Streams:
+    """This host's data for one run."""
+
+    train: grain.IterDataset  # per-host train batches (iterators are checkpointable)
+    eval_batches: Callable[[], Iterable[dict]]  # a fresh deterministic pass per call
+    info: Any  # datasets.DatasetInfo
+    num_labeled: int
+    num_unlabeled: int
+    description: str
+
+
+def partition_keys(config: ml_collections.ConfigDict, keys: list[str]) -> tuple[list, list, str]:
+    """(labeled, unlabeled, how) for the configured partition."""
+    if config.partition_source == "lists":
+        labeled, unlabeled = splits.standard_lists(
+            config.dataset, config.partition, os.path.expanduser(config.split_dir)
+        )
+        how = f"standard lists 1/{config.partition} from {config.split_dir}"
+    else:
+        if config.labeled_count > 0:
+            labeled, unlabeled = splits.partition(
+                keys, count=config.labeled_count, seed=config.seed
+            )
+            how = f"seeded partition: {config.labeled_count} labeled (seed {config.seed})"
+        else:
+            labeled, unlabeled = splits.partition(
+                keys, fraction=1.0 / config.partition, seed=config.seed
+            )
+            how = f"seeded partition 1/{config.partition} (seed {config.seed})"
+        logging.warning("Using a %s, not the standard split lists.", how)
+    return labeled, unlabeled, how
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+    if not config.data_dir:
+        raise ConfigError(
+            "config.data_dir is empty: where the prepared datasets live (the demo keeps them in "
+            "<demo workdir>/data)"
+        )
+    return os.path.expanduser(config.data_dir)
+
+
+def eval_source(config: ml_collections.ConfigDict) -> Any:
+    """The config's eval split (a prefix of it when `eval.max_examples` > 0)."""
+    source = open_split(config.dataset, config.eval_split, _data_dir(config))
+    if config.eval.max_examples > 0:
+        source = Subset(source, range(min(config.eval.max_examples, len(source))))
+    return source
+
+
+def eval_batches(config: ml_collections.ConfigDict, source: Any) -> Iterable[dict]:
+    """One deterministic pass over `source` as this host's padded eval batches."""
+    return eval_dataset(
+        source,
+        batch_size=parallel.process_share(config.eval.batch_size, "eval.batch_size"),
+        pad_to=tuple(config.eval.pad_to),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=config.num_workers,
+    )
+
+
+def create_streams(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -> Streams:
+    """This host's train stream and eval passes for `config` (the trainer's one data call)."""
+    train_source = open_split(config.dataset, config.train_split, _data_dir(config))
+    val_source = eval_source(config)
+    info = train_source.info
+    if info.num_classes != config.num_classes:
+        raise ConfigError(
+            f"config.num_classes={config.num_classes} but {config.dataset} has "
+            f"{info.num_classes} classes"
+        )
+    labeled_keys, unlabeled_keys, how = partition_keys(config, list(train_source.keys))
+    labeled = Subset(train_source, keys_to_indices(train_source, labeled_keys))
+    unlabeled = Subset(train_source, keys_to_indices(train_source, unlabeled_keys))
+
+    train = train_dataset(
+        labeled,
+        unlabeled if with_unlabeled else None,
+        batch_size=parallel.process_share(config.batch_size, "batch_size"),
+        crop_size=config.crop_size,
+        scales=tuple(config.scales),
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        pairing=config.pairing,
+        num_workers=config.num_workers,
+    )
+
+    description = (
+        f"{config.dataset}: {len(train_source)} train ({how}: {len(labeled)} labeled, "
+        f"{len(unlabeled)} unlabeled{'' if with_unlabeled else ' unused'}), "
+        f"{len(val_source)} {config.eval_split}"
+    )
+    return Streams(
+        train=train,
+        eval_batches=functools.partial(eval_batches, config, val_source),
+        info=info,
+        num_labeled=len(labeled),
+        num_unlabeled=len(unlabeled),
+        description=description,
+    )

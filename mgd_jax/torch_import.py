@@ -1,42 +1,28 @@
-"""PyTorch weights -> Flax variables, and the on-disk variables checkpoint format.
+"""PyTorch weights -> Flax variables: the naming rule, conversion, partial merges and a report.
 
-Import (`from_torch`, `convert`): a PyTorch state dict (official MGD-SSSS / TorchSemiSeg CPS
-checkpoints, torchvision / timm / TorchSemiSeg-v1c ImageNet backbones) becomes the
-`{"params": ..., "batch_stats": ...}` of `mgd_jax.models.build(backbone, num_classes, **options)`.
-Nothing here knows individual layers: a key maps to a model leaf by the models' mechanical naming
-rule (split on "."; a numeric component is glued onto the previous one with "_"; weight ->
-kernel | scale, bias -> bias, running_mean / running_var -> batch_stats mean / var), and the
-expected shapes come from `jax.eval_shape` of the model's init (no compile). Conv weights are
-transposed OIHW -> HWIO (depthwise included: (C, 1, kh, kw) -> (kh, kw, 1, C)).
+A PyTorch state dict (official MGD-SSSS / TorchSemiSeg CPS checkpoints, torchvision / timm /
+TorchSemiSeg-v1c ImageNet backbones) becomes the `{"params": ..., "batch_stats": ...}` of
+`mgd_jax.models.build(backbone, num_classes, **options)`. Nothing here knows individual layers: a
+key maps to a model leaf by the models' mechanical naming rule (split on "."; a numeric component
+is glued onto the previous one with "_"; weight -> kernel | scale, bias -> bias, running_mean /
+running_var -> batch_stats mean / var), and the expected shapes come from `jax.eval_shape` of the
+model's init (no compile). Conv weights are transposed OIHW -> HWIO (depthwise included:
+(C, 1, kh, kw) -> (kh, kw, 1, C)).
 
 Keys the segmentation model never uses (BN step counters, ImageNet classifiers, MobileNetV2's
 features.18, a torchvision 7x7 stem conv offered to a deep-stem ResNet) are skipped and reported.
 Anything else that does not fit -- an unexpected key, a missing key, a shape mismatch -- is a
-`WeightImportError` naming the key and both shapes.
-
-Checkpoints (`save_variables` / `load_variables`): an orbax StandardCheckpointer tree under
-`<dir>/variables` plus `<dir>/meta.json` (backbone, num_classes, build options, part, source ...).
-This is what training configs point the teacher / ImageNet-init paths at, what the CPS teacher
-export writes, and what `python -m mgd_jax.weights` produces:
-
-    python -m mgd_jax.weights --backbone=resnet101 --torch=teacher-voc8-resnet101.pth \\
-        --prefix=branch1 --num_classes=21 --out=/ckpt/teacher_deep
-    python -m mgd_jax.weights --backbone=resnet18 --torch=resnet18-f37072fd.pth \\
-        --backbone_only --out=/ckpt/resnet18_imagenet
-
-torch is imported lazily, only to read .pth files.
+`WeightImportError` naming the key and both shapes. `import_file` writes the result as a network
+directory (`mgd_jax.export`); torch is imported lazily, only to read .pth files.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,15 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mgd_jax import export, models
+from mgd_jax.errors import WeightImportError
+
 logger = logging.getLogger(__name__)
 
 Variables = dict[str, Any]
 Path = tuple[str, ...]
 
-FORMAT = "mgd_jax.variables"
-FORMAT_VERSION = 1
-_VARIABLES_DIR = "variables"
-_META_FILE = "meta.json"
 _ABSTRACT_INPUT = (1, 64, 64, 3)  # any size works: parameter shapes do not depend on it
 _MAX_LISTED = 25  # problems listed per kind in an error message
 
@@ -80,14 +65,6 @@ _DEEP_STEM_SKIP = (
     "7x7 stem conv of a torchvision ResNet: the deep stem has no counterpart and stays "
     "initialised (the official strict=False load drops it)"
 )
-
-
-class WeightImportError(ValueError):
-    """A checkpoint that does not fit the model (or is not a readable checkpoint at all)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Naming rule
 
 
 def flax_path(torch_key: str) -> tuple[Path, str]:
@@ -129,28 +106,19 @@ def _hashable(value: Any) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def _abstract_cached(backbone: str, num_classes: int, options: tuple) -> dict[Path, Any]:
-    from mgd_jax import models  # late: keeps `import mgd_jax.weights` light
-
     model = models.build(backbone, num_classes, **dict(options))
     images = jax.ShapeDtypeStruct(_ABSTRACT_INPUT, jnp.float32)
     shapes = jax.eval_shape(
         lambda x: model.init(jax.random.key(0), x, train=False), images
     )
     shapes = {c: shapes[c] for c in ("params", "batch_stats") if c in shapes}
-    return traverse_util.flatten_dict(_plain(shapes))
+    return traverse_util.flatten_dict(export.plain(shapes))
 
 
 def abstract_variables(backbone: str, num_classes: int, **build_options: Any) -> dict[Path, Any]:
     """Flat {(collection, module..., leaf): ShapeDtypeStruct} of the model (eval_shape only)."""
     options = tuple(sorted((k, _hashable(v)) for k, v in build_options.items()))
     return dict(_abstract_cached(backbone, int(num_classes), options))
-
-
-def _plain(tree: Any) -> Any:
-    """Nested Mappings (dict, FrozenDict) -> nested dicts."""
-    if isinstance(tree, Mapping):
-        return {str(k): _plain(v) for k, v in tree.items()}
-    return tree
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,41 +449,6 @@ def _guess_backbone(
     return None
 
 
-# ----------------------------------------------------------------------------------------------
-# Public import API
-
-
-def merge_variables(
-    into: Mapping[str, Any], partial: Mapping[str, Any], *, source: str = "<partial variables>"
-) -> tuple[Variables, list[str]]:
-    """`into` with the leaves `partial` provides replaced (cast to `into`'s dtype).
-
-    Returns (merged, initialised): `initialised` lists the leaves of `into` that kept their value.
-    A leaf of `partial` that `into` lacks, or a shape mismatch, is a `WeightImportError`.
-    """
-    base = traverse_util.flatten_dict(_plain(into))
-    new = traverse_util.flatten_dict(_plain(partial))
-    problems = []
-    for path, value in new.items():
-        if path not in base:
-            problems.append(f"{_leaf_str(path)} ({torch_key(path)}): not in the model")
-        elif tuple(np.shape(value)) != tuple(np.shape(base[path])):
-            problems.append(
-                f"{_leaf_str(path)} ({torch_key(path)}): shape {tuple(np.shape(value))}, the "
-                f"model has {tuple(np.shape(base[path]))}"
-            )
-    if problems:
-        raise WeightImportError(
-            "\n".join([f"{source}: cannot merge into the initial variables:"]
-                      + [f"  {p}" for p in problems[:_MAX_LISTED]])
-        )
-    merged = dict(base)
-    for path, value in new.items():
-        merged[path] = np.asarray(value, dtype=np.dtype(base[path].dtype))
-    initialised = [_leaf_str(p) for p in base if p not in new]
-    return traverse_util.unflatten_dict(merged), initialised
-
-
 def from_torch(
     state_dict: Mapping[str, Any] | str | os.PathLike,
     backbone: str,
@@ -556,9 +489,9 @@ def from_torch(
     if into is None:
         variables = {"params": partial["params"], "batch_stats": partial["batch_stats"]}
     else:
-        into = _plain(into)
+        into = export.plain(into)
         _check_into(into, backbone, num_classes, build_options, source)
-        variables, report.initialised = merge_variables(
+        variables, report.initialised = export.merge_variables(
             {"params": into["params"], "batch_stats": into.get("batch_stats", {})},
             partial, source=source,
         )
@@ -584,10 +517,6 @@ def _check_into(
             f"options {dict(options)}); differing leaves: "
             + ", ".join(_leaf_str(p) for p in bad[:_MAX_LISTED])
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
 
 
 def load_torch_file(path: str, *, allow_pickle: bool = False) -> Mapping[str, Any]:
@@ -632,199 +561,27 @@ def load_torch_file(path: str, *, allow_pickle: bool = False) -> Mapping[str, An
         ) from e
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    try:  # a dtype or scalar type (jnp.float32, np.dtype("bfloat16"), ...)
-        return np.dtype(value).name
-    except TypeError:
-        pass
-    raise WeightImportError(
-        f"meta value {value!r} ({type(value).__name__}) is not JSON-serialisable"
+def import_file(
+    torch_file: str, backbone: str, out: str, *, num_classes: int = 21, prefix: str = "",
+    backbone_only: bool = False, allow_pickle: bool = False, overwrite: bool = False,
+    **build_options: Any,
+) -> ImportReport:
+    """Converts a PyTorch file and writes it as a network directory (`export.save_network`)."""
+    part = "backbone" if backbone_only else "model"
+    checkpoint = load_torch_file(torch_file, allow_pickle=allow_pickle)
+    variables, report = convert(
+        checkpoint, backbone, num_classes, prefix=prefix, part=part, source=torch_file,
+        require_complete=not backbone_only, **build_options,
     )
-
-
-def save_variables(
-    directory: str, variables: Mapping[str, Any], meta: Mapping[str, Any], *,
-    overwrite: bool = False,
-) -> None:
-    """Writes `<directory>/variables` (orbax) and `<directory>/meta.json`.
-
-    `variables` is `{"params", "batch_stats"}` (a backbone checkpoint may hold only the backbone
-    subtree); `meta` needs at least "backbone" and "num_classes", plus "build_options" (the
-    `models.build` keyword arguments) and any provenance ("source", "prefix", "part", ...).
-    Leaves are written as host numpy arrays, so `load_variables` returns numpy arrays.
-    """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    variables = _plain(variables)
-    if "params" not in variables:
-        raise WeightImportError(f"{directory}: variables need a 'params' collection, got "
-                                f"{sorted(variables)}")
-    for field in ("backbone", "num_classes"):
-        if field not in meta:
-            raise WeightImportError(f"{directory}: meta needs {field!r}, got {sorted(meta)}")
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "build_options": {}, **_jsonable(meta)}
-    tree = {c: variables.get(c, {}) for c in ("params", "batch_stats")}
-    tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-    root = epath.Path(directory)
-    exists = root.exists()  # every process decides before anyone writes
-    if exists and not overwrite:
-        raise WeightImportError(f"{directory}: already exists (pass overwrite=True)")
-    _sync("mgd_jax.weights.save:checked")
-    primary = jax.process_index() == 0
-    if primary:  # multi-host: one process owns the directory and meta.json
-        if exists:
-            root.rmtree()
-        root.mkdir(parents=True)
-    _sync("mgd_jax.weights.save:created")
-    with ocp.StandardCheckpointer() as checkpointer:  # collective; numpy leaves: primary writes
-        checkpointer.save(root / _VARIABLES_DIR, tree)
-        checkpointer.wait_until_finished()
-    if primary:  # meta.json last: its presence marks a complete checkpoint.
-        (root / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _sync("mgd_jax.weights.save:done")
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def load_variables(directory: str) -> tuple[Variables, dict[str, Any]]:
-    """(variables, meta) of a `save_variables` checkpoint; leaves are numpy arrays."""
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    root = epath.Path(directory)
-    what = "an mgd_jax.weights checkpoint (meta.json + variables/)"
-    if not root.is_dir():
-        raise WeightImportError(f"{directory}: no such directory; expected {what}")
-    meta_file = root / _META_FILE
-    if not meta_file.exists() or not (root / _VARIABLES_DIR).exists():
-        raise WeightImportError(
-            f"{directory}: not {what} (or an unfinished write); it holds "
-            f"{sorted(p.name for p in root.iterdir())[:10]}"
-        )
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightImportError(f"{meta_file}: invalid JSON ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise WeightImportError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.restore(root / _VARIABLES_DIR)
-    except Exception as e:
-        raise WeightImportError(f"{directory}/{_VARIABLES_DIR}: cannot restore ({e})") from e
-    tree = _plain(tree)
-    variables = {c: tree.get(c, {}) for c in ("params", "batch_stats")}
-    variables = jax.tree.map(np.asarray, variables)
-    return variables, meta
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-
-def network_options(meta: Mapping[str, Any], directory: str = "") -> dict[str, Any]:
-    """The `models.build` keyword options a checkpoint's meta.json records."""
-    options = dict(meta.get("build_options") or {})
-    if options.get("depths") is not None:
-        options["depths"] = tuple(int(d) for d in options["depths"])
-    unknown = set(options) - {"width", "depths", "output_stride", "bn_group_size"}
-    if unknown:
-        raise WeightImportError(f"{directory}/meta.json: unknown build_options {sorted(unknown)}")
-    return options
-
-
-def load_network(directory: str, *, dtype: Any = jnp.float32) -> tuple[Any, Variables, dict]:
-    """(model, variables, meta) of a full segmentation-network checkpoint (not a backbone)."""
-    from mgd_jax import models
-
-    variables, meta = load_variables(directory)
-    for field in ("backbone", "num_classes"):
-        if meta.get(field) is None:
-            raise WeightImportError(f"{directory}/meta.json: missing {field!r}")
-    if meta.get("part") == "backbone" or not variables.get("params", {}).get("classifier"):
-        raise WeightImportError(
-            f"{directory}: holds only a backbone (an ImageNet init), not a segmentation network"
-        )
-    model = models.build(meta["backbone"], int(meta["num_classes"]), dtype=dtype,
-                         **network_options(meta, directory))
-    variables = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    return model, variables, meta
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m mgd_jax.weights",
-        description="Import a PyTorch checkpoint into an mgd_jax variables checkpoint.",
-    )
-    p.add_argument("--backbone", required=True,
-                   help="resnet18 | resnet101 | wide_resnet50_2 (wide_resnet34_2) | mobilenet_v2")
-    p.add_argument("--torch", required=True, help=".pth / .pth.tar file (or .npz of arrays)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
-    p.add_argument("--prefix", default="", help="network of a multi-network checkpoint (branch1)")
-    p.add_argument("--num_classes", type=int, default=21)
-    p.add_argument("--backbone_only", action="store_true",
-                   help="import only the backbone (ImageNet file, or a full checkpoint's one)")
-    p.add_argument("--width", type=float, default=None, help="models.build width (reduced nets)")
-    p.add_argument("--depths", default=None, help="models.build depths, comma-separated")
-    p.add_argument("--output_stride", type=int, default=None)
-    p.add_argument("--allow_pickle", action="store_true",
-                   help="load a trusted .pth that pickles non-tensor objects")
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    options: dict[str, Any] = {}
-    if args.width is not None:
-        options["width"] = args.width
-    if args.depths:
-        options["depths"] = tuple(int(d) for d in args.depths.split(","))
-    if args.output_stride is not None:
-        options["output_stride"] = args.output_stride
-    part = "backbone" if args.backbone_only else "model"
-    try:
-        checkpoint = load_torch_file(args.torch, allow_pickle=args.allow_pickle)
-        variables, report = convert(
-            checkpoint, args.backbone, args.num_classes, prefix=args.prefix, part=part,
-            source=args.torch, require_complete=not args.backbone_only, **options,
-        )
-        meta = {
-            "backbone": args.backbone,
-            "num_classes": report.num_classes,
-            "build_options": options,
-            "part": report.part,
-            "source": args.torch,
-            "prefix": args.prefix,
-            "skipped": sorted(report.skipped),
-            "missing": report.missing,
-        }
-        save_variables(args.out, variables, meta, overwrite=args.overwrite)
-    except WeightImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    if report.part == "backbone":
-        print("head and classifier: not in a backbone checkpoint (the trainer initialises them)")
-    print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    meta = {
+        "backbone": backbone,
+        "num_classes": report.num_classes,
+        "build_options": build_options,
+        "part": report.part,
+        "source": torch_file,
+        "prefix": prefix,
+        "skipped": sorted(report.skipped),
+        "missing": report.missing,
+    }
+    export.save_network(out, variables, meta, overwrite=overwrite)
+    return report

@@ -1,15 +1,14 @@
-"""Model summary: `python -m mgd_jax.models --summary [--size 512] [--num-classes 21]`.
+"""Model summary (`python -m mgd_jax.bench_main --mode=models [--size=512] [--num_classes=21]`).
 
 For each backbone's DeepLabv3+ network it prints the parameter count (from `jax.eval_shape`, no
-compile), analytic conv MACs of the whole network (mgd-method.md §3.3), the backbone's FLOPs
-counted like `thop` (conv MACs + 2 x BN output elements, mgd-method.md §5.3) and XLA's FLOP
+compile), analytic conv MACs of the whole network (docs/method.md §3.3), the backbone's FLOPs
+counted like `thop` (conv MACs + 2 x BN output elements, docs/method.md §5.3) and XLA's FLOP
 estimate of the lowered (uncompiled) forward pass. XLA skips taps that fall in the zero padding of
 dilated convolutions, so its number is below 2 x MACs.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from mgd_jax import models
 from mgd_jax.models.layers import BatchNorm
 
-# The official parameter counts at 21 classes (mgd-method.md §2-3; exact from the PyTorch models).
+# The official parameter counts at 21 classes (docs/method.md §2-3; exact from the PyTorch models).
 OFFICIAL_PARAMS_21 = {
     "resnet18": 16_627_413,
     "mobilenet_v2": 5_760_133,
@@ -78,18 +77,11 @@ def summary(size: int = 512, num_classes: int = 21) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mgd_jax.models", description=__doc__)
-    parser.add_argument("--summary", action="store_true", help="print the model table")
-    parser.add_argument("--size", type=int, default=512, help="square input size (default 512)")
-    parser.add_argument("--num-classes", type=int, default=21)
-    args = parser.parse_args(argv)
-    if not args.summary:
-        parser.print_help()
-        return
-    rows = summary(args.size, args.num_classes)
+def print_summary(size: int = 512, num_classes: int = 21) -> list[dict]:
+    """Prints the table of `summary` with the official parameter counts and FLOP ratios."""
+    rows = summary(size, num_classes)
     print(
-        f"DeepLabv3+ at {args.size}x{args.size}, {args.num_classes} classes, batch 1 "
+        f"DeepLabv3+ at {size}x{size}, {num_classes} classes, batch 1 "
         "(backbone FLOPs counted like thop: conv MACs + 2 x BN elements)"
     )
     header = (
@@ -99,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        official = OFFICIAL_PARAMS_21.get(r["backbone"]) if args.num_classes == 21 else None
+        official = OFFICIAL_PARAMS_21.get(r["backbone"]) if num_classes == 21 else None
         match = "-" if official is None else ("ok" if official == r["params"] else "MISMATCH")
         print(
             f"{r['backbone']:<16} {r['params']:>12,} {match:>9} {r['gmacs']:>8.2f} "
@@ -113,7 +105,4 @@ def main(argv: list[str] | None = None) -> None:
         f"R101/MBv2 {by['resnet101'] / by['mobilenet_v2']:.2f}, "
         f"WRN/MBv2 {by['wide_resnet50_2'] / by['mobilenet_v2']:.2f}"
     )
-
-
-if __name__ == "__main__":
-    main()
+    return rows

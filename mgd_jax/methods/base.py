@@ -1,5 +1,5 @@
-"""Pieces every method shares: building and initialising networks, forwards with BN updates,
-CutMix mixing and hard pseudo-labels, the supervised loss, and the method protocol."""
+"""The method protocol, and the pieces every method shares: building and initialising
+networks, forwards with BN updates, CutMix mixing and hard pseudo-labels, the supervised loss."""
 
 from __future__ import annotations
 
@@ -11,35 +11,54 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import config_lib, losses, models, weights
+from mgd_jax import export, losses, models
 from mgd_jax.data import augment
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
+Network = tuple[Any, Variables]  # (flax module, its variables)
 
 
 class Method(Protocol):
-    """What the trainer needs from a method; it never branches on the method's name."""
+    """What the trainer needs from a training method; it never branches on the method's name.
 
-    uses_unlabeled: bool
-    eval_model: Any  # the network evaluated on val and exported (student / branch 1)
-    export_meta: dict[str, Any]  # mgd_jax.weights meta of the exported network
+    A method is constructed from the config (cheaply: nothing is read until asked for) and gives:
+    the network that is evaluated and exported (`eval_model`, its variables at `eval_path` inside
+    the trained params / batch_stats, its build description `export_meta`), fresh trainable
+    variables, frozen variables passed to every step (never differentiated, never checkpointed),
+    the loss, and networks to evaluate once before training (e.g. MGD's teachers).
+    """
+
+    uses_unlabeled: bool  # the train stream carries unlabeled_0/1 and a CutMix mask
+    eval_model: Any
+    eval_path: tuple[str, ...]  # () for a single network; ("branch1",) for CPS
+    export_meta: dict[str, Any]  # backbone, num_classes, build_options of eval_model
 
     def init_variables(self, rng: jax.Array) -> Variables: ...
 
-    def frozen_variables(self) -> Any: ...
+    def frozen_variables(self, *, random: bool = False) -> Any:
+        """The frozen pytree (e.g. teachers); `random=True`: random stand-ins of the configured
+        architecture (benchmarks, no checkpoint needed)."""
 
     def loss(
         self, params: Any, batch_stats: Any, frozen: Any, batch: dict, rng: jax.Array
-    ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]: ...
+    ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
+        """(loss, (new batch_stats, scalar metrics)); differentiated w.r.t. `params` only."""
 
-    def eval_variables(self, params: Any, batch_stats: Any) -> Variables: ...
+    def extra_evals(self, frozen: Any) -> dict[str, Network]:
+        """Networks evaluated on val once before training, by report name."""
 
 
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-    """bf16 compute on accelerators by default; params and BN statistics stay float32."""
-    if config.precision == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(config.precision)
+def select(tree: Any, path: tuple[str, ...]) -> Any:
+    """`tree[path[0]][path[1]]...` (a method's `eval_path` into params / batch_stats)."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def eval_variables(method: Method, params: Any, batch_stats: Any) -> Variables:
+    """The evaluated network's variables inside the trained ones."""
+    return {"params": select(params, method.eval_path),
+            "batch_stats": select(batch_stats, method.eval_path)}
 
 
 def build_options(
@@ -48,7 +67,7 @@ def build_options(
 ) -> dict[str, Any]:
     """The `models.build` keyword options (also the exported checkpoint's meta)."""
     options: dict[str, Any] = {"width": float(width)}
-    parsed = depths if isinstance(depths, tuple) else config_lib.parse_depths(depths)
+    parsed = models.parse_depths(depths)
     if parsed:
         options["depths"] = tuple(parsed)
     if output_stride:
@@ -68,7 +87,14 @@ def student_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def build(backbone: str, config: ml_collections.ConfigDict, options: dict[str, Any]):
-    return models.build(backbone, config.num_classes, dtype=compute_dtype(config), **options)
+    return models.build(backbone, config.num_classes, dtype=models.compute_dtype(config.precision),
+                        **options)
+
+
+def network_meta(backbone: str, config: ml_collections.ConfigDict, options: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """`export_meta` of a network built by `build`."""
+    return {"backbone": backbone, "num_classes": config.num_classes, "build_options": options}
 
 
 def init_network(
@@ -76,7 +102,8 @@ def init_network(
 ) -> Variables:
     """Fresh variables (official init), with an ImageNet backbone merged in when given.
 
-    `init_dir` is an `mgd_jax.weights` checkpoint of a backbone; its leaves replace the fresh ones
+    `init_dir` is a network directory holding a backbone (`python -m mgd_jax.import_main
+    --backbone_only`); its leaves replace the fresh ones
     (the official partial-load semantics: e.g. torchvision ResNet-18 leaves the deep stem at its
     initial values).
     """
@@ -86,8 +113,8 @@ def init_network(
     variables = init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if init_dir:
-        loaded, meta = weights.load_variables(init_dir)
-        variables, kept = weights.merge_variables(variables, loaded, source=init_dir)
+        loaded, meta = export.load_variables(init_dir)
+        variables, kept = export.merge_variables(variables, loaded, source=init_dir)
         logging.info(
             "initialised from %s (%s); %d leaves keep their fresh initialisation: %s",
             init_dir, meta.get("source", "?"), len(kept), ", ".join(kept[:20]),

@@ -1,0 +1,118 @@
+"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
+
+    python -m mgd_jax.bench_main --config=configs/voc.py:method=mgd [--steps=10] [--json=OUT]
+    python -m mgd_jax.bench_main --mode=data [--dataset=voc --data_dir=DIR] [--workers=0,2,4]
+    python -m mgd_jax.bench_main --mode=models [--size=512] [--num_classes=21]
+
+`step` (default) times the jitted train step on random inputs (`bench.run_bench`); `data`
+measures the grain pipeline's augmented examples per second, on a prepared split or on in-memory
+VOC-sized JPEGs (`data.bench`); `models` prints parameters and FLOPs per backbone
+(`models.summary`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+from ml_collections import config_flags
+
+from mgd_jax import cli
+from mgd_jax.errors import UserError
+
+FLAGS = flags.FlagValues()
+_MODE = flags.DEFINE_enum("mode", "step", ("step", "data", "models"), "What to measure.",
+                          flag_values=FLAGS)
+# step
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "step / data: config file with ':key=value,...' arguments.",
+    flag_values=FLAGS, lock_config=True,
+)
+_STEPS = flags.DEFINE_integer("steps", 10, "step: timed steps (median reported).",
+                              flag_values=FLAGS)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation.",
+                               flag_values=FLAGS)
+_BATCH = flags.DEFINE_integer("batch", None, "Labeled batch (step: global, default "
+                              "config.batch_size; data: per host, default 8).", flag_values=FLAGS)
+_PEAK = flags.DEFINE_float("peak_tflops", None, "step: peak TFLOP/s per device for MFU.",
+                           flag_values=FLAGS)
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
+# data
+_DATASET = flags.DEFINE_string("dataset", "", "data: a prepared dataset (default: the config's, "
+                               "else fake VOC-sized JPEGs).", flag_values=FLAGS)
+_DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "data: prepared datasets.",
+                                flag_values=FLAGS)
+_SPLIT = flags.DEFINE_string("split", "train", "data: the split both streams read.",
+                             flag_values=FLAGS)
+_CROP = flags.DEFINE_integer("crop", None, "data: square crop (default: config, else 512).",
+                             flag_values=FLAGS)
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "data: worker counts to measure.",
+                             flag_values=FLAGS)
+_SECONDS = flags.DEFINE_float("seconds", 15.0, "data: seconds per worker count.",
+                              flag_values=FLAGS)
+_READ_THREADS = flags.DEFINE_integer("read_threads", 1, "data: grain read threads per process.",
+                                     flag_values=FLAGS)
+_LABELED_ONLY = flags.DEFINE_bool("labeled_only", False, "data: the labeled stream only.",
+                                  flag_values=FLAGS)
+_FAKE_SIZE = flags.DEFINE_string("fake_size", "375x500", "data: HxW of the fake images.",
+                                 flag_values=FLAGS)
+_FAKE_COUNT = flags.DEFINE_integer("fake_count", 256, "data: distinct fake examples.",
+                                   flag_values=FLAGS)
+# models
+_SIZE = flags.DEFINE_integer("size", 512, "models: square input size.", flag_values=FLAGS)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "models: classes.", flag_values=FLAGS)
+
+
+def _step() -> dict:
+    from mgd_jax import bench
+
+    if _CONFIG.value is None:
+        raise UserError("--mode=step needs --config")
+    return bench.run_bench(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                           batch=_BATCH.value, peak_tflops=_PEAK.value)
+
+
+def _data() -> list:
+    from mgd_jax.data import augment, bench
+    from mgd_jax.data.sources import open_split
+
+    config = _CONFIG.value
+    dataset = _DATASET.value or (config.dataset if config else "")
+    data_dir = _DATA_DIR.value if _DATA_DIR.present or not config else config.data_dir
+    crop = _CROP.value or (config.crop_size if config else 512)
+    scales = tuple(config.scales) if config else augment.TRAIN_SCALES
+    if dataset:
+        source = open_split(dataset, _SPLIT.value, os.path.expanduser(data_dir))
+        what = f"{dataset}:{_SPLIT.value} ({len(source)} examples) from {data_dir}"
+    else:
+        h, w = (int(v) for v in _FAKE_SIZE.value.lower().split("x"))
+        source = bench.FakeJpegSource(_FAKE_COUNT.value, (h, w), seed=0)
+        what = f"fake {h}x{w} JPEG/PNG decoded per access ({len(source)} distinct)"
+    return bench.run(source, workers=[int(k) for k in _WORKERS.value], batch_size=_BATCH.value or
+                     8, crop_size=crop, scales=scales, seconds=_SECONDS.value,
+                     read_threads=_READ_THREADS.value, labeled_only=_LABELED_ONLY.value,
+                     seed=config.seed if config else 0, description=what)
+
+
+def _models() -> list:
+    from mgd_jax.models import summary
+
+    return summary.print_summary(_SIZE.value, _NUM_CLASSES.value)
+
+
+def _bench() -> None:
+    result = {"step": _step, "data": _data, "models": _models}[_MODE.value]()
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def main(argv: Sequence[str]) -> int:
+    return cli.run(FLAGS, argv, _bench, distributed=True)
+
+
+if __name__ == "__main__":  # required: grain workers are spawned and re-import the main module
+    sys.exit(main(sys.argv))

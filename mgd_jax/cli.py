@@ -1,0 +1,69 @@
+"""What every command-line tool shares: flag parsing into the tool's own `FlagValues` (so tools
+can be imported and run side by side, e.g. in tests), multi-process start-up, the runtime line,
+and user mistakes as one `error:` line with exit status 2. The library never imports this."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+from mgd_jax import parallel
+from mgd_jax.errors import UserError
+
+USER_ERROR = 2
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return USER_ERROR
+
+
+def run(flag_values: flags.FlagValues, argv: Sequence[str], body: Callable[[], int | None], *,
+        distributed: bool = False) -> int:
+    """Parses `argv` (argv[0] is the program) into `flag_values`, then runs `body()`.
+
+    Returns the exit status: `body`'s (None = 0), or 2 for a flag or user error. `distributed`:
+    join the multi-process runtime first (`parallel.initialize_distributed`).
+    """
+    flag_values.unparse_flags()  # a second run in one process starts from the defaults
+    try:
+        extra = flag_values(list(argv))[1:]
+    except (flags.Error, UserError) as e:
+        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if extra:
+        return _error(f"unexpected arguments: {' '.join(extra)}")
+    if not flags.FLAGS.is_parsed():  # grain / orbax read absl's global flags
+        flags.FLAGS.mark_as_parsed()
+    logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s")
+    try:
+        if distributed:
+            parallel.initialize_distributed()
+            logging.info(parallel.runtime_summary())
+        status = body()
+    except UserError as e:
+        return _error(str(e))
+    return int(status or 0)
+
+
+def parse_step(text: str | None) -> int | str | None:
+    """--step: None, "latest", "best" or a step number."""
+    if text is None or text in ("latest", "best"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"--step={text}: expected latest, best or a step number") from None
+
+
+def parse_floats(name: str, values: Sequence[str]) -> tuple[float, ...]:
+    """A comma-separated list flag of positive numbers (e.g. --scales=0.75,1,1.25)."""
+    try:
+        numbers = tuple(float(v) for v in values)
+    except ValueError:
+        numbers = ()
+    if not numbers or min(numbers) <= 0:
+        raise UserError(f"--{name}={','.join(values)}: expected positive numbers, e.g. 0.75,1,1.25")
+    return numbers

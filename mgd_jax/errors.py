@@ -1,0 +1,27 @@
+"""The project's error types: a user mistake (bad config, data, file or checkpoint) raises a
+`UserError` whose message names the field or file and what was expected. Command-line tools print
+it as one line and exit with status 2 (`mgd_jax.cli`); anything else is a bug and keeps its
+traceback."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; the message says which field / file and what to do."""
+
+
+class ConfigError(UserError):
+    """An invalid config field (the message starts with `config.<field>`)."""
+
+
+class DataError(UserError):
+    """Bad or missing data: the message names the file / id and what was expected."""
+
+
+class WeightImportError(UserError):
+    """A PyTorch checkpoint that does not fit the model, or is not a readable checkpoint."""
+
+
+class ExportError(UserError):
+    """A network directory (export, teacher, ImageNet init) that is missing, damaged or does not
+    fit what it is used for."""

@@ -1,0 +1,74 @@
+"""Weight import: a PyTorch file -> a network directory (`torch_import.import_file`).
+
+    # an official MGD / CPS checkpoint: choose the network with --prefix (CPS files hold branch1
+    # and branch2; the official MGD loader uses branch1)
+    python -m mgd_jax.import_main --backbone=resnet101 --torch=teacher-voc8-resnet101.pth \
+        --prefix=branch1 --num_classes=21 --out=/ckpt/teacher_deep
+    # an ImageNet backbone, for --config.student_init / --config.cps.init
+    python -m mgd_jax.import_main --backbone=resnet18 --torch=resnet18-f37072fd.pth \
+        --backbone_only --out=/ckpt/resnet18_imagenet
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+
+from mgd_jax import cli, models, torch_import
+
+FLAGS = flags.FlagValues()
+_BACKBONE = flags.DEFINE_string(
+    "backbone", None, f"One of {models.BACKBONES + tuple(models.ALIASES)}.", flag_values=FLAGS
+)
+_TORCH = flags.DEFINE_string("torch", None, ".pth / .pth.tar file (or .npz of arrays).",
+                             flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Output network directory.", flag_values=FLAGS)
+_PREFIX = flags.DEFINE_string("prefix", "", "Network of a multi-network checkpoint (branch1).",
+                              flag_values=FLAGS)
+_NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentation head.",
+                                    flag_values=FLAGS)
+_BACKBONE_ONLY = flags.DEFINE_bool(
+    "backbone_only", False, "Import only the backbone (an ImageNet file, or a full checkpoint's "
+    "backbone).", flag_values=FLAGS,
+)
+_WIDTH = flags.DEFINE_float("width", None, "models.build width (reduced networks).",
+                            flag_values=FLAGS)
+_DEPTHS = flags.DEFINE_string("depths", None, "models.build depths, comma-separated.",
+                              flag_values=FLAGS)
+_OUTPUT_STRIDE = flags.DEFINE_integer("output_stride", None, "models.build output stride.",
+                                      flag_values=FLAGS)
+_ALLOW_PICKLE = flags.DEFINE_bool(
+    "allow_pickle", False, "Load a trusted .pth that pickles non-tensor objects.",
+    flag_values=FLAGS,
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=FLAGS)
+flags.mark_flags_as_required(["backbone", "torch", "out"], flag_values=FLAGS)
+
+
+def _import() -> None:
+    options = {}
+    if _WIDTH.value is not None:
+        options["width"] = _WIDTH.value
+    if _DEPTHS.value:
+        options["depths"] = models.parse_depths(_DEPTHS.value)
+    if _OUTPUT_STRIDE.value is not None:
+        options["output_stride"] = _OUTPUT_STRIDE.value
+    report = torch_import.import_file(
+        _TORCH.value, _BACKBONE.value, _OUT.value, num_classes=_NUM_CLASSES.value,
+        prefix=_PREFIX.value, backbone_only=_BACKBONE_ONLY.value,
+        allow_pickle=_ALLOW_PICKLE.value, overwrite=_OVERWRITE.value, **options,
+    )
+    print(report.summary())
+    if report.part == "backbone":
+        print("head and classifier: not in a backbone checkpoint (the trainer initialises them)")
+    print(f"wrote {_OUT.value}")
+
+
+def main(argv: Sequence[str]) -> int:
+    return cli.run(FLAGS, argv, _import)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
