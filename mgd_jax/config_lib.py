@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -164,6 +165,46 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.smoke = False  # runlocal: a few steps at a small size to check paths and compilation
+    return c
+
+
+# The arguments every dataset config takes (`configs/voc.py:method=mgd,student=resnet18,...`).
+RECIPE_ARGS = {"method": "mgd", "student": "resnet18", "teacher": "resnet101", "partition": 8,
+               "smoke": False}
+
+
+def _set(c: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        target = c
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+
+
+def apply_recipe(c: ml_collections.ConfigDict, a: ml_collections.ConfigDict, *,
+                 students: Mapping[str, Mapping[str, Any]],
+                 teachers: Mapping[str, Mapping[str, Any]]) -> ml_collections.ConfigDict:
+    """Completes a dataset config from its `RECIPE_ARGS`: the method, the partition, the
+    student's recipe (`students[a.student]`, dotted field -> value), for method=cps the
+    teacher's recipe, and the smoke sizes."""
+    if a.partition not in VOC_EPOCHS:
+        raise ConfigError(f"config argument partition={a.partition}: expected one of "
+                          f"{sorted(VOC_EPOCHS)}")
+    if a.student not in students:
+        raise ConfigError(f"config argument student={a.student!r}: expected one of "
+                          f"{sorted(students)}")
+    c.method, c.partition, c.student = a.method, a.partition, a.student
+    _set(c, students[a.student])
+    if a.method == "cps":
+        teacher = models.canonical(a.teacher)
+        if teacher not in teachers:
+            raise ConfigError(f"config argument teacher={a.teacher!r}: expected one of "
+                              f"{sorted(teachers)}")
+        c.cps.backbone = teacher
+        _set(c, teachers[teacher])
+    if a.smoke:
+        apply_smoke(c)
     return c
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from mgd_jax import cli, config_lib, evaluate, export
+from mgd_jax import cli, config_lib, evaluate
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,18 +39,17 @@ _FLIP = flags.DEFINE_bool(
 _SCALES = flags.DEFINE_list("scales", ["1"], "TTA: sum the predictions at these scales.",
                             flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "Where the JSON goes (default: the network's directory).", flag_values=FLAGS
+    "output", None, "Where the JSON goes (default: --checkpoint).", flag_values=FLAGS
 )
 flags.mark_flag_as_required("checkpoint", flag_values=FLAGS)
 
 
 def _evaluate() -> None:
     config = _CONFIG.value or config_lib.load_workdir_config(_CHECKPOINT.value)
-    network = export.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value),
-                                  precision=config.precision)
-    evaluate.evaluate_network(config, network, flip=_FLIP.value,
-                              scales=cli.parse_floats("scales", _SCALES.value),
-                              output_dir=_OUTPUT.value)
+    evaluate.evaluate_checkpoint(config, _CHECKPOINT.value, step=cli.parse_step(_STEP.value),
+                                 flip=_FLIP.value,
+                                 scales=cli.parse_floats("scales", _SCALES.value),
+                                 output_dir=_OUTPUT.value)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -54,7 +54,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mgd_jax import parallel
+from mgd_jax import export, parallel
 from mgd_jax.data import input_pipeline
 from mgd_jax.data.augment import as_pair, centered_margins, normalize
 from mgd_jax.data.datasets import IGNORE_INDEX, resolve
@@ -561,6 +561,15 @@ def evaluate_network(
             f"{seconds:.1f} s) -> {path}", flush=True)
     result["json"] = path
     return result
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
+                        step: int | str | None = None, output_dir: str | None = None,
+                        **options: Any) -> dict[str, Any]:
+    """`evaluate_network` of the network at `path` (`export.load_network`: a network directory
+    or a training workdir, `step` as there); the JSON goes to `output_dir`, default `path`."""
+    network = export.load_network(path, step=step, precision=config.precision)
+    return evaluate_network(config, network, output_dir=output_dir or path, **options)
 
 
 def _num(value: float) -> float | None:

@@ -115,7 +115,7 @@ def load_variables(directory: str) -> tuple[Variables, dict[str, Any]]:
     import orbax.checkpoint as ocp
 
     root = epath.Path(directory)
-    what = "an mgd_jax.weights checkpoint (meta.json + variables/)"
+    what = "a network directory (meta.json + variables/)"
     if not root.is_dir():
         raise ExportError(f"{directory}: no such directory; expected {what}")
     meta_file = root / META_FILE

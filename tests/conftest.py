@@ -1,10 +1,13 @@
-"""Test-wide setup: 8 simulated CPU devices (set before jax is imported) and parsed absl flags."""
+"""Test-wide setup (8 simulated CPU devices, set before jax is imported; parsed absl flags) and
+the shared tiny pieces: `tiny_config(method)`, tiny network directories, tiny teachers, and a
+tiny prepared synthetic dataset."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import math  # noqa: E402
 import tempfile  # noqa: E402
 
 # One persistent compilation cache for the session: the end-to-end tests compile the same
@@ -19,8 +22,106 @@ from absl import flags  # noqa: E402
 # grain / orbax read absl flags; under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
 
-
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+NUM_CLASSES = 5
+TINY = {"width": 0.125, "depths": (1, 1, 1, 1)}  # official layouts, tiny widths and depths
+TEACHER_BACKBONES = {"teacher_deep": "resnet101", "teacher_wide": "wide_resnet50_2"}
+
+
+def make_tiny_config(method, data=None, **overrides):
+    """A training config of tiny networks on 32 px synthetic images (4 steps, batch 8).
+
+    `data` is the (data_dir, name) of the `synthetic_dir` fixture; `overrides` are dotted config
+    fields (`**{"loss.ohem": True}`)."""
+    from mgd_jax import config_lib
+
+    c = config_lib.base_config()
+    c.method = method
+    c.dataset, c.data_dir = (data[1], data[0]) if data else ("mgd_synthetic", "")
+    c.num_classes = NUM_CLASSES
+    c.partition_source = "seeded"
+    c.partition = 4
+    c.crop_size = 32
+    c.scales = (0.75, 1.0, 1.5)
+    c.batch_size = 8
+    c.replica_batch = 2
+    c.lr = 0.01
+    c.precision = "float32"
+    c.model.width, c.model.depths = TINY["width"], ",".join(map(str, TINY["depths"]))
+    c.cps.backbone = "resnet101"
+    for name in TEACHER_BACKBONES:
+        c[name].width, c[name].depths = c.model.width, c.model.depths
+    c.eval.pad_to = (32, 32)
+    c.eval.crop = 32
+    c.eval.batch_size = 8
+    c.num_train_steps = 4
+    c.log_every = c.eval_every = c.checkpoint_every = 2
+    c.evaluate_teachers = False
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def save_tiny_network(directory, *, backbone="resnet18", num_classes=NUM_CLASSES, seed=0):
+    """Writes a tiny random network directory (no compile: shapes by tracing, numpy values with
+    He-like scales and non-trivial BN statistics); returns (model, variables)."""
+    from mgd_jax import export, models
+
+    model = models.build(backbone, num_classes, **TINY)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    )
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if "kernel" in name:  # He-like scale keeps activations finite and varied
+            fan_in = math.prod(leaf.shape[:-1])
+            return rng.normal(0, math.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
+        if "var" in name:  # non-trivial running statistics: a wrong BN mode would show
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        if "scale" in name:
+            return rng.uniform(0.8, 1.2, leaf.shape).astype(np.float32)
+        return rng.normal(0, 0.1, leaf.shape).astype(np.float32)  # biases, means
+
+    variables = {c: jax.tree_util.tree_map_with_path(fill, shapes[c])
+                 for c in ("params", "batch_stats")}
+    export.save_network(
+        str(directory), variables,
+        {"backbone": backbone, "num_classes": num_classes, "build_options": TINY},
+    )
+    return model, variables
+
+
+@pytest.fixture
+def tiny_config():
+    """The `make_tiny_config` factory."""
+    return make_tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_network(tmp_path_factory):
+    """(network directory inside a workdir, model, variables) of a tiny random ResNet-18."""
+    directory = tmp_path_factory.mktemp("workdir") / "export"
+    model, variables = save_tiny_network(directory)
+    return directory, model, variables
+
+
+@pytest.fixture(scope="session")
+def tiny_teachers(tmp_path_factory):
+    """{teacher_deep: dir, teacher_wide: dir}: tiny random teacher network directories."""
+    root = tmp_path_factory.mktemp("teachers")
+    for seed, (name, backbone) in enumerate(TEACHER_BACKBONES.items(), start=1):
+        save_tiny_network(root / name, backbone=backbone, seed=seed)
+    return {name: str(root / name) for name in TEACHER_BACKBONES}
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +131,6 @@ def synthetic_dir(tmp_path_factory):
 
     data_dir = str(tmp_path_factory.mktemp("synthetic_data"))
     name = prepare.ensure_synthetic(
-        data_dir, num_classes=5, num_train=48, num_val=12, image_size=32
+        data_dir, num_classes=NUM_CLASSES, num_train=48, num_val=12, image_size=32
     )
     return data_dir, name

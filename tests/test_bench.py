@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from mgd_jax import bench, config_lib
+from mgd_jax import bench, config_lib, methods
 
 
 def test_peak_table():
@@ -46,8 +46,8 @@ def test_mgd_gets_random_teachers_without_checkpoints():
         c[name].width = 0.125
         c[name].depths = "1,1,1,1"
         assert not c[name].checkpoint
-    method = bench.make_method(c)
-    frozen = method.frozen_variables()
+    method = methods.get(c)
+    frozen = method.frozen_variables(random=True)
     assert set(frozen) == {"teacher_deep", "teacher_wide"}
     wide = frozen["teacher_wide"]["params"]["backbone"]["layer1_0"]["conv2"]["kernel"]
     deep = frozen["teacher_deep"]["params"]["backbone"]["layer1_0"]["conv2"]["kernel"]

@@ -11,9 +11,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from mgd_jax import prepare_main
 from mgd_jax.data import prepare, synthetic
 from mgd_jax.data.builders import common
-from mgd_jax.data.sources import DATASETS, DataError, dataset_dir, open_split, voc_colormap
+from mgd_jax.data.datasets import DATASETS, voc_colormap
+from mgd_jax.data.sources import dataset_dir, open_split
+from mgd_jax.errors import DataError
 
 # ----------------------------------------------------------------------------- fake VOC trees
 
@@ -170,16 +173,20 @@ def test_voc_missing_manual_files_message(tmp_path):
 
 
 def test_prepare_cli_reports_errors_and_totals(tmp_path, capsys):
-    assert prepare.main(["voc", f"--manual_dir={tmp_path}", f"--data_dir={tmp_path}/d"]) == 2
+    def prepare_voc(manual_dir):
+        return prepare_main.main(["prepare_main", "--dataset=voc", f"--manual_dir={manual_dir}",
+                                  f"--data_dir={tmp_path}/d"])
+
+    assert prepare_voc(tmp_path) == 2
     assert "benchmark.tgz" in capsys.readouterr().err
     make_devkit(tmp_path / "raw")
-    rc = prepare.main(["voc", f"--manual_dir={tmp_path}/raw", f"--data_dir={tmp_path}/d"])
+    rc = prepare_voc(tmp_path / "raw")
     out = capsys.readouterr()
     assert rc == 0
     assert "train_aug: 5 examples (official 10582)  WARNING" in out.out
     assert "val: 2 examples (official 1449)" in out.out
     # Second run: a no-op.
-    assert prepare.main(["voc", f"--manual_dir={tmp_path}/raw", f"--data_dir={tmp_path}/d"]) == 0
+    assert prepare_voc(tmp_path / "raw") == 0
     assert "already prepared" in capsys.readouterr().out
 
 

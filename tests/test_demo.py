@@ -53,7 +53,7 @@ def test_demo_mgd_beats_supervised(tmp_path):
     assert results["teacher_resnet101"]["params"] > results["student_mgd"]["params"]
     # Each stage is an ordinary run in its own sub-workdir; MGD evaluated the loaded teachers.
     mgd = json.loads((tmp_path / "student_mgd" / "final_metrics.json").read_text())
-    assert mgd["teachers"]["teacher_deep"] == results["teacher_resnet101"]["miou"]
+    assert mgd["extra_evals"]["teacher_deep"] == results["teacher_resnet101"]["miou"]
     assert (tmp_path / "teacher_wide" / "export" / "meta.json").is_file()
     gain = results["student_mgd"]["miou"] - results["student_supervised"]["miou"]
     assert gain >= 0.03, results

@@ -1,5 +1,5 @@
-"""eval_main: a checkpoint evaluated with the config's protocol (in-memory source and, end to end,
-the CLI on a tiny prepared synthetic dataset)."""
+"""A saved network evaluated with the config's protocol (`evaluate.evaluate_checkpoint`, on an
+in-memory source) and, end to end, `python -m mgd_jax.eval_main` on a tiny prepared dataset."""
 
 import json
 import os
@@ -10,19 +10,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_export import NUM_CLASSES, save_tiny_network
 
-from mgd_jax import config_lib, eval_main, metrics
-from mgd_jax.data import augment, pipeline, sources
+from mgd_jax import config_lib, evaluate
+from mgd_jax.data import augment, datasets, sources
+from mgd_jax.errors import ConfigError, ExportError
+
+from conftest import NUM_CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("workdir")
-    model, variables = save_tiny_network(workdir / "export")
-    return workdir, model, variables
+def tiny(tiny_network):
+    directory, model, variables = tiny_network
+    return directory.parent, model, variables  # (workdir, ...)
 
 
 def _config():
@@ -45,13 +46,13 @@ def _source(n=10):
         label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
         label[:2] = 255  # ignored rows
         labels.append(label)
-    return pipeline.ArraySource(images, labels)
+    return sources.ArraySource(images, labels)
 
 
 def test_evaluate_checkpoint_matches_per_image_reference(tiny, tmp_path, capsys):
     workdir, model, variables = tiny
     source = _source()
-    result = eval_main.evaluate_checkpoint(_config(), str(workdir), source=source,
+    result = evaluate.evaluate_checkpoint(_config(), str(workdir), source=source,
                                            output_dir=str(tmp_path))
 
     # Reference: the VOC protocol image by image (pad centred to 32x32, one forward, crop back).
@@ -62,15 +63,15 @@ def test_evaluate_checkpoint_matches_per_image_reference(tiny, tmp_path, capsys)
         img, valid, lab = augment.eval_pad(ex["image"], ex["label"], (32, 32))
         x = augment.normalize(img[None], valid[None])
         pred = forward(jnp.asarray(x))
-        expected += np.asarray(metrics.confusion_matrix(
+        expected += np.asarray(evaluate.confusion_matrix(
             pred, jnp.asarray(lab[None], jnp.int32), NUM_CLASSES, valid=jnp.asarray(valid[None])))
     got = np.asarray(result["confusion"])
     assert got.sum() == expected.sum() == sum((s["label"] != 255).sum() for s in source)
     assert np.abs(got - expected).sum() <= 2  # float reassociation may flip a near-tie
 
     saved = json.loads((tmp_path / "eval_val.json").read_text())
-    assert saved["miou"] == pytest.approx(metrics.scores(got)["miou"])
-    names = sources.DATASETS["synthetic"].class_names
+    assert saved["miou"] == pytest.approx(evaluate.scores(got)["miou"])
+    names = datasets.DATASETS["synthetic"].class_names
     assert list(saved["iou_per_class"]) == list(names)
     assert saved["tta"] == {"flip": False, "scales": [1.0]} and saved["num_images"] == 10
     out = capsys.readouterr().out
@@ -79,7 +80,7 @@ def test_evaluate_checkpoint_matches_per_image_reference(tiny, tmp_path, capsys)
 
 def test_tta_is_reported(tiny, tmp_path, capsys):
     workdir = tiny[0]
-    result = eval_main.evaluate_checkpoint(
+    result = evaluate.evaluate_checkpoint(
         _config(), str(workdir / "export"), source=_source(4), flip=True, scales=(0.75, 1.0),
         output_dir=str(tmp_path),
     )
@@ -93,19 +94,19 @@ def test_config_from_training_workdir(tiny, tmp_path):
     workdir.mkdir()
     os.symlink(tiny[0] / "export", workdir / "export")
     (workdir / "config.json").write_text(_config().to_json_best_effort(indent=2))
-    config = eval_main.config_from_workdir(str(workdir))
+    config = config_lib.load_workdir_config(str(workdir))
     assert tuple(config.eval.pad_to) == (32, 32) and config.num_classes == NUM_CLASSES
-    result = eval_main.evaluate_checkpoint(config, str(workdir), source=_source(3))
+    result = evaluate.evaluate_checkpoint(config, str(workdir), source=_source(3))
     assert result["json"] == str(workdir / "eval_val.json") and os.path.isfile(result["json"])
 
 
 def test_errors_name_the_problem(tiny, tmp_path):
     c = _config()
     c.num_classes = 21
-    with pytest.raises(ValueError, match="5 classes, config.num_classes is 21"):
-        eval_main.evaluate_checkpoint(c, str(tiny[0]), source=_source(2))
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        eval_main.config_from_workdir(str(tmp_path))
+    with pytest.raises(ExportError, match="5 classes, config.num_classes is 21"):
+        evaluate.evaluate_checkpoint(c, str(tiny[0]), source=_source(2))
+    with pytest.raises(ConfigError, match="config.json"):
+        config_lib.load_workdir_config(str(tmp_path))
 
 
 def test_cli_end_to_end_on_synthetic_data(tiny, tmp_path):
@@ -119,7 +120,7 @@ def test_cli_end_to_end_on_synthetic_data(tiny, tmp_path):
         "--config=configs/demo.py:stage=student_supervised", f"--config.data_dir={data_dir}",
         f"--config.dataset={name}", f"--config.num_classes={NUM_CLASSES}",
         "--config.eval.pad_to=(32, 32)", "--config.eval.crop=32",
-        "--config.eval.batch_size=8", "--flip", f"--workdir={out}",
+        "--config.eval.batch_size=8", "--flip", f"--output={out}",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""Evaluation modes vs a brute-force numpy re-implementation of the official evaluator's loops."""
+"""Evaluation modes vs a brute-force numpy re-implementation of the official evaluator's loops;
+the confusion matrix vs np.bincount brute force; scores vs hand computation; the accumulator."""
 
 import math
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import evaluate, metrics
+from mgd_jax import evaluate
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -159,7 +160,7 @@ def test_padded_mode_counts_only_valid_pixels():
     assert got.sum() == (valid & (labels != 255)).sum()
 
 
-def test_evaluate_dataset_accumulates_int64_and_flushes(monkeypatch):
+def test_evaluator_accumulates_int64_and_flushes(monkeypatch):
     rng = np.random.default_rng(5)
     batches = []
     for i in range(4):
@@ -167,15 +168,17 @@ def test_evaluate_dataset_accumulates_int64_and_flushes(monkeypatch):
         batches.append(
             {"image": _image(10 + i, 2, 8, 8), "valid": np.ones((2, 8, 8), bool), "label": labels}
         )
-    total = evaluate.evaluate_dataset(jnp_net, batches, C)
+    apply_fn = lambda variables, x: jnp_net(x)  # noqa: E731
+    total = evaluate.Evaluator(C).confusion(apply_fn, {}, batches)
     assert total.dtype == np.int64 and total.sum() == 4 * 2 * 64
     per_batch = sum(
         np.asarray(evaluate.confusion_for_batch(jnp_net, b, C), np.int64) for b in batches
     )
     np.testing.assert_array_equal(total, per_batch)
     # force a flush to the host accumulator after every batch: same result
-    monkeypatch.setattr(metrics, "INT32_MAX", 200)
-    np.testing.assert_array_equal(evaluate.evaluate_dataset(jnp_net, iter(batches), C), total)
+    monkeypatch.setattr(evaluate, "INT32_MAX", 200)
+    np.testing.assert_array_equal(evaluate.Evaluator(C).confusion(apply_fn, {}, iter(batches)),
+                                  total)
 
 
 def np_sliding_eval_multiscale(img, crop, rate, scales):
@@ -217,3 +220,76 @@ def test_bad_arguments():
         evaluate.predict_logits(jnp_net, x, v, mode="tiles")
     with pytest.raises(ValueError, match="input resolution"):
         evaluate.predict_logits(lambda z: z[:, ::2], x, v)
+
+
+# ----------------------------------------------------------------------
+# Confusion matrix and scores
+
+
+def np_confusion(pred, label, c, valid=None):
+    """hist_info semantics with a python loop: count pixels with 0 <= gt < C."""
+    hist = np.zeros((c, c), np.int64)
+    for idx in np.ndindex(label.shape):
+        g, p = int(label[idx]), int(pred[idx])
+        if 0 <= g < c and (valid is None or valid[idx]):
+            hist[g, p] += 1
+    return hist
+
+
+def test_confusion_matrix_matches_brute_force():
+    rng = np.random.default_rng(0)
+    c = 5
+    label = rng.integers(0, c, (3, 7, 9)).astype(np.int32)
+    label[rng.random(label.shape) < 0.2] = 255
+    label[0, 0, :3] = [7, -1, 5]  # out of range labels are ignored, like hist_info
+    pred = rng.integers(0, c, label.shape).astype(np.int32)
+    valid = rng.random(label.shape) < 0.8
+    got = np.asarray(jax.jit(evaluate.confusion_matrix, static_argnums=2)(pred, label, c))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np_confusion(pred, label, c))
+    keep = (label >= 0) & (label < c)
+    bc = np.bincount(c * label[keep] + pred[keep], minlength=c * c).reshape(c, c)
+    np.testing.assert_array_equal(got, bc)
+    got_v = np.asarray(evaluate.confusion_matrix(pred, label, c, valid=jnp.asarray(valid)))
+    np.testing.assert_array_equal(got_v, np_confusion(pred, label, c, valid))
+
+
+def test_scores_by_hand():
+    # 4 classes; class 3 absent from both gt and prediction -> NaN IoU, left out of the mean.
+    hist = np.array(
+        [
+            [5, 1, 0, 0],
+            [2, 3, 0, 0],
+            [0, 1, 4, 0],
+            [0, 0, 0, 0],
+        ]
+    )
+    s = evaluate.scores(hist)
+    iou = [5 / (6 + 7 - 5), 3 / (5 + 5 - 3), 4 / (5 + 4 - 4)]
+    np.testing.assert_allclose(s["iou_per_class"][:3], iou)
+    assert np.isnan(s["iou_per_class"][3])
+    assert s["miou"] == pytest.approx(np.mean(iou))
+    assert s["pixel_accuracy"] == pytest.approx(12 / 16)
+    assert s["mean_accuracy"] == pytest.approx(np.mean([5 / 6, 3 / 5, 4 / 5]))
+    # a class predicted but never in gt has IoU 0 (not NaN) and counts in the mean
+    hist2 = hist.copy()
+    hist2[0, 3] = 2
+    s2 = evaluate.scores(hist2)
+    assert s2["iou_per_class"][3] == 0.0
+    assert s2["miou"] == pytest.approx(np.mean([5 / (8 + 7 - 5), 3 / 7, 4 / 5, 0.0]))
+
+
+def test_scores_empty_is_nan_and_shape_checked():
+    s = evaluate.scores(np.zeros((3, 3), np.int64))
+    assert np.isnan(s["miou"]) and np.isnan(s["pixel_accuracy"])
+    with pytest.raises(ValueError, match="square"):
+        evaluate.scores(np.zeros((3, 2)))
+
+
+def test_format_table_percentages():
+    hist = np.array([[3, 1, 0], [0, 0, 0], [0, 0, 0]])
+    text = evaluate.format_table(evaluate.scores(hist), ["background", "cat", "dog"])
+    assert "background" in text and "75.00" in text and "nan" in text
+    assert "mIoU" in text
+    with pytest.raises(ValueError, match="class names"):
+        evaluate.format_table(evaluate.scores(hist), ["a"])

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_reference import torch
 
 from mgd_jax.models import layers
+
+from torch_reference import torch
 
 F = torch.nn.functional
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mgd_jax import models
-from mgd_jax.models.__main__ import analytic_costs
+from mgd_jax.models.summary import analytic_costs
 
 NUM_CLASSES = 5
 SIZE = 64

@@ -2,7 +2,7 @@
 
 The references are torchvision / timm backbones (dilated in torch like the official
 `_nostride_dilate`) with the spec-written head of `torch_heads.py`; random weights, random BN
-affine parameters and running statistics. Their state dicts go through `weights.from_torch`, so
+affine parameters and running statistics. Their state dicts go through `torch_import.from_torch`, so
 the importer is proven by the same numbers. Checked:
 
 * eval-mode BN, float32: backbone features, decoder feature, logits, max|d| / max|ref| <= 1e-4;
@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch_heads as th
 from flax import traverse_util
-from torch_reference import timm, torch, torchvision
 
-from mgd_jax import models, weights
+from mgd_jax import models, torch_import
+
+import torch_heads as th
+from torch_reference import timm, torch, torchvision
 
 NUM_CLASSES = 5
 EVAL_TOL = 1e-4
@@ -132,7 +133,7 @@ def case(request):
         hidden=c.hidden,
     )
     th.randomize_(net, seed=1).eval()
-    variables = weights.from_torch(net.state_dict(), c.backbone, NUM_CLASSES, **c.options)
+    variables = torch_import.from_torch(net.state_dict(), c.backbone, NUM_CLASSES, **c.options)
     return c, net, variables
 
 
@@ -177,7 +178,7 @@ def test_train_float64_and_running_stats(case):
 
     # torch's updated running_mean / running_var, through the importer.
     want = traverse_util.flatten_dict(
-        weights.from_torch(ref_net.state_dict(), c.backbone, NUM_CLASSES, **c.options)[
+        torch_import.from_torch(ref_net.state_dict(), c.backbone, NUM_CLASSES, **c.options)[
             "batch_stats"
         ]
     )

@@ -1,4 +1,5 @@
-"""data.pipeline: layout, epochs, pairing, multi-host sharding, eval padding, workers, checkpoints.
+"""data.input_pipeline: layout, epochs, pairing, multi-host sharding, eval padding, workers,
+checkpoints.
 
 Every source image is a constant colour that encodes its index (augmentation keeps constant images
 constant on valid pixels), so the batches tell which source examples they hold.
@@ -10,17 +11,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mgd_jax.data import pipeline
+from mgd_jax.data import input_pipeline, sources
 
 CROP = 16
 
 
-def make_source(n: int, offset: int, labeled: bool, seed: int) -> pipeline.ArraySource:
+def make_source(n: int, offset: int, labeled: bool, seed: int) -> sources.ArraySource:
     rs = np.random.RandomState(seed)
     sizes = [(rs.randint(12, 40), rs.randint(12, 40)) for _ in range(n)]
     images = [np.full((h, w, 3), offset + i, np.uint8) for i, (h, w) in enumerate(sizes)]
     labels = [np.full((h, w), i, np.uint8) for i, (h, w) in enumerate(sizes)] if labeled else None
-    return pipeline.ArraySource(images, labels, keys=[f"k{offset + i}" for i in range(n)])
+    return sources.ArraySource(images, labels, keys=[f"k{offset + i}" for i in range(n)])
 
 
 LABELED = make_source(8, 1, True, 0)  # ids 1..8
@@ -51,7 +52,7 @@ def assert_trees_equal(a, b):
 def train(**kwargs):
     args = dict(batch_size=2, crop_size=CROP, seed=7)
     args.update(kwargs)
-    return pipeline.train_dataset(LABELED, UNLABELED, **args)
+    return input_pipeline.train_dataset(LABELED, UNLABELED, **args)
 
 
 def test_batch_layout():
@@ -75,7 +76,8 @@ def test_batch_layout():
     for img, v, lbl in zip(lab["image"], lab["valid"], lab["label"], strict=True):
         assert (lbl[v] == img[v][:, 0].astype(np.int32) - 1).all() and (lbl[~v] == 255).all()
 
-    only = take(pipeline.train_dataset(LABELED, batch_size=3, crop_size=(16, 24), seed=0), 1)[0]
+    labeled_only = input_pipeline.train_dataset(LABELED, batch_size=3, crop_size=(16, 24), seed=0)
+    only = take(labeled_only, 1)[0]
     assert set(only) == {"labeled"} and only["labeled"]["image"].shape == (3, 16, 24, 3)
 
 
@@ -176,7 +178,7 @@ def test_eval_counts_every_pixel_once(process_count):
     src = make_source(7, 1, True, 3)  # 7 examples, batch 3 (x hosts): never divides
     per_host = [
         list(
-            pipeline.eval_dataset(
+            input_pipeline.eval_dataset(
                 src,
                 batch_size=3,
                 pad_to=40,
@@ -187,7 +189,7 @@ def test_eval_counts_every_pixel_once(process_count):
         )
         for p in range(process_count)
     ]
-    steps = pipeline.eval_steps(7, 3, process_count)
+    steps = input_pipeline.eval_steps(7, 3, process_count)
     assert all(len(h) == steps for h in per_host)
     seen = []
     for host in per_host:
@@ -208,18 +210,18 @@ def test_eval_counts_every_pixel_once(process_count):
     total_valid = sum(int(b["valid"].sum()) for host in per_host for b in host)
     assert total_valid == sum(src[i]["label"].size for i in range(7))
     # without with_index the contract's three keys
-    b = next(iter(pipeline.eval_dataset(src, batch_size=2, pad_to=(40, 48))))
+    b = next(iter(input_pipeline.eval_dataset(src, batch_size=2, pad_to=(40, 48))))
     assert set(b) == {"image", "valid", "label"} and b["image"].shape == (2, 40, 48, 3)
 
 
 def test_eval_rejects_images_larger_than_pad():
     with pytest.raises(ValueError, match="k1"):
-        next(iter(pipeline.eval_dataset(make_source(2, 1, True, 4), batch_size=2, pad_to=8)))
+        next(iter(input_pipeline.eval_dataset(make_source(2, 1, True, 4), batch_size=2, pad_to=8)))
 
 
 def test_labeled_source_without_labels_names_the_key():
     with pytest.raises(ValueError, match=r"labeled example .k10\d. has no .label."):
-        take(pipeline.train_dataset(UNLABELED, batch_size=1, crop_size=CROP, seed=0), 1)
+        take(input_pipeline.train_dataset(UNLABELED, batch_size=1, crop_size=CROP, seed=0), 1)
 
 
 def test_bench_measure_smoke():

@@ -1,4 +1,5 @@
-"""predict: images -> palette PNGs + overlays with a tiny random network; corrupt files reported."""
+"""predict / predict_main: images -> palette PNGs + overlays with a tiny random network; corrupt
+files reported."""
 
 import json
 
@@ -6,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_export import NUM_CLASSES, save_tiny_network
 
-from mgd_jax import predict
-from mgd_jax.data import augment, sources
+from mgd_jax import export, predict, predict_main
+from mgd_jax.data import augment, datasets
+from mgd_jax.errors import DataError, ExportError
+
+from conftest import NUM_CLASSES
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("ckpt") / "export"
-    model, variables = save_tiny_network(ckpt)
-    return ckpt, model, variables
+def tiny(tiny_network):
+    return tiny_network  # (<workdir>/export, model, variables)
 
 
 def _rgb(seed, h, w):
@@ -33,25 +34,25 @@ def test_canvas_shapes_and_names(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     stems = [s for _, s in predict.list_inputs([str(tmp_path)])]
     assert stems == ["a_jpg", "a_png", "b", "sub/c"]
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(DataError, match="nope"):
         predict.list_inputs([str(tmp_path / "nope")])
 
 
 def test_palettes():
-    assert (predict.palette_for(21)[:21] == np.asarray(sources.DATASETS["voc"].palette)).all()
-    city = predict.palette_for(19)
+    assert (datasets.palette_for(21)[:21] == np.asarray(datasets.DATASETS["voc"].palette)).all()
+    city = datasets.palette_for(19)
     assert tuple(city[0]) == (128, 64, 128)  # road
-    generic = predict.palette_for(7)
-    assert (generic[:7] == np.asarray(sources.voc_colormap(7))).all()
+    generic = datasets.palette_for(7)
+    assert (generic[:7] == np.asarray(datasets.voc_colormap(7))).all()
     assert len({tuple(c) for c in generic[:7]}) == 7
 
 
-def test_resolve_checkpoint_errors(tmp_path, tiny):
+def test_load_network_resolves_and_errors(tmp_path, tiny):
     ckpt = tiny[0]
-    assert predict.resolve_checkpoint(str(ckpt.parent)) == str(ckpt)  # a workdir -> export/
+    assert export.load_network(str(ckpt.parent)).directory == str(ckpt)  # a workdir -> export/
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="training workdir without export"):
-        predict.resolve_checkpoint(str(tmp_path))
+    with pytest.raises(ExportError, match="training workdir"):
+        export.load_network(str(tmp_path))
 
 
 def test_predict_files_writes_palette_pngs_and_reports_corrupt(tmp_path, tiny):
@@ -68,7 +69,7 @@ def test_predict_files_writes_palette_pngs_and_reports_corrupt(tmp_path, tiny):
     good = (inputs / "small.png").read_bytes()
     (inputs / "truncated.png").write_bytes(good[: len(good) // 2])
 
-    network = predict.load_network(str(ckpt), precision="float32")
+    network = export.load_network(str(ckpt), precision="float32")
     out = tmp_path / "out"
     report = predict.predict_files(network, [str(inputs)], out, crop=32, bucket=16, batch_size=2)
 
@@ -86,7 +87,7 @@ def test_predict_files_writes_palette_pngs_and_reports_corrupt(tmp_path, tiny):
         labels = np.asarray(png)
         assert labels.max() < NUM_CLASSES
         palette = np.asarray(png.getpalette()[: 3 * NUM_CLASSES]).reshape(-1, 3)
-        assert (palette == np.asarray(sources.voc_colormap(NUM_CLASSES))).all()
+        assert (palette == np.asarray(datasets.voc_colormap(NUM_CLASSES))).all()
         overlay = Image.open(out / "overlays" / f"{stem}.jpg")
         assert overlay.size == png.size and overlay.mode == "RGB"
     assert (out / "labels" / "gray.png").is_file() and (out / "labels" / "photo.png").is_file()
@@ -106,13 +107,14 @@ def test_main_exit_codes(tmp_path, tiny, capsys):
     ckpt = tiny[0]
     Image.fromarray(_rgb(5, 24, 24)).save(tmp_path / "ok.png")
     (tmp_path / "bad.png").write_bytes(b"garbage")
-    rc = predict.main([f"--checkpoint={ckpt.parent}", "--input", str(tmp_path / "ok.png"),
-                       str(tmp_path / "bad.png"), f"--output={tmp_path / 'o'}", "--crop=32",
-                       "--no_overlay", "--precision=float32"])
+    rc = predict_main.main([
+        "predict_main", f"--checkpoint={ckpt.parent}", f"--input={tmp_path / 'ok.png'}",
+        f"--input={tmp_path / 'bad.png'}", f"--output={tmp_path / 'o'}", "--crop=32",
+        "--nooverlay", "--precision=float32"])
     assert rc == 1
     err = capsys.readouterr().err
     assert "1 input(s) FAILED" in err and "bad.png" in err
     assert (tmp_path / "o" / "labels" / "ok.png").is_file()
     assert not (tmp_path / "o" / "overlays").exists()
-    assert predict.main([f"--checkpoint={tmp_path}", f"--input={tmp_path}",
-                         f"--output={tmp_path / 'p'}"]) == 2
+    assert predict_main.main(["predict_main", f"--checkpoint={tmp_path}", f"--input={tmp_path}",
+                              f"--output={tmp_path / 'p'}"]) == 2

@@ -1,4 +1,4 @@
-"""data.sources: DatasetInfo table, open_split / Source contract, keys_to_indices, errors."""
+"""data.sources: open_split / PreparedSplit contract, keys_to_indices, errors."""
 
 import pickle
 import shutil
@@ -7,16 +7,8 @@ import numpy as np
 import pytest
 
 from mgd_jax.data import prepare
-from mgd_jax.data.sources import (
-    DATASETS,
-    SIDECAR,
-    DataError,
-    DatasetInfo,
-    dataset_dir,
-    keys_to_indices,
-    open_split,
-    resolve,
-)
+from mgd_jax.data.sources import SIDECAR, dataset_dir, keys_to_indices, open_split
+from mgd_jax.errors import DataError
 
 SIZES = dict(num_classes=3, image_size=32, num_train=10, num_val=4, seed=5)
 
@@ -29,26 +21,6 @@ def data_dir(tmp_path_factory):
 
 
 NAME = "synthetic/c3_s32_n10_v4_seed5"
-
-
-def test_dataset_table():
-    voc, city, syn = DATASETS["voc"], DATASETS["cityscapes"], DATASETS["synthetic"]
-    assert (voc.num_classes, voc.builder, voc.train_split, voc.eval_split) == (
-        21, "mgd_voc_aug", "train_aug", "val")
-    assert voc.split_sizes == {"train_aug": 10582, "val": 1449}
-    assert voc.palette[:3] == ((0, 0, 0), (128, 0, 0), (0, 128, 0))
-    assert (city.num_classes, city.split_sizes) == (19, {"train": 2975, "val": 500})
-    assert city.palette[0] == (128, 64, 128)
-    assert syn.num_classes == 5 and syn.config == "default"
-    for info in (voc, city, syn):
-        assert info.ignore_index == 255 and len(info.class_names) == info.num_classes
-        lut = info.palette_array()
-        assert lut.shape == (256, 3) and tuple(lut[255]) == (224, 224, 192)
-        assert DatasetInfo.from_json(info.to_json()) == info
-    assert resolve("mgd_voc_aug")[0] is voc and resolve("city")[0] is city
-    assert resolve("synthetic/abc") == (syn, "abc")
-    with pytest.raises(DataError, match="Unknown dataset"):
-        resolve("coco")
 
 
 def test_source_contract(data_dir):
@@ -89,15 +61,15 @@ def test_grain_reads_a_source(data_dir):
 def test_keys_to_indices(data_dir):
     src = open_split(NAME, "train", data_dir)
     np.testing.assert_array_equal(keys_to_indices(src, ["train_000007", "train_000002"]), [7, 2])
-    with pytest.raises(DataError, match=r"2 id\(s\) not found in Source\(synthetic:train.*"
+    with pytest.raises(DataError, match=r"2 id\(s\) not found in PreparedSplit\(synthetic:train.*"
                                         r"nope_1, nope_2"):
         keys_to_indices(src, ["train_000001", "nope_1", "nope_2"])
     assert keys_to_indices(["a", "b"], ["b"]).tolist() == [1]
 
 
 def test_not_prepared_errors(tmp_path, data_dir):
-    with pytest.raises(DataError, match=r"not prepared.*python -m mgd_jax.data.prepare voc "
-                                        r"--manual_dir="):
+    with pytest.raises(DataError, match=r"not prepared.*python -m mgd_jax.prepare_main "
+                                        r"--dataset=voc --manual_dir="):
         open_split("voc", "val", tmp_path)
     with pytest.raises(DataError, match=r"Prepared variants found .*c3_s32_n10_v4_seed5"):
         open_split("synthetic", "train", data_dir)

@@ -11,63 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import checkpoint, config_lib, methods, optim, parallel, train, weights
+from mgd_jax import checkpoint, export, methods, optim, parallel, train
+from mgd_jax.errors import ExportError
+from mgd_jax.methods import base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {"width": 0.125, "depths": "1,1,1,1"}
-
-
-def tiny_config(method, data=None, **overrides):
-    c = config_lib.base_config()
-    c.method = method
-    c.dataset, c.data_dir = (data[1], data[0]) if data else ("mgd_synthetic", "")
-    c.num_classes = 5
-    c.partition_source = "seeded"
-    c.partition = 4
-    c.crop_size = 32
-    c.scales = (0.75, 1.0, 1.5)
-    c.batch_size = 8
-    c.replica_batch = 2
-    c.lr = 0.01
-    c.precision = "float32"
-    c.model.width, c.model.depths = TINY["width"], TINY["depths"]
-    c.cps.backbone = "resnet101"
-    c.eval.pad_to = (32, 32)
-    c.eval.crop = 32
-    c.eval.batch_size = 8
-    c.num_train_steps = 4
-    c.log_every = c.eval_every = c.checkpoint_every = 2
-    c.evaluate_teachers = False
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    """Two tiny random teacher checkpoints in the mgd_jax.weights format."""
-    root = tmp_path_factory.mktemp("teachers")
-    paths = {}
-    for name, backbone in (("teacher_deep", "resnet101"), ("teacher_wide", "wide_resnet50_2")):
-        from mgd_jax import models
-
-        options = {"width": 0.125, "depths": (1, 1, 1, 1)}
-        model = models.build(backbone, 5, **options)
-        key = jax.random.key(1 if name == "teacher_deep" else 2, impl="rbg")
-        variables = jax.jit(functools.partial(model.init, train=False))(
-            key, jnp.zeros((1, 32, 32, 3))
-        )
-        directory = str(root / name)
-        weights.save_variables(
-            directory, jax.device_get(dict(variables)),
-            {"backbone": backbone, "num_classes": 5, "build_options": options},
-        )
-        paths[name] = directory
-    return paths
 
 
 def random_batch(seed, size=32, batch=8):
@@ -121,7 +69,7 @@ def one_step(config, mesh, batch):
     ],
     ids=["supervised", "supervised-mobilenet-ohem", "cps", "mgd"],
 )
-def test_step_on_8_devices_equals_1_device(method, overrides, teachers):
+def test_step_on_8_devices_equals_1_device(method, overrides, tiny_config, tiny_teachers):
     """SyncBN: BN statistics over the global batch, whatever the device count.
 
     In float64: in float32 the per-device convolutions round differently from the whole-batch
@@ -129,8 +77,8 @@ def test_step_on_8_devices_equals_1_device(method, overrides, teachers):
     """
     assert jax.device_count() == 8
     config = tiny_config(method, precision="float64", **overrides)
-    config.teacher_deep.checkpoint = teachers["teacher_deep"]
-    config.teacher_wide.checkpoint = teachers["teacher_wide"]
+    config.teacher_deep.checkpoint = tiny_teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = tiny_teachers["teacher_wide"]
     batch = random_batch(0)
     with jax.enable_x64(True):
         one = one_step(config, parallel.make_mesh(jax.devices()[:1]), batch)
@@ -142,11 +90,11 @@ def test_step_on_8_devices_equals_1_device(method, overrides, teachers):
     assert float(one[2]["grad_norm"]) > 0
 
 
-def test_mgd_loss_terms_and_teacher_isolation(teachers):
+def test_mgd_loss_terms_and_teacher_isolation(tiny_config, tiny_teachers):
     """Every MGD term is active and finite; the teachers get no gradient and stay unchanged."""
     config = tiny_config("mgd")
-    config.teacher_deep.checkpoint = teachers["teacher_deep"]
-    config.teacher_wide.checkpoint = teachers["teacher_wide"]
+    config.teacher_deep.checkpoint = tiny_teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = tiny_teachers["teacher_wide"]
     method = methods.get(config)
     variables = method.init_variables(jax.random.key(0, impl="rbg"))
     frozen = method.frozen_variables()
@@ -168,34 +116,34 @@ def test_mgd_loss_terms_and_teacher_isolation(teachers):
     config.loss.region = False
     config.loss.image = False
     ablated = methods.get(config)
+    ablated.frozen_variables()
     _, (_, m2) = ablated.loss(variables["params"], variables["batch_stats"], frozen, batch,
                               jax.random.PRNGKey(0))
     assert float(m2["loss_region"]) == 0 and float(m2["loss_image"]) == 0
     np.testing.assert_allclose(float(m2["loss_sup"]), float(metrics["loss_sup"]), rtol=1e-6)
 
 
-def test_student_bn_updated_four_times_per_mgd_step(teachers):
+def test_student_bn_updated_four_times_per_mgd_step(tiny_config, tiny_teachers):
     """u0, u1 (no grad), u_mix, x_l: four EMA updates, matching an explicit sequence."""
     config = tiny_config("mgd")
-    config.teacher_deep.checkpoint = teachers["teacher_deep"]
-    config.teacher_wide.checkpoint = teachers["teacher_wide"]
+    config.teacher_deep.checkpoint = tiny_teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = tiny_teachers["teacher_wide"]
     method = methods.get(config)
     v = method.init_variables(jax.random.key(0, impl="rbg"))
     batch = jax.tree.map(jnp.asarray, random_batch(2))
     _, (stats, _) = method.loss(v["params"], v["batch_stats"], method.frozen_variables(), batch,
                                 jax.random.PRNGKey(0))
-    from mgd_jax.methods import common
-
     expected = v["batch_stats"]
-    u0, u1 = common.normalize(batch["unlabeled_0"]), common.normalize(batch["unlabeled_1"])
-    for images in (u0, u1, common.mix(u0, u1, batch["mask"]),
-                   common.normalize(batch["labeled"])):
-        _, expected = common.forward(method.eval_model, v["params"], expected, images)
+    u0, u1 = base.normalize(batch["unlabeled_0"]), base.normalize(batch["unlabeled_1"])
+    for images in (u0, u1, base.mix(u0, u1, batch["mask"]),
+                   base.normalize(batch["labeled"])):
+        _, expected = base.forward(method.eval_model, v["params"], expected, images)
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     config.student_nograd_bn_updates = False
-    _, (stats2, _) = methods.get(config).loss(
-        v["params"], v["batch_stats"], method.frozen_variables(), batch, jax.random.PRNGKey(0))
+    without = methods.get(config)
+    _, (stats2, _) = without.loss(
+        v["params"], v["batch_stats"], without.frozen_variables(), batch, jax.random.PRNGKey(0))
     assert not np.allclose(jax.tree.leaves(stats2)[0], jax.tree.leaves(stats)[0])
 
 
@@ -203,7 +151,7 @@ class Preempted(Exception):
     pass
 
 
-def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, monkeypatch):
+def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, monkeypatch, tiny_config):
     config = tiny_config("cps", synthetic_dir, num_train_steps=4, checkpoint_every=2,
                          eval_every=4)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -222,11 +170,25 @@ def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, monkeypa
     monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
-    a, _ = weights.load_variables(straight["export"])
-    b, _ = weights.load_variables(resumed["export"])
+    a, _ = export.load_variables(straight["export"])
+    b, _ = export.load_variables(resumed["export"])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     assert straight["miou"] == resumed["miou"]
+
+    # Any checkpoint of a workdir loads as a network: the last step is the export (branch 1 of
+    # the CPS state), an earlier one differs.
+    workdir = str(tmp_path / "straight")
+    for step in (4, "latest", "best"):
+        network = export.load_network(workdir, step=step)
+        assert network.step == 4
+        for x, y in zip(jax.tree.leaves(network.variables), jax.tree.leaves(a), strict=True):
+            np.testing.assert_array_equal(x, y)
+    earlier = export.load_network(workdir, step=2).variables
+    assert not all(np.array_equal(x, y) for x, y in
+                   zip(jax.tree.leaves(earlier), jax.tree.leaves(a), strict=True))
+    with pytest.raises(ExportError, match="saved steps: \\[2, 4\\]"):
+        export.load_network(workdir, step=3)
 
 
 def run_main(args, cwd=ROOT, timeout=600):
@@ -268,7 +230,7 @@ def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
         assert any("train/loss" in line for line in lines)
     assert "teacher_deep_eval" in proc.stdout + proc.stderr
     mgd = json.loads((tmp_path / "mgd" / "final_metrics.json").read_text())
-    assert set(mgd["teachers"]) == {"teacher_deep", "teacher_wide"}
+    assert set(mgd["extra_evals"]) == {"teacher_deep", "teacher_wide"}
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
@@ -282,25 +244,23 @@ def test_bad_config_fails_before_compiling(tmp_path):
     assert "config.teacher_deep.checkpoint" in proc.stderr
 
 
-def test_imagenet_init_merges_a_backbone_checkpoint(tmp_path):
+def test_imagenet_init_merges_a_backbone_checkpoint(tmp_path, tiny_config):
     """config.student_init: a torchvision ResNet-18 imported with --backbone_only loads into the
     deep-stem student the official way (bn1, layer1-4 loaded; the deep stem keeps its init)."""
     from torch_reference import torch, torchvision
 
-    from mgd_jax.methods import common
-
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     subprocess.run(
-        [sys.executable, "-m", "mgd_jax.weights", "--backbone=resnet18",
+        [sys.executable, "-m", "mgd_jax.import_main", "--backbone=resnet18",
          f"--torch={tmp_path / 'r18.pth'}", "--backbone_only", f"--out={tmp_path / 'ck'}"],
         check=True, capture_output=True, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""),
     )
     config = tiny_config("supervised")
     config.model.width, config.model.depths, config.num_classes = 1.0, "", 21
-    model = common.build("resnet18", config, common.student_options(config))
-    fresh = common.init_network(jax.random.key(0, impl="rbg"), model, config)
-    loaded = common.init_network(jax.random.key(0, impl="rbg"), model, config, str(tmp_path / "ck"))
+    model = base.build("resnet18", config, base.student_options(config))
+    fresh = base.init_network(jax.random.key(0, impl="rbg"), model, config)
+    loaded = base.init_network(jax.random.key(0, impl="rbg"), model, config, str(tmp_path / "ck"))
     state = reference.state_dict()
     np.testing.assert_array_equal(
         loaded["params"]["backbone"]["layer3_1"]["conv2"]["kernel"],

@@ -13,6 +13,7 @@ import ml_collections
 
 from mgd_jax import export, losses, models
 from mgd_jax.data import augment
+from mgd_jax.errors import ConfigError
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
 Network = tuple[Any, Variables]  # (flax module, its variables)
@@ -25,7 +26,10 @@ class Method(Protocol):
     the network that is evaluated and exported (`eval_model`, its variables at `eval_path` inside
     the trained params / batch_stats, its build description `export_meta`), fresh trainable
     variables, frozen variables passed to every step (never differentiated, never checkpointed),
-    the loss, and networks to evaluate once before training (e.g. MGD's teachers).
+    the loss, and networks to evaluate once before training (e.g. MGD's teachers). A class may
+    also define `check_config(config)` (run by `config_lib.validate` before anything is read).
+    `MethodBase` and `StudentMethod` below give the usual defaults; a new method registered with
+    `methods.register` is a `StudentMethod` plus its loss (tests/test_architecture.py).
     """
 
     uses_unlabeled: bool  # the train stream carries unlabeled_0/1 and a CutMix mask
@@ -46,6 +50,41 @@ class Method(Protocol):
 
     def extra_evals(self, frozen: Any) -> dict[str, Network]:
         """Networks evaluated on val once before training, by report name."""
+
+
+class MethodBase:
+    """Defaults of the protocol: labeled data only, one network, nothing frozen or extra."""
+
+    uses_unlabeled = False
+    eval_path: tuple[str, ...] = ()
+
+    def frozen_variables(self, *, random: bool = False) -> dict:
+        del random
+        return {}
+
+    def extra_evals(self, frozen: Any) -> dict[str, Network]:
+        del frozen
+        return {}
+
+
+class StudentMethod(MethodBase):
+    """A method that trains the configured student (`config.student`, `config.model`,
+    ImageNet init from `config.student_init`); subclasses add the loss."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        options = student_options(config)
+        self.eval_model = build(config.student, config, options)
+        self.export_meta = network_meta(config.student, config, options)
+
+    @staticmethod
+    def check_config(config: ml_collections.ConfigDict) -> None:
+        if config.student not in models.STUDENTS:
+            raise ConfigError(f"config.student: {config.student!r} is not one of "
+                              f"{models.STUDENTS}")
+
+    def init_variables(self, rng: jax.Array) -> Variables:
+        return init_network(rng, self.eval_model, self.config, self.config.student_init)
 
 
 def select(tree: Any, path: tuple[str, ...]) -> Any:

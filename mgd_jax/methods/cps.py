@@ -18,7 +18,7 @@ from mgd_jax.methods import base
 BRANCHES = ("branch1", "branch2")
 
 
-class CPS:
+class CPS(base.MethodBase):
     uses_unlabeled = True
     eval_path = ("branch1",)
 
@@ -48,14 +48,6 @@ class CPS:
             part: {name: v[part] for name, v in zip(BRANCHES, per_branch, strict=True)}
             for part in ("params", "batch_stats")
         }
-
-    def frozen_variables(self, *, random: bool = False) -> dict:
-        del random
-        return {}
-
-    def extra_evals(self, frozen: dict) -> dict:
-        del frozen
-        return {}
 
     def loss(self, params, batch_stats, frozen, batch, rng):
         del frozen, rng

@@ -59,22 +59,16 @@ def random_teacher(config: ml_collections.ConfigDict, name: str) -> base.Network
     return model, {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
-class MGD:
+class MGD(base.StudentMethod):
     uses_unlabeled = True
-    eval_path = ()
 
     def __init__(self, config: ml_collections.ConfigDict):
-        self.config = config
-        options = base.student_options(config)
-        self.eval_model = base.build(config.student, config, options)
-        self.export_meta = base.network_meta(config.student, config, options)
+        super().__init__(config)
         self.teacher_models: dict = {}  # set by frozen_variables()
 
     @staticmethod
     def check_config(config: ml_collections.ConfigDict) -> None:
-        if config.student not in models.STUDENTS:
-            raise ConfigError(f"config.student: {config.student!r} is not one of "
-                              f"{models.STUDENTS}")
+        base.StudentMethod.check_config(config)
         if config.teacher_bn not in TEACHER_BN:
             raise ConfigError(f"config.teacher_bn: {config.teacher_bn!r} is not one of "
                               f"{TEACHER_BN}")
@@ -87,9 +81,6 @@ class MGD:
                 raise ConfigError(f"config.{name}.checkpoint: {path!r} does not exist")
         if config.loss.lambda_image < 0 or config.loss.lambda_region < 0:
             raise ConfigError("config.loss.lambda_image / lambda_region: must be >= 0")
-
-    def init_variables(self, rng: jax.Array) -> base.Variables:
-        return base.init_network(rng, self.eval_model, self.config, self.config.student_init)
 
     def frozen_variables(self, *, random: bool = False) -> dict:
         """The two teachers' variables (their modules go to `teacher_models`)."""
