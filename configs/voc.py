@@ -7,7 +7,7 @@
 Arguments (`config_lib.RECIPE_ARGS`): method (supervised | cps | mgd), student (resnet18 |
 mobilenet_v2), teacher (the CPS backbone: resnet101 | wide_resnet50_2), partition (16 | 8 | 4 | 2),
 smoke. Every number is the official one (docs/method.md §4), with its origin. On 4 GPUs a 1/8
-student takes about a day (34 epochs x 1,157 steps); the README's quick start runs `smoke`.
+student runs 34 epochs x 1,157 steps; `smoke` runs a few steps at a small size.
 """
 
 from mgd_jax import config_lib

@@ -3,7 +3,7 @@ export PROJECT=my-gcp-project
 export ZONE=us-central2-b
 export TPU_NAME=mgd-v4-32
 # v4-8 = 4 devices, which divides the recipe's global batch of 8 (VOC, Cityscapes teachers).
-# Larger slices need a larger global batch: see the README's scaling guide.
+# Larger slices need a larger global batch: see docs/reproducing.md (scaling guide).
 export ACCELERATOR_TYPE=v4-8             # v5litepod-8 / v5p-8 / ...
 export RUNTIME_VERSION=tpu-ubuntu2204-base  # v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p
 export BUCKET=my-bucket

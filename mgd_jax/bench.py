@@ -39,6 +39,7 @@ import numpy as np
 
 from mgd_jax import methods, models, optim, parallel, train
 from mgd_jax.data import cutmix
+from mgd_jax.errors import ConfigError
 
 # Peak dense bf16 FLOP/s per device, matched against `device.device_kind` (lower case, first
 # match wins: specific names before generic ones).
@@ -107,11 +108,10 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     if batch:
         config.batch_size = int(batch)
     n_dev = jax.device_count()
-    if config.batch_size % n_dev:
-        raise ValueError(f"batch {config.batch_size} is not divisible by the {n_dev} devices")
+    local_batch = parallel.process_share(config.batch_size, "batch_size")
     if config.batch_size % config.replica_batch:
-        raise ValueError(f"batch {config.batch_size} is not a multiple of "
-                         f"config.replica_batch={config.replica_batch}")
+        raise ConfigError(f"batch {config.batch_size} is not a multiple of "
+                          f"config.replica_batch={config.replica_batch}")
     say = print if (verbose and jax.process_index() == 0) else (lambda *a, **k: None)
 
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     )
     state = parallel.replicate(state, mesh)
     frozen = parallel.replicate(method.frozen_variables(random=True), mesh)
-    local = random_batch(config, config.batch_size // jax.process_count(),
+    local = random_batch(config, local_batch,
                          method.uses_unlabeled, seed=config.seed + jax.process_index())
     batch_arrays = parallel.global_batch(local, mesh)
     setup_s = time.perf_counter() - t0
@@ -169,7 +169,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     dtype = jnp.dtype(models.compute_dtype(config.precision)).name
     result = {
         "method": config.method,
-        "student": config.student if config.method != "cps" else config.cps.backbone,
+        "student": method.export_meta["backbone"],
         "devices": f"{n_dev} x {device.device_kind}",
         "compute_dtype": dtype,
         "global_batch": int(config.batch_size),

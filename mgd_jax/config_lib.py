@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- networks -------------------------------------------------------------------------
     c.student = "resnet18"
-    c.student_init = ""  # mgd_jax.weights checkpoint of the ImageNet backbone ("" = random)
+    c.student_init = ""  # network directory of the ImageNet backbone ("" = random)
     c.model = ml_collections.ConfigDict()
     c.model.width = 1.0  # channel multiplier (1.0 = the official networks)
     c.model.depths = ""  # e.g. "1,1,1,1" blocks per stage ("" = the official depths)
@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.teacher_deep = ml_collections.ConfigDict()  # T_D: feeds L_I and L_P
     c.teacher_deep.backbone = "resnet101"
-    c.teacher_deep.checkpoint = ""  # mgd_jax.weights checkpoint dir (CPS export or imported .pth)
+    c.teacher_deep.checkpoint = ""  # network directory (a CPS run's export/ or an imported .pth)
     c.teacher_deep.width = 1.0
     c.teacher_deep.depths = ""
     c.teacher_wide = ml_collections.ConfigDict()  # T_W: feeds L_R and L_P

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mgd_jax.data.datasets import IGNORE_INDEX
 from mgd_jax.models.layers import adaptive_avg_pool2d
 
 # Floor of the channel norm in `content_aware`; the official has none (NaN on all-zero regions).
@@ -47,7 +48,9 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     return total / jnp.maximum(count, 1.0)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = 255) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
     """Softmax cross-entropy averaged over the pixels whose label is not `ignore_index`.
 
     Args:
@@ -69,7 +72,7 @@ def ohem_cross_entropy(
     *,
     thresh: float = 0.7,
     min_kept: int = 100000,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> jax.Array:
     """Online hard-example-mined cross-entropy, `ProbOhemCrossEntropy2d` semantics.
 

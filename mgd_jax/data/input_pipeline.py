@@ -32,26 +32,15 @@ depends on its global index only, so the union over hosts of one global step, co
 process order, is exactly the batch a single host with batch_size=GB would produce. Within an epoch
 of a stream the hosts' examples are disjoint and together cover the split.
 
-Checkpointing (orbax + grain), per host:
-
-    it = iter(train_dataset(...))
-    mngr = ocp.CheckpointManager(dir, options=..., item_names=("state", "data_iter"))
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=grain.checkpoint.CheckpointSave(it)))
-    # on resume: build the same dataset, create the iterator, then restore into it
-    it = iter(train_dataset(...))
-    mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(it)))
-
-`it.get_state()` / `it.set_state(state)` do the same in memory. Restore with the same arguments
-(sources, batch size, seed, process layout) and the same `num_workers` (the state of a multi-worker
-iterator records the per-worker positions).
+Checkpointing: a train iterator's position is saved and restored with the train state
+(`checkpoint.Checkpointer`; in memory `it.get_state()` / `it.set_state(state)`). Restore with the
+same arguments (sources, batch size, seed, process layout) and the same `num_workers` (the state
+of a multi-worker iterator records the per-worker positions).
 
 Worker processes are *spawned*: the transforms here are module-level picklable classes, the sources
 must be picklable, and a script that uses `num_workers > 0` must guard its entry point with
 `if __name__ == "__main__":` (spawned workers re-import the main module) and have absl flags parsed
-(run under `absl.app.run`, or call `absl.flags.FLAGS.mark_as_parsed()`).
+(the tools' `cli.run` does that; elsewhere call `absl.flags.FLAGS.mark_as_parsed()`).
 """
 
 from __future__ import annotations

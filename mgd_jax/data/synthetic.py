@@ -22,7 +22,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from mgd_jax.data.datasets import DATASETS, DatasetInfo, voc_colormap
+from mgd_jax.data.datasets import DATASETS, IGNORE_INDEX, DatasetInfo, voc_colormap
 
 SHAPES = ("disc", "triangle", "square", "cross", "ring", "diamond")
 TEXTURES = ("stripes", "dots", "checker", "grid")
@@ -236,6 +236,6 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.
         edge = np.zeros(label.shape, bool)
         edge[:, :-1] |= label[:, :-1] != label[:, 1:]
         edge[:-1, :] |= label[:-1, :] != label[1:, :]
-        label[edge] = 255
+        label[edge] = IGNORE_INDEX
     image = image + rng.normal(0.0, 2.0, image.shape)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label

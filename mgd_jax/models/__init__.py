@@ -39,13 +39,15 @@ def canonical(backbone: str) -> str:
 
 
 def compute_dtype(precision: str = "auto") -> jnp.dtype:
-    """Compute dtype of a precision setting: "auto" is bfloat16 on GPU/TPU and float32 on CPU
-    (parameters and BN statistics always stay float32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    """Compute dtype of a precision setting (`PRECISIONS`, or any dtype name, e.g. "float64" in
+    tests): "auto" is bfloat16 on GPU/TPU and float32 on CPU (parameters and BN statistics
+    always stay float32)."""
     if precision == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(precision)
+    try:
+        return jnp.dtype(precision)
+    except TypeError:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}") from None
 
 
 def parse_depths(text: str | tuple[int, ...] | None) -> tuple[int, ...] | None:

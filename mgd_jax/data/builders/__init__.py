@@ -1,7 +1,7 @@
 """tfds builders (array_record, TensorFlow-free): importing this package registers
 ``mgd_voc_aug``, ``mgd_cityscapes`` and ``mgd_synthetic`` with tfds.
 
-Prepare data with ``python -m mgd_jax.data.prepare`` (see :mod:`mgd_jax.data.prepare`), which
+Prepare data with ``python -m mgd_jax.prepare_main`` (see :mod:`mgd_jax.data.prepare`), which
 checks the manual files before writing and prints the totals.
 """
 

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -354,5 +354,3 @@ class MgdBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
             json.dump(meta, f)
 
 
-def sorted_unique(keys: Iterable[str]) -> list[str]:
-    return sorted(set(keys))
