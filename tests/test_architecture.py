@@ -32,9 +32,10 @@ LAYERS = (
     ("methods",),
     ("methods.cps", "methods.mgd", "methods.supervised"),
     ("methods.base",),
+    ("deploy",),
     ("predict", "torch_import", "models.summary"),
     ("evaluate",),
-    ("export", "reporting", "optim", "losses", "weight_files"),
+    ("export", "reporting", "optim", "losses", "weight_files", "onnx_export"),
     ("checkpoint",),
     # data: from files to batches
     ("data.prepare", "data.bench"),
