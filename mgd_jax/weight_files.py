@@ -138,6 +138,13 @@ def read_safetensors(data: bytes, source: str) -> dict[str, np.ndarray]:
 # torch.save's zip format
 
 
+_MAX_ELEMENTS = 1 << 34  # a bound on one tensor (stride-0 views could otherwise ask for any size)
+
+
+class _Malformed(Exception):
+    """A tensor or parameter record that does not fit its storage (read_pth names the file)."""
+
+
 class _StorageType:
     """Stand-in for a legacy typed storage class (`torch.FloatStorage`)."""
 
@@ -154,7 +161,7 @@ class _Storage:
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple | list) or not all(type(v) is int for v in value):
-        raise WeightImportError(f"tensor {what} {value!r} is not a tuple of ints")
+        raise _Malformed(f"tensor {what} {value!r} is not a tuple of ints")
     return tuple(value)
 
 
@@ -162,15 +169,16 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
                     backward_hooks: Any = None, metadata: Any = None) -> np.ndarray:
     """`torch._utils._rebuild_tensor_v2`: the strided view of a storage, copied."""
     if not isinstance(storage, _Storage) or type(offset) is not int:
-        raise WeightImportError("a tensor is rebuilt from something that is not a storage")
+        raise _Malformed("a tensor is rebuilt from something that is not a storage")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
     flat = storage.array
-    if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride):
-        raise WeightImportError(f"tensor with size {size}, stride {stride}, offset {offset}")
+    if (len(size) != len(stride) or offset < 0 or any(s < 0 for s in size + stride)
+            or math.prod(size) > _MAX_ELEMENTS):
+        raise _Malformed(f"tensor with size {size}, stride {stride}, offset {offset}")
     if 0 not in size:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
         if last >= flat.size:
-            raise WeightImportError(
+            raise _Malformed(
                 f"tensor with size {size}, stride {stride}, offset {offset} reaches element "
                 f"{last} of a storage of {flat.size}"
             )
@@ -184,7 +192,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
                        state: Any = None) -> np.ndarray:
     """`torch._utils._rebuild_parameter[_with_state]`: a parameter is its tensor."""
     if not isinstance(data, np.ndarray):
-        raise WeightImportError("a parameter is rebuilt from something that is not a tensor")
+        raise _Malformed("a parameter is rebuilt from something that is not a tensor")
     return data
 
 
@@ -259,6 +267,8 @@ def read_pth(data: bytes, source: str) -> Any:
             return unpickler.load()
     except WeightImportError:
         raise
+    except _Malformed as e:
+        raise WeightImportError(f"{path}: {e}") from e
     except (zipfile.BadZipFile, EOFError, OSError) as e:
         raise WeightImportError(
             f"{path}: cannot read the PyTorch file (truncated or corrupt?): {e}"
