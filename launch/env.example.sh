@@ -12,6 +12,6 @@ export BUCKET=my-bucket
 export MOUNT=/mnt/$BUCKET
 export MOUNT_BUCKET=1
 export DATA_DIR=$MOUNT/tensorflow_datasets   # prepared with launch/prepare_data.sh
-export SPLIT_DIR=$MOUNT/mgd_splits           # your copy of the standard split lists
+export SPLIT_DIR=                           # optional: split lists of your own (empty: built in)
 export RUNS_DIR=$MOUNT/runs                  # workdirs (checkpoints, logs)
 export REPO_REF=main

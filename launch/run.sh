@@ -5,6 +5,6 @@
 source "$(dirname "$0")/_common.sh"
 CONFIG="$1"; WORKDIR="$2"; shift 2
 all_workers "cd ~/mgd_jax && MGD_JAX_DISTRIBUTED=1 nohup .venv/bin/python -m mgd_jax.main \
-  --config=$CONFIG --workdir=$WORKDIR --config.data_dir=$DATA_DIR --config.split_dir=$SPLIT_DIR $* \
+  --config=$CONFIG --workdir=$WORKDIR --config.data_dir=$DATA_DIR ${SPLIT_DIR:+--config.split_dir=$SPLIT_DIR} $* \
   > ~/train.log 2>&1 &"
 echo "started; follow with launch/tail.sh"

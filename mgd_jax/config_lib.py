@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 
 from mgd_jax import evaluate, methods, models, parallel
-from mgd_jax.data import input_pipeline
+from mgd_jax.data import input_pipeline, splits
 from mgd_jax.errors import ConfigError
 
 # CPS per-partition epochs (TorchSemiSeg docs/getting_started.md); the 1/8 values equal MGD's
@@ -82,10 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_split = "val"
     c.num_classes = 0
     c.partition = 8  # 1/partition of the train split is labeled
-    # "lists": the standard CPS/MGD list files in `split_dir` (comparable with the literature);
+    # "lists": the standard CPS/MGD partitions (comparable with the literature): built in, or the
+    # list files in `split_dir`;
     # "seeded": a seeded random partition of the train split (logged as such).
     c.partition_source = "lists"
-    c.split_dir = ""  # the user's folder of standard split lists
+    c.split_dir = ""  # a folder of split lists; "" = the built-in VOC / Cityscapes partitions
     c.labeled_count = 0  # seeded partitions only: an exact labeled count instead of 1/partition
     c.crop_size = 512
     c.scales = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # TrainPre scale set (§4.4; no 1.25)
@@ -264,14 +265,15 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
         _fail("replica_batch", f"{c.replica_batch} does not divide batch_size {c.batch_size}")
     one_of("partition_source", c.partition_source, input_pipeline.PARTITION_SOURCES)
     if c.partition_source == "lists":
-        if not c.split_dir:
+        if c.split_dir and not os.path.isdir(os.path.expanduser(c.split_dir)):
+            _fail("split_dir", f"{c.split_dir!r} is not a directory")
+        if not c.split_dir and not splits.has_builtin(c.dataset):
             _fail(
                 "split_dir",
-                "is empty: point it at your folder of standard split lists "
+                f"is empty and {c.dataset!r} has no built-in standard partitions (VOC and "
+                "Cityscapes have): point it at your folder of split lists "
                 "(train_aug_labeled_1-8.txt, ...), or set partition_source=seeded",
             )
-        elif not os.path.isdir(os.path.expanduser(c.split_dir)):
-            _fail("split_dir", f"{c.split_dir!r} is not a directory")
     if c.partition not in (2, 4, 8, 16) and c.partition_source == "lists":
         _fail("partition", f"standard lists exist for 2, 4, 8, 16; got {c.partition}")
     if c.partition < 1:

@@ -1,7 +1,9 @@
 """Export: a trained network (a workdir's checkpoint at a step, or any network directory) written
-as a network directory that eval_main / predict_main and other runs load.
+as a network directory that eval_main / predict_main and other runs load, or as deployable files
+(`deploy`: serialized StableHLO and/or ONNX, runnable without this project).
 
     python -m mgd_jax.export_main --checkpoint=WORKDIR --step=best --output=DIR
+    python -m mgd_jax.export_main --checkpoint=RUN --format=jax,onnx --sizes=512x512 --output=DIR
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli, export
+from mgd_jax import cli, deploy, export
 
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir or network directory.",
@@ -22,10 +24,35 @@ _OUTPUT = flags.DEFINE_string("output", None, "The network directory to write.",
                               flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.",
                                flag_values=FLAGS)
+_FORMAT = flags.DEFINE_list("format", ["network"], "network (a network directory), or the "
+                            f"deployable formats, any of {','.join(deploy.FORMATS)}.",
+                            flag_values=FLAGS)
+_SIZES = flags.DEFINE_string("sizes", "512x512", "Deployable formats: the input sizes, "
+                             "HEIGHTxWIDTH,... (one file each).", flag_values=FLAGS)
+_PLATFORMS = flags.DEFINE_list("platforms", list(deploy.PLATFORMS), "jax format: the platforms "
+                               "the StableHLO is lowered for.", flag_values=FLAGS)
+_PRECISION = flags.DEFINE_enum("precision", "float32", ("float32", "bfloat16"), "Deployable "
+                               "formats: the compute dtype (onnx: float32 only).",
+                               flag_values=FLAGS)
 flags.mark_flags_as_required(["checkpoint", "output"], flag_values=FLAGS)
 
 
+def _deployable() -> None:
+    network = export.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value),
+                                  precision=_PRECISION.value)
+    manifest = deploy.export_deployable(
+        network, _OUTPUT.value, sizes=deploy.parse_sizes(_SIZES.value), formats=_FORMAT.value,
+        platforms=_PLATFORMS.value, overwrite=_OVERWRITE.value)
+    files = [f for by_size in manifest["files"].values() for f in by_size.values()]
+    print(f"{network.describe()} -> {_OUTPUT.value}: {', '.join(files)}")
+
+
 def _export() -> None:
+    if _FORMAT.value != ["network"]:
+        if "network" in _FORMAT.value:
+            raise cli.UserError("--format: a network directory and deployable files go to "
+                                "different --output directories; export them one at a time")
+        return _deployable()
     network = export.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value))
     export.save_network(_OUTPUT.value, network.variables,
                         dict(network.meta, source=network.directory, step=network.step),

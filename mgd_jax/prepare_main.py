@@ -3,6 +3,8 @@
     python -m mgd_jax.prepare_main --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data
     python -m mgd_jax.prepare_main --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
     python -m mgd_jax.prepare_main --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
+    python -m mgd_jax.prepare_main --dataset=folder --name=mine --images=DIR --masks=DIR \
+        --classes=classes.txt [--palette=FILE --ignore_value=255 --val_images=DIR --val_masks=DIR]
 
 Every listed id's image and mask are located and checked before anything is written; an
 interrupted run never leaves a dataset that training accepts.
@@ -20,8 +22,9 @@ from mgd_jax import cli
 from mgd_jax.data import prepare, synthetic
 
 FLAGS = flags.FlagValues()
-_DATASET = flags.DEFINE_enum("dataset", None, ("voc", "cityscapes", "synthetic"),
-                             "The dataset to prepare.", flag_values=FLAGS)
+_DATASET = flags.DEFINE_enum("dataset", None, ("voc", "cityscapes", "synthetic", "folder"),
+                             "The dataset to prepare (folder: your own, see docs/data.md).",
+                             flag_values=FLAGS)
 _DATA_DIR = flags.DEFINE_string("data_dir", prepare.DEFAULT_DATA_DIR,
                                 "Where the prepared dataset goes.", flag_values=FLAGS)
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "voc / cityscapes: the folder with the "
@@ -33,6 +36,30 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild if already prepared.
                                flag_values=FLAGS)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Decode/check threads (default: "
                                     "min(8, CPUs)).", flag_values=FLAGS)
+_NAME = flags.DEFINE_string("name", None, "folder: the dataset's name (config.dataset).",
+                            flag_values=FLAGS)
+_IMAGES = flags.DEFINE_string("images", None, "folder: the folder of images (train, or all "
+                              "when val is held out).", flag_values=FLAGS)
+_MASKS = flags.DEFINE_string("masks", None, "folder: the folder of index masks, <name>.png per "
+                             "image <name>.<ext>.", flag_values=FLAGS)
+_CLASSES = flags.DEFINE_string("classes", None, "folder: the class names file, one per line "
+                               "(line i = class id i).", flag_values=FLAGS)
+_PALETTE = flags.DEFINE_string("palette", None, "folder: optional colours, one per class and "
+                               "line (R G B or #RRGGBB); default: the VOC colour map.",
+                               flag_values=FLAGS)
+_IGNORE_VALUE = flags.DEFINE_integer("ignore_value", 255, "folder: the mask value that means "
+                                     "'not labelled' (stored as 255).", flag_values=FLAGS)
+_VAL_IMAGES = flags.DEFINE_string("val_images", None, "folder: the val images (with "
+                                  "--val_masks); default: hold out --val_fraction.",
+                                  flag_values=FLAGS)
+_VAL_MASKS = flags.DEFINE_string("val_masks", None, "folder: the val masks.", flag_values=FLAGS)
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.1, "folder: the fraction of --images held "
+                                   "out for val when no --val_images are given.",
+                                   flag_values=FLAGS)
+_VAL_SEED = flags.DEFINE_integer("val_seed", 0, "folder: the seed of the held-out val images.",
+                                 flag_values=FLAGS)
+_MASK_SUFFIX = flags.DEFINE_string("mask_suffix", "", "folder: the mask of image <name>.<ext> "
+                                   "is <name><mask_suffix>.png.", flag_values=FLAGS)
 _SPEC = synthetic.SyntheticSpec()
 _SIZES = {
     field.name: (flags.DEFINE_bool if isinstance(getattr(_SPEC, field.name), bool)
@@ -49,6 +76,20 @@ def _prepare() -> None:
         name = prepare.prepare_synthetic(_DATA_DIR.value, overwrite=_OVERWRITE.value,
                                          num_workers=_NUM_WORKERS.value, **sizes)
         print(f"Open it with open_split({name!r}, 'train', {_DATA_DIR.value!r})")
+        return
+    if _DATASET.value == "folder":
+        missing = [f"--{f.name}" for f in (_NAME, _IMAGES, _MASKS, _CLASSES) if not f.value]
+        if missing:
+            raise cli.UserError(f"--dataset=folder needs {', '.join(missing)}")
+        name = prepare.prepare_folder(
+            _NAME.value, _IMAGES.value, _MASKS.value, _CLASSES.value, _DATA_DIR.value,
+            palette=_PALETTE.value, ignore_value=_IGNORE_VALUE.value,
+            val_images=_VAL_IMAGES.value, val_masks=_VAL_MASKS.value,
+            val_fraction=_VAL_FRACTION.value, val_seed=_VAL_SEED.value,
+            mask_suffix=_MASK_SUFFIX.value, overwrite=_OVERWRITE.value,
+            num_workers=_NUM_WORKERS.value)
+        print(f"Train on it with --config=configs/own.py:dataset={name},data_dir={_DATA_DIR.value}"
+              f" (or --config.dataset={name} --config.data_dir={_DATA_DIR.value})")
         return
     if not _MANUAL_DIR.value:
         raise cli.UserError(f"--dataset={_DATASET.value} needs --manual_dir (the downloads)")

@@ -13,7 +13,8 @@ Keys the segmentation model never uses (BN step counters, ImageNet classifiers, 
 features.18, a torchvision 7x7 stem conv offered to a deep-stem ResNet) are skipped and reported.
 Anything else that does not fit -- an unexpected key, a missing key, a shape mismatch -- is a
 `WeightImportError` naming the key and both shapes. `import_file` writes the result as a network
-directory (`mgd_jax.export`); torch is imported lazily, only to read .pth files.
+directory (`mgd_jax.export`). Files are read without torch (`weight_files`: .safetensors, .npz,
+torch.save's zip format); torch is imported only for what that reader cannot read.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mgd_jax import export, models
+from mgd_jax import export, models, weight_files
 from mgd_jax.errors import WeightImportError
 
 logger = logging.getLogger(__name__)
@@ -520,27 +521,32 @@ def _check_into(
 
 
 def load_torch_file(path: str, *, allow_pickle: bool = False) -> Mapping[str, Any]:
-    """The object in a PyTorch .pth/.pth.tar file (tensors on CPU), or the arrays of a .npz.
+    """The object in a weight file, tensors as numpy arrays (or torch tensors where torch read it).
 
-    `allow_pickle=False` uses torch's `weights_only` loader (tensors, dicts, numbers only); pass
-    True for a trusted file that pickles other Python objects.
+    `.safetensors`, `.npz` and `torch.save`'s zip format (`.pth`, `.pth.tar`) are read without
+    torch (`weight_files`; a `.pth` pickle is unpickled with an allow-list of the tensor rebuild
+    functions only). What that reader cannot read -- the legacy pre-1.6 format, torch's newer
+    dtypes, pickled objects -- goes to torch's `weights_only` loader when torch is installed.
+    `allow_pickle=True` loads a trusted file that pickles other Python objects (needs torch).
     """
     from etils import epath
 
     file = epath.Path(path)
-    if not file.exists():
+    if not file.is_file():
         raise WeightImportError(f"{path}: no such file")
-    if str(path).endswith(".npz"):
+    if not allow_pickle:
         try:
-            with file.open("rb") as f, np.load(f) as data:
-                return {k: data[k] for k in data.files}
-        except Exception as e:  # zipfile.BadZipFile, EOFError, ...
-            raise WeightImportError(f"{path}: cannot read the .npz file ({e})") from e
+            return weight_files.read(path)
+        except weight_files.NeedsTorch as e:
+            reason = e
+    else:
+        reason = None
     try:
         import torch
     except ImportError as e:
         raise WeightImportError(
-            f"{path}: reading PyTorch files needs torch (pip install 'mgd_jax[torch]')"
+            f"{reason}. Reading it needs torch (pip install 'mgd_jax[torch]')" if reason else
+            f"{path}: allow_pickle needs torch (pip install 'mgd_jax[torch]')"
         ) from e
     import pickle
 
@@ -551,8 +557,8 @@ def load_torch_file(path: str, *, allow_pickle: bool = False) -> Mapping[str, An
         if allow_pickle:
             raise WeightImportError(f"{path}: corrupt pickle ({e})") from e
         raise WeightImportError(
-            f"{path}: the file pickles objects beyond tensors; if you trust it, load it with "
-            f"allow_pickle=True (--allow_pickle). ({str(e).splitlines()[0]})"
+            f"{reason}; if you trust the file, load it with allow_pickle=True (--allow_pickle). "
+            f"(torch: {str(e).splitlines()[0]})"
         ) from e
     except Exception as e:  # truncated zip ("failed finding central directory"), EOFError, ...
         raise WeightImportError(

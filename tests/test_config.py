@@ -116,3 +116,16 @@ def test_validate_sliding_crop_larger_than_padded(tmp_path):
 def test_smoke_variant_is_small():
     c = load("voc", "method=mgd,smoke")
     assert c.num_train_steps == 3 and c.crop_size == 64 and c.eval.max_examples == 4
+
+
+def test_standard_partitions_need_no_split_dir():
+    """VOC and Cityscapes ship their standard partitions; other datasets need lists or seeded."""
+    for name in ("voc", "cityscapes"):
+        c = load(name, "method=supervised")
+        assert c.split_dir == "" and c.partition_source == "lists"
+        config_lib.validate(c, device_count=8)
+    c.dataset, c.num_classes = "mgd_synthetic", 5
+    with pytest.raises(ValueError, match="config.split_dir: is empty and 'mgd_synthetic' has no"):
+        config_lib.validate(c, device_count=8)
+    c.partition_source = "seeded"
+    config_lib.validate(c, device_count=8)

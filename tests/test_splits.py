@@ -1,29 +1,97 @@
-"""data.splits: list parsing (both formats), the standard lists' counts, seeded partitions."""
+"""data.splits: the built-in standard partitions (the shipped data itself), list parsing (both
+formats), user lists overriding the built-in ones, seeded partitions."""
 
-import warnings
+import hashlib
+import re
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
 from mgd_jax.data import splits
 from mgd_jax.data.sources import DataError
 
-# CI keeps a copy of shared/ beside the clone; the lists are reference data, never vendored.
-SPLITS = Path(__file__).resolve().parents[2] / "shared" / "splits"
-
 VOC_COUNTS = {16: (662, 9920), 8: (1323, 9259), 4: (2646, 7936), 2: (5291, 5291)}
 CITY_COUNTS = {16: (186, 2789), 8: (372, 2603), 4: (744, 2231), 2: (1488, 1487)}
+SPLIT_SIZE = {"voc": 10582, "cityscapes": 2975}
+COUNTS = {"voc": VOC_COUNTS, "cityscapes": CITY_COUNTS}
+KEY_FORMAT = {"voc": r"\d{4}_\d{6}", "cityscapes": r"[a-z]+_\d{6}_\d{6}"}
+# sha256 (first 16 hex digits) of the sorted labeled ids joined by newlines, computed from the CPS /
+# MGD list files (train_aug_labeled_1-<p>.txt) when the package data was written from them.
+CHECKSUMS = {
+    ("voc", 16): "baa85754594fcd33", ("voc", 8): "c9ca45b4e688d408",
+    ("voc", 4): "fd0e8dca3dac524c", ("voc", 2): "5338f277730143e0",
+    ("cityscapes", 16): "1e5363dd012cdc46", ("cityscapes", 8): "6b3b52bab110157a",
+    ("cityscapes", 4): "6856046a4415296a", ("cityscapes", 2): "2b3183629a3a9f1a",
+}
 
 
-@pytest.fixture(scope="module")
-def split_dir():
-    if not (SPLITS / "voc" / "train_aug.txt").is_file():
-        raise FileNotFoundError(
-            f"reference split lists missing at {SPLITS}: the tests expect a copy of shared/ "
-            "beside the repository"
-        )
-    return SPLITS
+def _train_keys(dataset, labeled_2):
+    """A stand-in for a prepared train split: every 1/2 labeled id plus made-up ids up to the
+    standard size."""
+    fill = [f"zz_{i:06d}_000019" for i in range(SPLIT_SIZE[dataset] - len(labeled_2))]
+    return list(labeled_2) + fill
+
+
+@pytest.mark.parametrize("dataset", ["voc", "cityscapes"])
+def test_builtin_partitions_are_the_standard_ones(dataset):
+    assert splits.has_builtin(dataset) and not splits.has_builtin("synthetic")
+    labeled = {p: splits.builtin_labeled(dataset, p) for p in splits.STANDARD_PARTITIONS}
+    keys = _train_keys(dataset, labeled[2])
+    for p, (n_lab, n_unl) in COUNTS[dataset].items():
+        lab = labeled[p]
+        assert lab == sorted(set(lab)), "sorted, no duplicates"
+        assert all(re.fullmatch(KEY_FORMAT[dataset], k) for k in lab)
+        digest = hashlib.sha256("\n".join(lab).encode()).hexdigest()[:16]
+        assert digest == CHECKSUMS[dataset, p]
+        assert len(lab) == splits.labeled_count(SPLIT_SIZE[dataset], Fraction(1, p)) == n_lab
+        got_lab, unl = splits.builtin_partition(dataset, p, keys)
+        assert got_lab == lab and len(unl) == n_unl
+        splits.check_disjoint_cover(got_lab, unl, keys)
+    for finer, coarser in zip((16, 8, 4), (8, 4, 2), strict=True):
+        assert set(labeled[finer]) < set(labeled[coarser])
+    # each id is listed once in the shipped file (the sections do not overlap)
+    sections = splits._read_builtin(dataset)
+    assert sum(map(len, sections.values())) == len(set().union(*sections.values()))
+
+
+def test_builtin_partition_errors_and_warnings():
+    lab = splits.builtin_labeled("cityscapes", 16)
+    with pytest.raises(DataError, match=r"1/16: 1 of the 186 standard labeled ids.*" + lab[0]):
+        splits.builtin_partition("cityscapes", 16, lab[1:] + ["x_000000_000000"])
+    with pytest.warns(UserWarning, match="has 187 images, the standard one 2975"):
+        assert splits.builtin_partition("city", 16, lab + ["x_000000_000000"]) == (
+            lab, ["x_000000_000000"])
+    with pytest.raises(DataError, match="not 1/3"):
+        splits.builtin_labeled("voc", 3)
+    with pytest.raises(DataError, match="no built-in standard partitions"):
+        splits.builtin_labeled("synthetic", 8)
+
+
+def test_user_lists_override_the_builtin_ones(tmp_path):
+    """A user's list files in either format (here: the standard partition written out) give the
+    same partition through config.split_dir as the built-in data."""
+    from mgd_jax import config_lib
+    from mgd_jax.data import input_pipeline
+
+    lab = splits.builtin_labeled("cityscapes", 8)
+    keys = _train_keys("cityscapes", splits.builtin_labeled("cityscapes", 2))
+    unl = sorted(set(keys) - set(lab))
+    line = "/images/train/{0}.png\t/segmentation/train/{0}_gtFine.png\r\n"
+    folder = tmp_path / "config_new" / "subset_train"
+    folder.mkdir(parents=True)
+    (folder / "train_aug_labeled_1-8.txt").write_text("".join(map(line.format, lab[::-1])))
+    (folder / "train_aug_unlabeled_1-8.txt").write_text("".join(map(line.format, unl)))
+    c = config_lib.base_config()
+    c.dataset, c.partition = "mgd_cityscapes", 8
+    builtin = input_pipeline.partition_keys(c, keys)
+    assert builtin[:2] == (lab, unl) and "built in" in builtin[2]
+    c.split_dir = str(tmp_path)
+    files = input_pipeline.partition_keys(c, keys)
+    assert files[:2] == (lab, unl) and str(tmp_path) in files[2]
+    # a user's own lists win: a different labeled set
+    (folder / "train_aug_labeled_1-8.txt").write_text(line.format(unl[0]))
+    (folder / "train_aug_unlabeled_1-8.txt").write_text("".join(map(line.format, lab)))
+    assert input_pipeline.partition_keys(c, keys)[0] == [unl[0]]
 
 
 def test_line_key_formats():
@@ -47,40 +115,13 @@ def test_read_list_crlf_blank_and_duplicates(tmp_path):
         splits.read_list(tmp_path / "nope.txt")
 
 
-@pytest.mark.parametrize("p", [16, 8, 4, 2])
-def test_standard_voc_lists(split_dir, p):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the train_aug lists do not overlap
-        lab, unl = splits.standard_lists("voc", p, split_dir / "voc")
-    assert (len(lab), len(unl)) == VOC_COUNTS[p]
-    train_aug = splits.read_list(split_dir / "voc" / "train_aug.txt")
-    assert len(train_aug) == 10582
-    splits.check_disjoint_cover(lab, unl, train_aug)
-    assert splits.labeled_count(len(train_aug), Fraction(1, p)) == len(lab)
-
-
-@pytest.mark.parametrize("p", [16, 8, 4, 2])
-def test_standard_cityscapes_lists(split_dir, p):
-    lab, unl = splits.standard_lists("cityscapes", p, split_dir / "cityscapes")
-    assert (len(lab), len(unl)) == CITY_COUNTS[p]
-    train = splits.read_list(split_dir / "cityscapes" / "train.txt")
-    assert len(train) == 2975
-    assert all(k.count("_") >= 2 and not k.endswith((".png", "_gtFine")) for k in lab)
-    splits.check_disjoint_cover(lab, unl, train)
-    assert splits.labeled_count(len(train), 1 / p) == len(lab)
-
-
-def test_val_lists(split_dir):
-    assert len(splits.read_list(split_dir / "voc" / "val.txt")) == 1449
-    val = splits.read_list(split_dir / "cityscapes" / "val.txt")
-    assert len(val) == 500 and val[0] == "frankfurt_000001_066574"
-
-
-def test_pseudoseg_overlap_warns(split_dir):
+def test_voc_lists_crlf_and_overlap_warns(tmp_path):
+    """VOC-format lists; the CPS `pseudoseg` lists have CRLF ends and share one id per pair."""
+    (tmp_path / "pseudoseg_labeled_1-8.txt").write_bytes(b"2007_000032\r\n2007_000039\r\n")
+    (tmp_path / "pseudoseg_unlabeled_1-8.txt").write_bytes(b"2007_000039\r\n2007_000063\r\n")
     with pytest.warns(UserWarning, match="share 1 id"):
-        lab, unl = splits.standard_lists("voc", 8, split_dir / "voc", prefix="pseudoseg")
-    assert "\r" not in "".join(lab + unl)
-    assert set(lab) | set(unl) <= set(splits.read_list(split_dir / "voc" / "train.txt"))
+        lab, unl = splits.standard_lists("voc", 8, tmp_path, prefix="pseudoseg")
+    assert (lab, unl) == (["2007_000032", "2007_000039"], ["2007_000039", "2007_000063"])
 
 
 def test_standard_lists_cps_layout_and_missing(tmp_path):

@@ -9,6 +9,7 @@ Cityscapes void classes, padding), as in the official code (docs/method.md §6.2
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -162,6 +163,21 @@ ALIASES = {
 }
 
 
+# A user's own dataset (`prepare_main --dataset=folder --name=<name>`) is no table entry: its
+# prepared directory's sidecar records its DatasetInfo. Configs name it "<name>" or "folder/<name>".
+FOLDER_BUILDER = "mgd_folder"
+FOLDER_VERSION = "1.0.0"
+CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def custom_name(dataset: str) -> str | None:
+    """The name of a user's own dataset: "folder/<name>", or a bare name that is no built-in
+    dataset or alias; None for the built-in datasets (and for names that cannot be one)."""
+    head, _, tail = dataset.partition("/")
+    name = tail if head == "folder" else (None if tail or head.lower() in ALIASES else head)
+    return name if name and CUSTOM_NAME.fullmatch(name) else None
+
+
 def resolve(dataset: str) -> tuple[DatasetInfo, str | None]:
     """`"voc"` / `"mgd_voc_aug"` / `"synthetic/<config>"` -> (the table's info, builder config)."""
     name, _, config = dataset.partition("/")
@@ -169,7 +185,7 @@ def resolve(dataset: str) -> tuple[DatasetInfo, str | None]:
     if key is None:
         raise DataError(
             f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)} "
-            "(or 'synthetic/<config>')"
+            "(or 'synthetic/<config>'), or the name of your own prepared dataset"
         )
     info = DATASETS[key]
     if config and info.config is None:

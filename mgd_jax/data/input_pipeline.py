@@ -355,11 +355,16 @@ class Streams:
 
 def partition_keys(config: ml_collections.ConfigDict, keys: list[str]) -> tuple[list, list, str]:
     """(labeled, unlabeled, how) for the configured partition."""
-    if config.partition_source == "lists":
+    if config.partition_source == "lists" and config.split_dir:
         labeled, unlabeled = splits.standard_lists(
             config.dataset, config.partition, os.path.expanduser(config.split_dir)
         )
+        # sorted: the same partition gives the same run whichever list order the files have
+        labeled, unlabeled = sorted(labeled), sorted(unlabeled)
         how = f"standard lists 1/{config.partition} from {config.split_dir}"
+    elif config.partition_source == "lists":
+        labeled, unlabeled = splits.builtin_partition(config.dataset, config.partition, keys)
+        how = f"standard partition 1/{config.partition} (built in)"
     else:
         if config.labeled_count > 0:
             labeled, unlabeled = splits.partition(

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.datasets import resolve
-from mgd_jax.data.sources import dataset_dir, is_prepared, open_split
+from mgd_jax.data.datasets import IGNORE_INDEX, DatasetInfo, custom_name, resolve
+from mgd_jax.data.sources import dataset_dir, is_prepared, open_split, read_sidecar
 from mgd_jax.errors import DataError
 
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
@@ -31,13 +31,15 @@ def _say(quiet: bool, *args) -> None:
 
 
 def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None, config=None,
-           overwrite: bool = False, num_workers: int | None = None, quiet: bool = False) -> Path:
-    """Runs the builder into ``data_dir`` and checks the result; returns the dataset dir."""
+           overwrite: bool = False, num_workers: int | None = None, quiet: bool = False,
+           builder_name: str | None = None) -> Path:
+    """Runs the builder (`BUILDERS[builder_name]`, by default the dataset's) into ``data_dir``
+    and checks the result; returns the dataset dir."""
     import tensorflow_datasets as tfds
 
     from mgd_jax.data.builders import BUILDERS
 
-    info, _ = resolve(dataset)
+    builder_name = builder_name or resolve(dataset)[0].name
     target = dataset_dir(dataset, data_dir)
     if is_prepared(dataset, data_dir) and not overwrite:
         _say(quiet, f"{dataset} is already prepared at {target} (use --overwrite to rebuild).")
@@ -54,7 +56,7 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # tfds warns "Using custom data configuration" (expected)
     try:
-        builder = BUILDERS[info.name](
+        builder = BUILDERS[builder_name](
             data_dir=os.fspath(Path(data_dir).expanduser()), config=config, plan=plan,
             source_description=summary, num_workers=num_workers, progress=not quiet,
         )
@@ -87,10 +89,10 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
 
 def _verify(dataset: str, data_dir, plan, quiet: bool) -> None:
     """Reads back a sample of every split (keys in the planned order, decodable) and prints the
-    totals next to the official counts."""
-    info, _ = resolve(dataset)
-    src0 = open_split(dataset, info.eval_split, data_dir)
-    expected = src0.info.split_sizes
+    totals next to the official counts (a dataset of your own: the planned counts)."""
+    info = DatasetInfo.from_json(read_sidecar(dataset_dir(dataset, data_dir))["info"])
+    expected = info.split_sizes
+    word = "planned" if custom_name(dataset) else "official"
     lines = []
     for split in expected:
         src = open_split(dataset, split, data_dir)
@@ -103,8 +105,8 @@ def _verify(dataset: str, data_dir, plan, quiet: bool) -> None:
         for i in list(range(0, n, step))[:16] + [n - 1]:
             src[i]  # decodes and checks the key against the sidecar
         official = expected[split]
-        note = "" if n == official else f"  WARNING: differs from the official {official}"
-        lines.append(f"  {split}: {n} examples (official {official}){note}")
+        note = "" if n == official else f"  WARNING: differs from the {word} {official}"
+        lines.append(f"  {split}: {n} examples ({word} {official}){note}")
     _say(quiet, f"Prepared {dataset} at {dataset_dir(dataset, data_dir)}:\n" + "\n".join(lines))
 
 
@@ -140,6 +142,50 @@ def prepare_cityscapes(manual_dir: str | os.PathLike,
     summary["manual_dir"] = str(manual_dir)
     return _build("cityscapes", data_dir, plan=plan, summary=summary, overwrite=overwrite,
                   num_workers=num_workers, quiet=quiet)
+
+
+def prepare_folder(name: str, images: str | os.PathLike, masks: str | os.PathLike,
+                   classes: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR,
+                   *, palette: str | os.PathLike | None = None, ignore_value: int = IGNORE_INDEX,
+                   val_images: str | os.PathLike | None = None,
+                   val_masks: str | os.PathLike | None = None, val_fraction: float = 0.1,
+                   val_seed: int = 0, mask_suffix: str = "", overwrite: bool = False,
+                   num_workers: int | None = None, quiet: bool = False) -> str:
+    """A dataset of your own (folders of images and index masks, see builders/folder.py) ->
+    ``mgd_folder/<name>``; returns the name configs use (``config.dataset``)."""
+    from mgd_jax.data.builders.folder import (
+        FolderConfig,
+        dataset_info,
+        plan_folder,
+        read_class_names,
+        read_palette,
+    )
+
+    if custom_name(name) != name:
+        raise DataError(
+            f"--name={name!r}: a dataset name is lower-case letters, digits and '_', starting "
+            "with a letter, and not a built-in dataset's name or alias"
+        )
+    if is_prepared(name, data_dir) and not overwrite:
+        _build(name, data_dir, quiet=quiet, builder_name="folder")
+        return name
+    class_names = read_class_names(classes)
+    if not 0 <= ignore_value <= 255 or ignore_value < len(class_names):
+        raise DataError(f"ignore value {ignore_value}: expected {len(class_names)}..255, above "
+                        f"the class ids 0..{len(class_names) - 1} of {classes}")
+    colours = read_palette(palette, len(class_names)) if palette else None
+    plan, summary = plan_folder(images, masks, val_images=val_images, val_masks=val_masks,
+                                val_fraction=val_fraction, val_seed=val_seed,
+                                mask_suffix=mask_suffix, num_workers=num_workers)
+    summary.update(classes=str(classes), palette=str(palette) if palette else None,
+                   ignore_value=ignore_value)
+    info = dataset_info(name, class_names, colours,
+                        {split: len(items) for split, items in plan.items()})
+    config = FolderConfig(name=name, info=info, ignore_value=ignore_value,
+                          description=f"{name}: {len(class_names)} classes from {images}")
+    _build(name, data_dir, plan=plan, summary=summary, config=config, overwrite=overwrite,
+           num_workers=num_workers, quiet=quiet, builder_name="folder")
+    return name
 
 
 def synthetic_name(**sizes) -> str:

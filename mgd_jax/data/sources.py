@@ -23,7 +23,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.datasets import PREPARE_COMMAND, DatasetInfo, resolve
+from mgd_jax.data.datasets import (
+    DATASETS,
+    FOLDER_BUILDER,
+    FOLDER_VERSION,
+    PREPARE_COMMAND,
+    DatasetInfo,
+    custom_name,
+    resolve,
+)
 from mgd_jax.errors import DataError
 
 SIDECAR = "mgd_dataset.json"
@@ -89,6 +97,9 @@ class Subset:
 
 def dataset_dir(dataset: str, data_dir: str | os.PathLike) -> Path:
     """The version directory a prepared ``dataset`` occupies under ``data_dir``."""
+    custom = custom_name(dataset)
+    if custom:
+        return Path(data_dir).expanduser() / FOLDER_BUILDER / custom / FOLDER_VERSION
     info, config = resolve(dataset)
     path = Path(data_dir).expanduser() / info.builder
     if config:
@@ -115,7 +126,26 @@ def read_sidecar(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def prepared_custom(data_dir: str | os.PathLike) -> list[str]:
+    """The names of the user's own datasets prepared in ``data_dir``."""
+    root = Path(data_dir).expanduser() / FOLDER_BUILDER
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob(f"*/{FOLDER_VERSION}")
+                  if (p / SIDECAR).is_file())
+
+
 def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> DataError:
+    custom = custom_name(dataset)
+    if custom:
+        mine = prepared_custom(data_dir)
+        return DataError(
+            f"Dataset {dataset!r} is not prepared in {data_dir} (no complete dataset at {path}): "
+            f"it is no built-in dataset ({', '.join(sorted(DATASETS))}) and no dataset of your "
+            f"own prepared with `{PREPARE_COMMAND} --dataset=folder --name={custom} "
+            f"--data_dir={data_dir} ...`"
+            + (f"; your datasets there: {mine}" if mine else "")
+        )
     info, config = resolve(dataset)
     if info.name == "synthetic":
         try:
@@ -228,8 +258,8 @@ class PreparedSplit:
 
 def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> PreparedSplit:
     """Opens a prepared split. ``dataset``: "voc" | "cityscapes" | "synthetic[/<config>]" (or
-    the builder names); ``split``: e.g. "train_aug"/"val" (VOC; "train" is accepted for
-    "train_aug"), "train"/"val" (Cityscapes, synthetic)."""
+    the builder names), or the name of a dataset of the user's own; ``split``: e.g.
+    "train_aug"/"val" (VOC; "train" is accepted for "train_aug"), "train"/"val" (the others)."""
     path = dataset_dir(dataset, data_dir)
     if not (path / SIDECAR).is_file() or not (path / "dataset_info.json").is_file():
         raise _not_prepared(dataset, data_dir, path)

@@ -1,7 +1,8 @@
 """Labeled / unlabeled partitions of a training split.
 
-Either seeded (:func:`partition`) or read from the standard CPS / MGD list files
-(:func:`standard_lists`, :func:`read_list`), which the user keeps in their own folder:
+Seeded (:func:`partition`), or the standard CPS / MGD partitions: built in for VOC and Cityscapes
+(:func:`builtin_labeled`, package data in ``data/partitions/``, MIT-licensed, see the LICENSE
+there), or read from a user's own list files (:func:`standard_lists`, :func:`read_list`):
 
 * VOC: ``train_aug_labeled_1-{p}.txt`` / ``train_aug_unlabeled_1-{p}.txt``, one id per line
   (``2007_000032``; CRLF tolerated);
@@ -13,6 +14,8 @@ Either seeded (:func:`partition`) or read from the standard CPS / MGD list files
 from __future__ import annotations
 
 import collections
+import functools
+import importlib.resources
 import math
 import os
 import warnings
@@ -148,6 +151,84 @@ def standard_lists(dataset: str, partition: int, list_dir: str | os.PathLike, *,
             stacklevel=2,
         )
     return labeled, unlabeled
+
+
+STANDARD_PARTITIONS = (16, 8, 4, 2)  # 1/p of the train split labeled
+
+
+def _partition_file(name: str):
+    return importlib.resources.files("mgd_jax.data") / "partitions" / f"{name}.txt"
+
+
+def has_builtin(dataset: str) -> bool:
+    """Whether the package ships the standard partitions of ``dataset`` (VOC, Cityscapes)."""
+    try:
+        info, _ = resolve(dataset)
+    except DataError:  # a user's own dataset
+        return False
+    return _partition_file(info.name).is_file()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_builtin(name: str) -> dict[int, tuple[str, ...]]:
+    """The shipped file's sections: partition p -> the ids labeled first at 1/p.
+
+    Compact form (see the file's header): each id once, under ``[1/p]`` for the finest partition
+    that labels it; the partitions are nested."""
+    file = _partition_file(name)
+    sections: dict[int, list[str]] = {}
+    current = None
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[1/") and line.endswith("]"):
+            current = sections.setdefault(int(line[3:-1]), [])
+        elif current is None:
+            raise DataError(f"{file}:{number}: an id before the first [1/p] section")
+        else:
+            current.append(line)
+    return {p: tuple(ids) for p, ids in sections.items()}
+
+
+def builtin_labeled(dataset: str, partition: int) -> list[str]:
+    """The labeled ids (sorted) of the standard 1/``partition`` split of ``dataset``, from the
+    package data: VOC ``train_aug`` (662 / 1,323 / 2,646 / 5,291 of 10,582) and Cityscapes
+    ``train`` (186 / 372 / 744 / 1,488 of 2,975). The unlabeled ids are the rest of the split."""
+    info, _ = resolve(dataset)
+    if not has_builtin(dataset):
+        raise DataError(f"{dataset}: no built-in standard partitions (only "
+                        "voc and cityscapes); give split lists or a seeded partition")
+    sections = _read_builtin(info.name)
+    if partition not in sections:
+        raise DataError(f"{dataset}: the standard partitions are 1/{sorted(sections)}, "
+                        f"not 1/{partition}")
+    return sorted(k for p, ids in sections.items() if p >= partition for k in ids)
+
+
+def builtin_partition(dataset: str, partition: int,
+                      keys: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(labeled, unlabeled) of the prepared train split's ``keys`` under the built-in standard
+    partition; both sorted. Raises :class:`DataError` naming labeled ids the split lacks."""
+    labeled = builtin_labeled(dataset, partition)
+    present = set(keys)
+    missing = [k for k in labeled if k not in present]
+    if missing:
+        raise DataError(
+            f"{dataset} 1/{partition}: {len(missing)} of the {len(labeled)} standard labeled ids "
+            f"are not in the prepared train split of {len(present)} images (e.g. {missing[:5]}); "
+            "was it prepared from the standard train split?"
+        )
+    official = resolve(dataset)[0]
+    expected = official.split_sizes.get(official.train_split)
+    if expected is not None and len(present) != expected:
+        warnings.warn(
+            f"{dataset}: the prepared train split has {len(present)} images, the standard one "
+            f"{expected}; the unlabeled set (the rest of the split) is not the standard one",
+            stacklevel=2,
+        )
+    chosen = set(labeled)
+    return labeled, sorted(k for k in present if k not in chosen)
 
 
 def check_disjoint_cover(labeled: Iterable[str], unlabeled: Iterable[str],

@@ -83,14 +83,16 @@ def read_bytes(ref: FileRef, zips: ZipPool | None = None) -> bytes:
         raise DataError(f"{ref}: cannot read file ({e})") from e
 
 
-def decode_image(ref: FileRef, data: bytes, store_format: str) -> tuple[bytes, tuple[int, int]]:
+def decode_image(ref: FileRef, data: bytes, store_format: str,
+                 keep_modes: tuple[str, ...] = ("RGB", "L")) -> tuple[bytes, tuple[int, int]]:
     """Fully decodes ``data`` (catches corrupt / truncated files) and returns the bytes to store
-    (the original file when it is already RGB or greyscale, else re-encoded) and (h, w)."""
+    (the original file when it is a JPEG or PNG in one of `keep_modes`, else re-encoded as RGB)
+    and (h, w)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             mode, size = im.mode, im.size
-            if mode not in ("RGB", "L"):
+            if mode not in keep_modes or im.format not in ("JPEG", "PNG"):
                 buf = io.BytesIO()
                 im.convert("RGB").save(buf, format="JPEG" if store_format == "jpeg" else "PNG",
                                        **({"quality": 95} if store_format == "jpeg" else {}))
@@ -181,15 +183,16 @@ def decode_label(ref: FileRef, data: bytes, kind: str) -> np.ndarray:
     raise ValueError(f"unknown label kind {kind!r}")
 
 
-def check_label_values(ref: FileRef, label: np.ndarray, num_classes: int) -> None:
+def check_label_values(ref: FileRef, label: np.ndarray, num_classes: int,
+                       ignore_value: int = IGNORE_INDEX) -> None:
     counts = np.bincount(label.ravel(), minlength=256)
     counts[:num_classes] = 0
-    counts[IGNORE_INDEX] = 0
+    counts[ignore_value] = 0
     if counts.any():
         bad = np.flatnonzero(counts).tolist()
         raise DataError(
             f"{ref}: label values {bad[:10]} outside [0, {num_classes}) and the ignore "
-            f"value {IGNORE_INDEX}"
+            f"value {ignore_value}"
         )
 
 
@@ -202,16 +205,21 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 
 def make_example(entry: Entry, num_classes: int, store_format: str,
-                 zips: ZipPool | None = None) -> dict[str, Any]:
-    """Reads, checks and converts one entry into the feature dict handed to tfds."""
-    image_bytes, (h, w) = decode_image(entry.image, read_bytes(entry.image, zips), store_format)
+                 zips: ZipPool | None = None, ignore_value: int = IGNORE_INDEX,
+                 keep_modes: tuple[str, ...] = ("RGB", "L")) -> dict[str, Any]:
+    """Reads, checks and converts one entry into the feature dict handed to tfds; a mask's
+    `ignore_value` is stored as `IGNORE_INDEX` (see `decode_image` for `keep_modes`)."""
+    image_bytes, (h, w) = decode_image(entry.image, read_bytes(entry.image, zips), store_format,
+                                       keep_modes)
     label = decode_label(entry.label, read_bytes(entry.label, zips), entry.label_kind)
     if label.shape != (h, w):
         raise DataError(
             f"{entry.label}: mask is {label.shape[1]}x{label.shape[0]} (w x h) but its image "
             f"{entry.image} is {w}x{h}"
         )
-    check_label_values(entry.label, label, num_classes)
+    check_label_values(entry.label, label, num_classes, ignore_value)
+    if ignore_value != IGNORE_INDEX:  # the check above leaves IGNORE_INDEX free
+        label = np.where(label == ignore_value, np.uint8(IGNORE_INDEX), label)
     return {"image": image_bytes, "label": png_bytes(label), "key": entry.key}
 
 

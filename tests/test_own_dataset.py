@@ -1,0 +1,166 @@
+"""A dataset of your own: `prepare_main --dataset=folder` from folders of images and index masks
+(class names, palette, ignore value, val given or held out by seed), the errors that name the
+file, and training on it by name (configs/own.py, `config.dataset=<name>`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mgd_jax import prepare_main
+from mgd_jax.data import prepare, sources, splits
+from mgd_jax.data.datasets import custom_name
+from mgd_jax.errors import DataError
+
+from conftest import NUM_CLASSES
+
+CLASSES = ["background", "cat", "dog", "bird", "fish"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _make_folder(root, n=16, *, size=32, ignore=255, seed=0):
+    """n JPEG images (one greyscale PNG, one in a sub-folder) and index masks with `ignore`."""
+    rng = np.random.default_rng(seed)
+    (root / "images" / "sub").mkdir(parents=True)
+    (root / "masks" / "sub").mkdir(parents=True)
+    labels = {}
+    for i in range(n):
+        h, w = size - (i % 3), size
+        image = rng.integers(0, 256, (h, w, 3), np.uint8)
+        label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
+        label[0, :4] = ignore
+        sub = "sub/" if i == 3 else ""
+        if i == 5:
+            Image.fromarray(image[..., 1]).save(root / "images" / f"{sub}img{i:02d}.png")
+        else:
+            Image.fromarray(image).save(root / "images" / f"{sub}img{i:02d}.jpg", quality=95)
+        Image.fromarray(label).save(root / "masks" / f"{sub}img{i:02d}.png")
+        labels[f"img{i:02d}"] = label
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return labels
+
+
+def test_prepare_folder_held_out_val_and_reading_back(tmp_path, capsys):
+    labels = _make_folder(tmp_path, ignore=7)
+    (tmp_path / "palette.txt").write_text("0 0 0\n#ff0000\n0,255,0\n0 0 255\n255 255 0\n")
+    data_dir = tmp_path / "data"
+    args = ["prepare_main", "--dataset=folder", "--name=pets", f"--images={tmp_path / 'images'}",
+            f"--masks={tmp_path / 'masks'}", f"--classes={tmp_path / 'classes.txt'}",
+            f"--palette={tmp_path / 'palette.txt'}", "--ignore_value=7", "--val_fraction=0.25",
+            "--val_seed=3", f"--data_dir={data_dir}"]
+    assert prepare_main.main(args) == 0
+    assert "--config=configs/own.py:dataset=pets" in capsys.readouterr().out
+    val_keys, train_keys = splits.partition(sorted(labels), fraction=0.25, seed=3)
+    for split, keys in (("train", train_keys), ("val", val_keys)):
+        src = sources.open_split("pets", split, data_dir)
+        assert src.keys == keys and src.info.class_names == tuple(CLASSES)
+        assert src.info.palette[1] == (255, 0, 0) and src.info.palette[2] == (0, 255, 0)
+        for i, key in enumerate(keys):
+            ex = src[i]
+            want = np.where(labels[key] == 7, 255, labels[key])  # the ignore value -> 255
+            np.testing.assert_array_equal(ex["label"], want)
+            assert ex["image"].shape == (*want.shape, 3) and ex["image"].dtype == np.uint8
+    assert sources.open_split("folder/pets", "val", data_dir).keys == val_keys
+    meta = sources.read_sidecar(sources.dataset_dir("pets", data_dir))
+    assert meta["source"]["max_size"]["val"] == [32, 32]
+    # unknown names say how to prepare them and list what is there
+    with pytest.raises(DataError, match=r"'cats' is not prepared.*--name=cats.*\['pets'\]"):
+        sources.open_split("cats", "train", data_dir)
+
+
+def test_prepare_folder_given_val_and_names(tmp_path):
+    _make_folder(tmp_path / "train", n=6)
+    _make_folder(tmp_path / "val", n=3, seed=1)
+    for folder in ("images", "masks"):  # val keys must differ from train keys
+        for path in sorted((tmp_path / "val" / folder).rglob("img*")):
+            path.rename(path.with_name("v" + path.name))
+    name = prepare.prepare_folder(
+        "mine2", tmp_path / "train" / "images", tmp_path / "train" / "masks",
+        tmp_path / "train" / "classes.txt", tmp_path / "data",
+        val_images=tmp_path / "val" / "images", val_masks=tmp_path / "val" / "masks", quiet=True)
+    assert sources.open_split(name, "val", tmp_path / "data").keys == ["vimg00", "vimg01",
+                                                                      "vimg02"]
+    assert custom_name("voc") is None and custom_name("folder/voc") == "voc"
+    with pytest.raises(DataError, match="--name='voc'"):
+        prepare.prepare_folder("voc", tmp_path, tmp_path, tmp_path / "train" / "classes.txt")
+
+
+def _error(tmp_path, **kwargs):
+    args = dict(images=tmp_path / "images", masks=tmp_path / "masks",
+                classes=tmp_path / "classes.txt", data_dir=tmp_path / "data", quiet=True)
+    args.update(kwargs)
+    with pytest.raises(DataError) as info:
+        prepare.prepare_folder("bad", args.pop("images"), args.pop("masks"), args.pop("classes"),
+                               args.pop("data_dir"), **args)
+    return str(info.value)
+
+
+def test_errors_name_the_file(tmp_path):
+    _make_folder(tmp_path, n=6)
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    # an image without its mask, a mask without its image
+    (masks / "img01.png").rename(tmp_path / "img01.png")
+    assert f"1 image(s) have no mask <name>.png in {masks}: {images / 'img01.jpg'}" in \
+        _error(tmp_path)
+    (tmp_path / "img01.png").rename(masks / "img01.png")
+    (masks / "extra.png").write_bytes((masks / "img01.png").read_bytes())
+    assert f"1 mask(s) have no image in {images}: {masks / 'extra.png'}" in _error(tmp_path)
+    (masks / "extra.png").unlink()
+    # a mask of another size
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(masks / "img02.png")
+    assert _error(tmp_path) == (f"{masks / 'img02.png'}: mask is 9x9 (w x h) but its image "
+                                f"{images / 'img02.jpg'} is 32x30")
+    Image.fromarray(np.zeros((30, 32), np.uint8)).save(masks / "img02.png")
+    # a label value outside the classes (found while writing)
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(masks / "img00.png")
+    assert _error(tmp_path).endswith(f"{masks / 'img00.png'}: label values [9] outside [0, 5) "
+                                     "and the ignore value 255")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(masks / "img00.png")
+    # the class names, palette and ignore value files
+    (tmp_path / "pal.txt").write_text("1 2 3\n1 2\n")
+    assert f"{tmp_path / 'pal.txt'}:2: '1 2' is not a colour" in _error(
+        tmp_path, palette=tmp_path / "pal.txt")
+    assert "ignore value 3: expected 5..255" in _error(tmp_path, ignore_value=3)
+    (tmp_path / "two.txt").write_text("a\nb\na\n")
+    assert "two.txt: class names ['a'] appear more than once" in _error(
+        tmp_path, classes=tmp_path / "two.txt")
+    # two files with one stem (the stems are the keys)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "sub" / "img00.jpg")
+    assert "two image files named 'img00'" in _error(tmp_path)
+    assert not (tmp_path / "data" / "mgd_folder" / "bad" / "1.0.0").exists()
+
+
+def test_configs_read_it_by_name(tmp_path, tiny_config):
+    """configs/own.py and `config.dataset=<name>` give the trainer its data: the class count and
+    names, a seeded partition, train batches and eval passes. (A full `python -m mgd_jax.main`
+    run on it takes minutes on CI's CPUs; the loop itself is tested on synthetic data.)"""
+    from mgd_jax import config_lib, evaluate
+    from mgd_jax.data import input_pipeline
+
+    _make_folder(tmp_path, n=24)
+    data_dir = str(tmp_path / "data")
+    prepare.prepare_folder("toys", tmp_path / "images", tmp_path / "masks",
+                           tmp_path / "classes.txt", data_dir, quiet=True)
+    spec = importlib.util.spec_from_file_location("own", ROOT / "configs" / "own.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own = module.get_config(f"dataset=toys,data_dir={data_dir},method=cps,partition=4")
+    assert (own.dataset, own.num_classes, own.partition_source) == ("toys", 5, "seeded")
+    assert tuple(own.eval.pad_to) == (32, 32) and own.crop_size == 512
+    config_lib.validate(own, device_count=8)
+
+    config = tiny_config("cps", (data_dir, "toys"))
+    streams = input_pipeline.create_streams(config, with_unlabeled=True)
+    assert (streams.num_labeled, streams.num_unlabeled) == (6, 15)  # 21 train, 3 val held out
+    assert streams.info.class_names == tuple(CLASSES)
+    batch = next(iter(streams.train))
+    assert batch["labeled"]["image"].shape == (8, 32, 32, 3)
+    assert set(np.unique(batch["labeled"]["label"])) <= {*range(NUM_CLASSES), 255}
+    passes = list(streams.eval_batches())
+    assert sum(int(b["valid"].any(axis=(1, 2)).sum()) for b in passes) == 3
+    names = evaluate.class_names(input_pipeline.eval_source(config), config)
+    assert names == CLASSES
