@@ -32,7 +32,7 @@ LAYERS = (
     ("methods",),
     ("methods.cps", "methods.mgd", "methods.supervised"),
     ("methods.base",),
-    ("predict", "torch_import", "models.summary"),
+    ("panels", "predict", "torch_import", "models.summary"),
     ("evaluate",),
     ("export", "reporting", "optim", "losses"),
     ("checkpoint",),
@@ -50,7 +50,7 @@ LAYERS = (
     ("models.mobilenet_v2", "models.resnet"),
     ("models.layers",),
     ("parallel",),
-    ("errors", "", "data"),  # "" = the package itself
+    ("errors", "logs", "", "data"),  # "" = the package itself
 )
 
 
