@@ -125,5 +125,10 @@ def networks_panel(config: ml_collections.ConfigDict, networks: Mapping[str, Net
                              for title, net in networks.items()})
 
 
+def to_pil(image: np.ndarray) -> Image.Image:
+    """A uint8 (H, W, 3) array as a PIL image (notebooks display it inline)."""
+    return Image.fromarray(np.asarray(image, np.uint8))
+
+
 def save_png(path: str, image: np.ndarray) -> None:
-    Image.fromarray(np.asarray(image, np.uint8)).save(path, format="PNG", optimize=True)
+    to_pil(image).save(path, format="PNG", optimize=True)
