@@ -86,6 +86,7 @@ def plan(root: str, *, datasets: Sequence[str] = ("voc",),
             raise ConfigError(f"grid: {name} {unknown or 'list is empty'}; expected values of "
                               f"{allowed}")
     init, common = dict(init or {}), dict(overrides or {})
+    teacher_runs: list[Run] = []
     runs: list[Run] = []
     for dataset in datasets:
         config_file = os.path.join(config_dir, f"{dataset}.py")
@@ -95,7 +96,7 @@ def plan(root: str, *, datasets: Sequence[str] = ("voc",),
             if "teacher" in stages:
                 for backbone in TEACHERS.values():
                     extra = {"cps.init": init[backbone]} if backbone in init else {}
-                    runs.append(Run(
+                    teacher_runs.append(Run(
                         _teacher_name(dataset, p, backbone), "teacher", dataset, p, "cps",
                         backbone, teacher_seed, os.path.join(root, _teacher_name(
                             dataset, p, backbone)),
@@ -118,7 +119,7 @@ def plan(root: str, *, datasets: Sequence[str] = ("voc",),
                             os.path.join(root, name),
                             f"{config_file}:method={method},student={student},partition={p}",
                             {"seed": str(seed), **extra, **common}, depends))
-    return runs
+    return teacher_runs + runs
 
 
 def format_plan(runs: Sequence[Run], python: str = "python") -> str:

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from mgd_jax import checkpoint, export, methods, optim, parallel, train
 from mgd_jax.errors import ExportError
@@ -231,6 +232,19 @@ def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
     assert "teacher_deep_eval" in proc.stdout + proc.stderr
     mgd = json.loads((tmp_path / "mgd" / "final_metrics.json").read_text())
     assert set(mgd["extra_evals"]) == {"teacher_deep", "teacher_wide"}
+    # The console has the run's own lines; the full config and library INFO lines (orbax via
+    # absl) are in the log file only.
+    console = proc.stdout + proc.stderr
+    assert "step 2/2" in console and "== data ==" in console
+    assert "== config ==" not in console and "orbax" not in console.lower()
+    log = (tmp_path / "mgd" / "log.txt").read_text()
+    assert "== config ==" in log and "orbax" in log.lower() and "step 2/2" in log
+    # Prediction panels of the final evaluation; MGD's add its two teachers' columns.
+    widths = {}
+    for stage_dir in ("sup", "mgd"):
+        (png,) = (tmp_path / stage_dir / "panels").glob("*.png")
+        widths[stage_dir] = Image.open(png).size[0]
+    assert widths["mgd"] > widths["sup"] + 100
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
