@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -99,6 +100,28 @@ def save_tiny_network(directory, *, backbone="resnet18", num_classes=NUM_CLASSES
         {"backbone": backbone, "num_classes": num_classes, "build_options": TINY},
     )
     return model, variables
+
+
+class Killed(Exception):
+    """Raised by `killed_after_checkpoint`: the run stops as if its process were killed."""
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(step):
+    """Within the block, a training run dies right after writing its checkpoint at `step`."""
+    from mgd_jax import checkpoint
+
+    original = checkpoint.Checkpointer.save
+
+    def save_then_die(self, at, state, data_iter, force=False):
+        original(self, at, state, data_iter, force=force)
+        if at == step:
+            self.wait()
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+        yield
 
 
 @pytest.fixture

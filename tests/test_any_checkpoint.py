@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgd_jax import checkpoint, eval_main, export, export_main, predict, predict_main, train
+from mgd_jax import eval_main, export, export_main, predict, predict_main, train
 from mgd_jax.errors import ExportError
 
-from conftest import make_tiny_config, save_tiny_network
-
-
-class Killed(Exception):
-    pass
+from conftest import Killed, killed_after_checkpoint, make_tiny_config, save_tiny_network
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +22,8 @@ def killed_run(synthetic_dir, tmp_path_factory):
     config = make_tiny_config("supervised", synthetic_dir, num_train_steps=6, eval_every=2,
                               checkpoint_every=2, **{"eval.panels": 0})
     workdir = tmp_path_factory.mktemp("killed") / "run"
-    original = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, data_iter, force=False):
-        original(self, step, state, data_iter, force=force)
-        if step == 4:
-            self.wait()
-            raise Killed
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(checkpoint.Checkpointer, "save", save_then_die)
-        with pytest.raises(Killed):
-            train.train_and_evaluate(config, str(workdir))
+    with killed_after_checkpoint(4), pytest.raises(Killed):
+        train.train_and_evaluate(config, str(workdir))
     assert not (workdir / "export").exists()
     return workdir
 

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgd_jax import checkpoint, export, methods, optim, parallel, train
+from mgd_jax import export, methods, optim, parallel, train
 from mgd_jax.errors import ExportError
 from mgd_jax.methods import base
+
+from conftest import Killed, killed_after_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,27 +150,13 @@ def test_student_bn_updated_four_times_per_mgd_step(tiny_config, tiny_teachers):
     assert not np.allclose(jax.tree.leaves(stats2)[0], jax.tree.leaves(stats)[0])
 
 
-class Preempted(Exception):
-    pass
-
-
-def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, monkeypatch, tiny_config):
+def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_config):
     config = tiny_config("cps", synthetic_dir, num_train_steps=4, checkpoint_every=2,
                          eval_every=4)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    original_save = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, data_iter, force=False):
-        original_save(self, step, state, data_iter, force=force)
-        if step == 2:
-            self.wait()
-            raise Preempted
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
-    with pytest.raises(Preempted):
+    with killed_after_checkpoint(2), pytest.raises(Killed):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
     a, _ = export.load_variables(straight["export"])
