@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -98,11 +99,27 @@ class Checkpointer:
         self._best.close()
 
 
+def _is_not_read_only_notice(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return "read only" not in message and "read_only=True" not in message
+
+
+def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
+    """A read-only manager, without orbax's warnings about it (reading a run is the point)."""
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_is_not_read_only_notice)
+    try:
+        return ocp.CheckpointManager(
+            where, options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
+    finally:
+        absl_logger.removeFilter(_is_not_read_only_notice)
+
+
 def _saved_steps(where: str) -> list[int]:
     if not os.path.isdir(where):
         return []
-    with ocp.CheckpointManager(where, options=ocp.CheckpointManagerOptions(read_only=True)) as m:
-        return sorted(m.all_steps())
+    with _read_only(where) as manager:
+        return sorted(manager.all_steps())
 
 
 def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str, Any]]:
@@ -124,10 +141,7 @@ def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str
     if chosen not in steps:
         raise ExportError(f"{workdir}: no checkpoint at step {step!r}; saved steps: {latest}"
                           + (f", best: {best}" if best else ""))
-    with ocp.CheckpointManager(
-        where, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
-    ) as manager:
+    with _read_only(where, item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
