@@ -59,6 +59,7 @@ def make_tiny_config(method, data=None, **overrides):
     c.eval.pad_to = (32, 32)
     c.eval.crop = 32
     c.eval.batch_size = 8
+    c.eval.panels = 0  # one compile less per network; asserted in test_panels, test_train, notebook
     c.num_train_steps = 4
     c.log_every = c.eval_every = c.checkpoint_every = 2
     c.evaluate_teachers = False

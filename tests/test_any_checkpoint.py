@@ -20,7 +20,7 @@ from conftest import Killed, killed_after_checkpoint, make_tiny_config, save_tin
 def killed_run(synthetic_dir, tmp_path_factory):
     """A 6-step run killed right after its step-4 checkpoint (evaluations at steps 2 and 4)."""
     config = make_tiny_config("supervised", synthetic_dir, num_train_steps=6, eval_every=2,
-                              checkpoint_every=2, **{"eval.panels": 0})
+                              checkpoint_every=2)
     workdir = tmp_path_factory.mktemp("killed") / "run"
     with killed_after_checkpoint(4), pytest.raises(Killed):
         train.train_and_evaluate(config, str(workdir))
