@@ -88,7 +88,7 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PANEL_TITLES = {"student_supervised": "Sup.l student", "student_mgd": "MGD student",
+PANEL_TITLES = {"student_supervised": "student Sup.l", "student_mgd": "student MGD",
                 "teacher_deep": "teacher T_D", "teacher_wide": "teacher T_W"}
 PANEL_FILE = "panels.png"
 
