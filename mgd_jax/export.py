@@ -276,6 +276,8 @@ def locate(path: str, step: int | str | None = None) -> tuple[epath.Path, int | 
         found = (workdir, int(parts[0]))
     else:
         return root, step
+    if not (found[0] / NETWORK_FILE).exists():  # not inside a training workdir after all
+        return root, step
     if step is not None and found[1] != step:
         raise ExportError(f"{path}: names step {found[1]!r}, but step={step!r} was asked for")
     return found
