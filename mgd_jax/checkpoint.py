@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -98,25 +99,49 @@ class Checkpointer:
         self._best.close()
 
 
+def _is_not_read_only_notice(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
+    return "read only" not in message and "read_only=True" not in message
+
+
+def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
+    """A read-only manager, without orbax's warnings about it (reading a run is the point)."""
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_is_not_read_only_notice)
+    try:
+        return ocp.CheckpointManager(
+            where, options=ocp.CheckpointManagerOptions(read_only=True), **kwargs)
+    finally:
+        absl_logger.removeFilter(_is_not_read_only_notice)
+
+
+def _saved_steps(where: str) -> list[int]:
+    if not os.path.isdir(where):
+        return []
+    with _read_only(where) as manager:
+        return sorted(manager.all_steps())
+
+
 def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str, Any]]:
     """(step, state as nested dicts of arrays on one local device) of a workdir's checkpoint;
-    `step` is a number, "latest" or "best". Needs no template and works on any topology: for
-    tools that read a run (also while it trains)."""
+    `step` is "latest", "best" or a step number (of the latest ones, else of the best).
+    Needs no template and works on any topology: for tools that read a run (also while it
+    trains: a checkpoint still being written is not listed)."""
     directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_DIR)
-    best = step == "best"
-    where = os.path.join(directory, BEST_DIR) if best else directory
-    if not os.path.isdir(where):
-        raise ExportError(f"{workdir}: no {'best ' if best else ''}checkpoints in {where}")
-    with ocp.CheckpointManager(
-        where, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
-    ) as manager:
-        steps = manager.all_steps()
-        chosen = manager.latest_step() if step in ("latest", "best") else int(step)
-        if chosen is None or chosen not in steps:
-            raise ExportError(
-                f"{workdir}: no checkpoint at step {step!r}; saved steps: {sorted(steps)}"
-            )
+    best_dir = os.path.join(directory, BEST_DIR)
+    latest, best = _saved_steps(directory), _saved_steps(best_dir)
+    if step == "best" or (step != "latest" and int(step) not in latest and int(step) in best):
+        where, steps = best_dir, best
+    else:
+        where, steps = directory, latest
+    if not steps:
+        raise ExportError(f"{workdir}: no {'best ' if where == best_dir else ''}checkpoints "
+                          f"in {where} yet")
+    chosen = steps[-1] if step in ("latest", "best") else int(step)
+    if chosen not in steps:
+        raise ExportError(f"{workdir}: no checkpoint at step {step!r}; saved steps: {latest}"
+                          + (f", best: {best}" if best else ""))
+    with _read_only(where, item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),

@@ -4,13 +4,13 @@ and user mistakes as one `error:` line with exit status 2. The library never imp
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
+import jax
 from absl import flags
 
-from mgd_jax import parallel
+from mgd_jax import logs, parallel
 from mgd_jax.errors import UserError
 
 USER_ERROR = 2
@@ -37,11 +37,11 @@ def run(flag_values: flags.FlagValues, argv: Sequence[str], body: Callable[[], i
         return _error(f"unexpected arguments: {' '.join(extra)}")
     if not flags.FLAGS.is_parsed():  # grain / orbax read absl's global flags
         flags.FLAGS.mark_as_parsed()
-    logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s")
+    logs.configure_console()  # the run's own lines and warnings; INFO chatter to log files only
     try:
         if distributed:
             parallel.initialize_distributed()
-            logging.info(parallel.runtime_summary())
+            logs.say(parallel.runtime_summary(), primary=jax.process_index() == 0)
         status = body()
     except UserError as e:
         return _error(str(e))

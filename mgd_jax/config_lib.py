@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from mgd_jax import evaluate, methods, models, parallel
+from mgd_jax import evaluate, export, methods, models, parallel
 from mgd_jax.data import input_pipeline, splits
 from mgd_jax.errors import ConfigError
 
@@ -159,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.flip = False  # horizontal-flip TTA (off in the recipe)
     c.eval.scales = (1.0,)  # multi-scale TTA (the recipe: single scale)
     c.eval.max_examples = -1  # > 0: evaluate a prefix only (smoke runs)
+    c.eval.panels = 4  # val images in the prediction panels of every evaluation (0 = none)
+    c.eval.progress_seconds = 30.0  # a progress line of a long evaluation at most this often
 
     # ---- loop -----------------------------------------------------------------------------
     c.log_every = 50
@@ -224,8 +226,9 @@ def apply_smoke(c: ml_collections.ConfigDict) -> None:
 
 def load_workdir_config(path: str) -> ml_collections.ConfigDict:
     """The config a training run recorded: `<path>/config.json`, or the one beside a network
-    directory inside a workdir (`<workdir>/export`)."""
-    root = os.path.abspath(os.path.expanduser(path))
+    directory inside a workdir (`<workdir>/export`), or of the workdir of a checkpoint folder
+    (`<workdir>/checkpoints/<step>`)."""
+    root = str(export.locate(path)[0])  # a checkpoint folder inside a workdir: the workdir
     for candidate in (root, os.path.dirname(root)):
         file = os.path.join(candidate, "config.json")
         if os.path.isfile(file):

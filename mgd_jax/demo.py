@@ -5,19 +5,21 @@ Stages, each an ordinary `train_and_evaluate` run in its own sub-workdir (rerun 
   teacher_wide        CPS on two reduced Wide-ResNet-50-2s        -> export/ = T_W checkpoint
   student_supervised  Sup.l: the student on the labeled subset only
   student_mgd         the same student, steps, labeled subset and seed, distilled with MGD
-then one table (mIoU, parameters) printed and written to `<workdir>/results.json`.
+then one table (mIoU, parameters) printed and written to `<workdir>/results.json`, and the panel
+of every stage's predictions on the same val images written to `<workdir>/panels.png`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import time
 from typing import Any
 
 import ml_collections
+
+from mgd_jax import logs
 
 STAGES = ("teacher_deep", "teacher_wide", "student_supervised", "student_mgd")
 RESULT_NAMES = {
@@ -86,14 +88,28 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PANEL_TITLES = {"student_supervised": "student Sup.l", "student_mgd": "student MGD",
+                "teacher_deep": "teacher T_D", "teacher_wide": "teacher T_W"}
+PANEL_FILE = "panels.png"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-    """Prepares the synthetic data, runs every stage, prints and writes the table."""
-    from mgd_jax import train
+    """Prepares the synthetic data, runs every stage, prints and writes the table and the
+    panel of all stages (`<workdir>/panels.png`); everything is logged to `<workdir>/log.txt`."""
+    import jax
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    with logs.log_file(workdir, enabled=jax.process_index() == 0):
+        return _run(config, workdir, jax.process_index() == 0)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool
+         ) -> dict[str, dict[str, Any]]:
+    from mgd_jax import export, panels, train
     from mgd_jax.data import prepare
 
     t0 = time.time()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     if not config.data_dir:  # self-contained by default: the data lives in the workdir
         config.data_dir = os.path.join(workdir, "data")
     sizes = config.demo.synthetic.to_dict()
@@ -101,16 +117,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         raise ValueError("config.demo.synthetic.num_classes must equal config.num_classes")
     sizes["num_classes"] = config.num_classes
     config.dataset = prepare.ensure_synthetic(config.data_dir, **sizes)
-    print(
+    logs.say(
         "MGD demo on the synthetic dataset. The networks are depth- and width-reduced members "
         "of the official families (full-size teachers do not train in minutes on a CPU).",
-        flush=True,
+        primary=primary,
     )
     stages = [s for s in config.stages.split(",") if s]
     results: dict[str, dict[str, Any]] = {}
     for stage in stages:
         stage_dir = os.path.join(workdir, stage)
-        print(f"== stage {stage} -> {stage_dir}", flush=True)
+        logs.say(f"== stage {stage} -> {stage_dir}", primary=primary)
         result = train.train_and_evaluate(stage_config(config, stage, workdir), stage_dir)
         results[RESULT_NAMES[stage]] = {
             "miou": float(result["miou"]),
@@ -118,8 +134,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
             "arch": _arch_of(config, stage),
         }
     table = format_results(results)
-    print(f"\n{table}\n(total {time.time() - t0:.0f} s; mIoU of the final checkpoints)", flush=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    logging.info("demo results: %s", results)
+    if primary:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    if primary and config.eval.panels > 0:
+        networks = {PANEL_TITLES[stage]: export.load_network(
+            os.path.join(workdir, stage, "export"), precision=config.precision)
+            for stage in sorted(stages, key=list(PANEL_TITLES).index)}
+        path = os.path.join(workdir, PANEL_FILE)
+        panels.save_png(path, panels.networks_panel(
+            stage_config(config, stages[-1]), networks, config.eval.panels))
+        logs.say(f"prediction panels of every stage: {path}")
+    logs.say(f"\n{table}\n(total {time.time() - t0:.0f} s; mIoU of the final checkpoints)",
+             primary=primary)
     return results

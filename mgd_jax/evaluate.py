@@ -54,7 +54,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mgd_jax import export, parallel
+from mgd_jax import export, logs, parallel, reporting
 from mgd_jax.data import input_pipeline
 from mgd_jax.data.augment import as_pair, centered_margins, normalize
 from mgd_jax.data.datasets import IGNORE_INDEX, resolve
@@ -379,18 +379,23 @@ class Evaluator:
     could overflow int32.
     """
 
-    def __init__(self, num_classes: int, *, mesh: Mesh | None = None, **protocol: Any):
+    def __init__(self, num_classes: int, *, mesh: Mesh | None = None,
+                 progress_seconds: float = 30.0, **protocol: Any):
         if protocol.get("mode", "whole") not in MODES:
             raise ConfigError(f"config.eval.mode: {protocol['mode']!r} is not one of {MODES}")
         self.num_classes = int(num_classes)
         self.mesh = mesh
+        self.progress_seconds = progress_seconds  # a progress line at most this often (< 0: none)
         self.protocol = protocol
         self._steps: dict[Any, Callable] = {}
+        self._label_steps: dict[Any, Callable] = {}
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh | None = None
                     ) -> Evaluator:
-        return cls(config.num_classes, mesh=mesh, **protocol_options(config))
+        return cls(config.num_classes, mesh=mesh,
+                   progress_seconds=config.eval.get("progress_seconds", 30.0),
+                   **protocol_options(config))
 
     def _step(self, apply_fn: ApplyFn) -> Callable:
         if apply_fn not in self._steps:
@@ -404,12 +409,15 @@ class Evaluator:
         return self._steps[apply_fn]
 
     def confusion(self, apply_fn: ApplyFn, variables: Any,
-                  batches: Iterable[Mapping[str, Any]]) -> np.ndarray:
-        """np.int64 (C, C) confusion matrix (rows = ground truth) over all `batches`."""
+                  batches: Iterable[Mapping[str, Any]], *, label: str = "eval",
+                  num_batches: int | None = None) -> np.ndarray:
+        """np.int64 (C, C) confusion matrix (rows = ground truth) over all `batches`; a long pass
+        prints progress lines "<label>: i/num_batches ..., ETA" (`progress_seconds`)."""
         step = self._step(apply_fn)
         processes = jax.process_count() if self.mesh is not None else 1
         total = np.zeros((self.num_classes, self.num_classes), np.int64)
         device, pending, seen = None, 0, 0
+        progress = reporting.Progress(label, num_batches, every=self.progress_seconds)
         for local in batches:
             arrays = {k: local[k] for k in ("image", "valid", "label")}
             pixels = int(np.prod(np.shape(arrays["label"]))) * processes
@@ -425,6 +433,10 @@ class Evaluator:
             device = counts if device is None else device + counts
             pending += pixels
             seen += 1
+            line = progress.update(seen)
+            if line:
+                device.block_until_ready()  # the line tells what is done, not what is queued
+                logs.say(line, primary=jax.process_index() == 0)
         if not seen:
             raise DataError("evaluate: the eval split is empty")
         if device is not None:
@@ -432,9 +444,22 @@ class Evaluator:
         return total
 
     def scores(self, apply_fn: ApplyFn, variables: Any,
-               batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-        """`scores(...)` of the confusion matrix over `batches`."""
-        return scores(self.confusion(apply_fn, variables, batches))
+               batches: Iterable[Mapping[str, Any]], **progress: Any) -> dict[str, Any]:
+        """`scores(...)` of the confusion matrix over `batches` (`progress` as in `confusion`)."""
+        return scores(self.confusion(apply_fn, variables, batches, **progress))
+
+    def labels(self, apply_fn: ApplyFn, variables: Any, image: np.ndarray,
+               valid: np.ndarray) -> np.ndarray:
+        """uint8 class maps (B, H, W) of one host-local batch with the protocol, on the default
+        device (no mesh, no collective: e.g. prediction panels on one process)."""
+        if apply_fn not in self._label_steps:
+            def step(variables, image, valid):
+                logits = predict_logits(functools.partial(apply_fn, variables), image, valid,
+                                        **self.protocol)
+                return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+            self._label_steps[apply_fn] = jax.jit(step)
+        return np.asarray(self._label_steps[apply_fn](variables, image, valid))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,23 +538,28 @@ def evaluate_network(
         source = input_pipeline.eval_source(config)
     names = class_names(source, config)
     is_main = jax.process_index() == 0
-    say = print if (verbose and is_main) else (lambda *a, **k: None)
-    say(f"network: {network.describe()}", flush=True)
-    say(f"data: {config.dataset} {config.eval_split}, {len(source)} images", flush=True)
+
+    def say(text: str) -> None:
+        if verbose:
+            logs.say(text, primary=is_main)
+
+    say(f"network: {network.describe()}")
+    say(f"data: {config.dataset} {config.eval_split}, {len(source)} images")
     protocol = protocol_text(config, config.eval.flip, scales)
-    say(f"protocol: {protocol}", flush=True)
+    say(f"protocol: {protocol}")
 
     mesh = parallel.make_mesh()
     evaluator = Evaluator.from_config(config, mesh)
     t0 = time.time()
     confusion = evaluator.confusion(
         model_logits(network.model), parallel.replicate(network.variables, mesh),
-        input_pipeline.eval_batches(config, source),
+        input_pipeline.eval_batches(config, source), label=config.eval_split,
+        num_batches=input_pipeline.num_eval_batches(config, len(source)),
     )
     seconds = time.time() - t0
     result_scores = scores(confusion)
 
-    say(format_table(result_scores, names), flush=True)
+    say(format_table(result_scores, names))
     result = {
         "checkpoint": network.directory,
         "network": {k: network.meta.get(k) for k in ("backbone", "num_classes", "build_options",
@@ -558,7 +588,7 @@ def evaluate_network(
             json.dump(result, f, indent=2)
         say(f"mIoU {100 * result_scores['miou']:.2f}  pixel accuracy "
             f"{100 * result_scores['pixel_accuracy']:.2f}  ({len(source)} images, "
-            f"{seconds:.1f} s) -> {path}", flush=True)
+            f"{seconds:.1f} s) -> {path}")
     result["json"] = path
     return result
 

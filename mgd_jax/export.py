@@ -24,12 +24,16 @@ from etils import epath
 from flax import traverse_util
 
 from mgd_jax import checkpoint, models
+from mgd_jax.data import augment
+from mgd_jax.data.datasets import DatasetInfo
 from mgd_jax.errors import ExportError
 
 Variables = dict[str, Any]
 
 FORMAT = "mgd_jax.variables"
-FORMAT_VERSION = 1
+# 1: backbone, num_classes, build_options and provenance. 2 adds "input" (always), and "dataset"
+# and "eval" (the trainer's exports). Version 1 directories still load (without those).
+FORMAT_VERSION = 2
 VARIABLES_DIR = "variables"
 META_FILE = "meta.json"
 NETWORK_FILE = "network.json"  # in a workdir: the meta of the network the run trains
@@ -61,6 +65,24 @@ def _jsonable(value: Any) -> Any:
     )
 
 
+# What every network of the project takes: uint8 RGB NHWC images, normalised on the device as
+# (x / 255 - mean) / std, with 0 on padding (data/augment.py).
+INPUT = {"layout": "NHWC", "channel_order": "RGB", "dtype": "uint8", "scale": 1 / 255,
+         "mean": list(augment.MEAN), "std": list(augment.STD), "padding": 0.0}
+EVAL_FIELDS = ("mode", "crop", "pad_to", "stride_rate")  # of a config's `eval` block
+
+
+def run_meta(dataset: str, info: DatasetInfo, eval_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The meta a trained network carries about its data: the dataset (name, class names,
+    palette, ignore label) and the evaluation protocol it was selected with."""
+    return {
+        "dataset": {"name": dataset, "class_names": list(info.class_names),
+                    "palette": [list(c) for c in info.palette],
+                    "ignore_index": int(info.ignore_index)},
+        "eval": {k: _jsonable(eval_config[k]) for k in EVAL_FIELDS},
+    }
+
+
 def save_network(
     directory: str, variables: Mapping[str, Any], meta: Mapping[str, Any], *,
     overwrite: bool = False,
@@ -80,7 +102,8 @@ def save_network(
     for field in ("backbone", "num_classes"):
         if field not in meta:
             raise ExportError(f"{directory}: meta needs {field!r}, got {sorted(meta)}")
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "build_options": {}, **_jsonable(meta)}
+    meta = {"build_options": {}, "input": INPUT, **_jsonable(meta), "format": FORMAT,
+            "version": FORMAT_VERSION}
     tree = {c: variables.get(c, {}) for c in ("params", "batch_stats")}
     tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -130,6 +153,9 @@ def load_variables(directory: str) -> tuple[Variables, dict[str, Any]]:
         raise ExportError(f"{meta_file}: invalid JSON ({e})") from e
     if meta.get("format") != FORMAT:
         raise ExportError(f"{meta_file}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta.get("version"), int) or not 1 <= meta["version"] <= FORMAT_VERSION:
+        raise ExportError(f"{meta_file}: format version {meta.get('version')!r}; this mgd_jax "
+                          f"reads versions 1 to {FORMAT_VERSION} (a newer one wrote it?)")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.restore(root / VARIABLES_DIR)
@@ -234,15 +260,40 @@ def is_network_dir(path: str | os.PathLike) -> bool:
     return (root / META_FILE).exists() and (root / VARIABLES_DIR).exists()
 
 
+def locate(path: str, step: int | str | None = None) -> tuple[epath.Path, int | str | None]:
+    """(directory, step) of what `path` names: a network directory or a workdir as given, or,
+    for a checkpoint folder inside a workdir (`checkpoints`, `checkpoints/<step>`,
+    `checkpoints/best[/<step>]`), the workdir and that step."""
+    root = epath.Path(os.path.abspath(os.path.expanduser(path)))
+    parts = [root.name, root.parent.name, root.parent.parent.name]
+    if parts[0] == checkpoint.CHECKPOINTS_DIR:
+        found: tuple[epath.Path, int | str | None] = (root.parent, step)
+    elif parts[0] == checkpoint.BEST_DIR and parts[1] == checkpoint.CHECKPOINTS_DIR:
+        found = (root.parent.parent, "best")
+    elif parts[0].isdigit() and checkpoint.CHECKPOINTS_DIR in parts[1:]:
+        workdir = root.parent.parent if parts[1] == checkpoint.CHECKPOINTS_DIR else (
+            root.parent.parent.parent)
+        found = (workdir, int(parts[0]))
+    else:
+        return root, step
+    if not (found[0] / NETWORK_FILE).exists():  # not inside a training workdir after all
+        return root, step
+    if step is not None and found[1] != step:
+        raise ExportError(f"{path}: names step {found[1]!r}, but step={step!r} was asked for")
+    return found
+
+
 def load_network(path: str, *, step: int | str | None = None,
                  precision: str = "auto") -> Network:
-    """The network at `path`: a network directory, or a training workdir.
+    """The network at `path`: a network directory, a training workdir, or a checkpoint folder
+    inside a workdir (`<workdir>/checkpoints/<step>`, `.../checkpoints/best`).
 
     For a workdir, `step` chooses: None = its `export/` when training has finished, else the
-    latest train-state checkpoint; "latest", "best" or a step number = that checkpoint.
+    latest train-state checkpoint; "latest", "best" or a step number = that checkpoint. A run
+    that is still training (or was killed) is read the same way.
     precision: "auto" (bfloat16 compute on GPU/TPU, float32 on CPU), "float32" or "bfloat16".
     """
-    root = epath.Path(os.path.abspath(os.path.expanduser(path)))
+    root, step = locate(path, step)
     if not root.is_dir():
         raise ExportError(f"{path}: no such directory")
     if is_network_dir(root):

@@ -38,8 +38,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from mgd_jax import evaluate
+from mgd_jax.data import augment
 from mgd_jax.data.augment import centered_margins
-from mgd_jax.data.datasets import palette_for
+from mgd_jax.data.datasets import IGNORE_INDEX, lookup_table, palette_for
 from mgd_jax.errors import DataError
 from mgd_jax.export import Network
 
@@ -111,17 +112,52 @@ def pad_centered(image: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray,
     return canvas, valid, (top, left)
 
 
+# Without a protocol in the network's meta (imported networks, format version 1).
+DEFAULT_PROTOCOL = {"mode": "sliding", "crop": 512, "stride_rate": 2 / 3, "pad_to": None}
+
+
+def protocol(network: Network, **given: Any) -> dict[str, Any]:
+    """mode, crop, stride_rate, pad_to: `given` (not None), else the evaluation protocol the
+    network's meta records, else `DEFAULT_PROTOCOL`."""
+    recorded = network.meta.get("eval") or {}
+    out = {}
+    for key, default in DEFAULT_PROTOCOL.items():
+        value = given.get(key)
+        out[key] = value if value is not None else recorded.get(key, default)
+    if out["pad_to"] is not None:
+        out["pad_to"] = tuple(int(v) for v in augment.as_pair(out["pad_to"]))
+    if isinstance(out["crop"], list | tuple):  # (h, w) crops: the windows are square here
+        out["crop"] = int(min(out["crop"]))
+    return out
+
+
+def network_palette(network: Network, dataset: str | None = None) -> np.ndarray:
+    """(256, 3) colours: the named dataset's, else the palette the meta records, else by class
+    count (`datasets.palette_for`)."""
+    recorded = (network.meta.get("dataset") or {}).get("palette")
+    if dataset or not recorded:
+        return palette_for(network.num_classes, dataset)
+    ignore = (network.meta.get("dataset") or {}).get("ignore_index", IGNORE_INDEX)
+    return lookup_table([tuple(c) for c in recorded], ignore)
+
+
 class Predictor:
     """Class-id maps of uint8 RGB images of any size, batched per static canvas.
 
-        predictor = Predictor(load_network(dir), crop=512)
-        labels = predictor(list_of_images)     # list of uint8 (h, w) maps
+        predictor = Predictor(load_network(dir))   # the protocol the network's meta records
+        labels = predictor(list_of_images)         # list of uint8 (h, w) maps
+
+    mode, crop, stride_rate and pad_to default to the network's recorded evaluation protocol
+    (`protocol`); given values override it.
     """
 
-    def __init__(self, network: Network, *, mode: str = "sliding", crop: int = 512,
-                 stride_rate: float = 2 / 3, pad_to: tuple[int, int] | None = None,
+    def __init__(self, network: Network, *, mode: str | None = None, crop: int | None = None,
+                 stride_rate: float | None = None, pad_to: tuple[int, int] | None = None,
                  bucket: int = 128, batch_size: int = 1, flip: bool = False,
                  scales: Sequence[float] = (1.0,), windows_per_call: int | None = None):
+        p = protocol(network, mode=mode, crop=crop, stride_rate=stride_rate, pad_to=pad_to)
+        mode, crop, stride_rate, pad_to = p["mode"], p["crop"], p["stride_rate"], p["pad_to"]
+        self.protocol = p
         if mode not in evaluate.MODES:
             raise DataError(f"mode={mode!r}: expected one of {evaluate.MODES}")
         if crop < 1 or bucket < 1 or batch_size < 1:
@@ -277,7 +313,7 @@ def predict_files(network: Network, inputs: Sequence[str], output: str | os.Path
         raise DataError(f"input {' '.join(inputs)}: no .jpg/.jpeg/.png files found")
     output = Path(os.path.expanduser(output))
     output.mkdir(parents=True, exist_ok=True)
-    palette = palette_for(network.num_classes, dataset)
+    palette = network_palette(network, dataset)
     predictor = Predictor(network, **predictor_options)
     report = Report()
     t0 = time.time()
@@ -295,7 +331,7 @@ def predict_files(network: Network, inputs: Sequence[str], output: str | os.Path
         "checkpoint": network.directory,
         "network": network.describe(),
         "settings": {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in predictor_options.items()},
+                     for k, v in {**predictor_options, **predictor.protocol}.items()},
         "canvases": sorted(list(c) for c in predictor.canvases),
         "seconds": time.time() - t0,
         "written": report.written,

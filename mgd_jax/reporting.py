@@ -1,4 +1,6 @@
-"""Training reports: one stdout line, <workdir>/metrics.jsonl and TensorBoard event files.
+"""Training reports: console lines (`logs.say`, so also in the run's log file),
+<workdir>/metrics.jsonl, prediction panels as PNG files and TensorBoard event files (scalars,
+texts, images).
 
 TensorBoard files are written with tensorboardX (no TensorFlow). Only the main process (process 0)
 writes files; other processes log their lines at debug level. Values may be Python or JAX/numpy
@@ -8,8 +10,8 @@ scalars.
 from __future__ import annotations
 
 import datetime
+import io
 import json
-import logging
 import math
 import os
 import time
@@ -17,8 +19,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
-log = logging.getLogger(__name__)
+from mgd_jax import logs
+
+PANELS_DIR = "panels"
 
 
 def _to_float(value: Any) -> float:
@@ -64,11 +69,12 @@ class Reporter:
 
             self._tb = SummaryWriter(logdir=workdir)
 
-    def _emit(self, line: str) -> None:
-        if self.is_main:
-            print(line, flush=True)
-        else:
-            log.debug(line)
+    def _emit(self, line: str, console: bool = True) -> None:
+        logs.say(line, console=console, primary=self.is_main)
+
+    def line(self, text: str) -> None:
+        """One line of the run's own output (console and log file)."""
+        self._emit(text)
 
     def scalars(self, step: int, values: Mapping[str, Any], *, line: str | None = None) -> None:
         """Log `values` at `step`: a stdout line, one JSON object in metrics.jsonl, TB scalars.
@@ -117,13 +123,31 @@ class Reporter:
         self.scalars(step, values, line=line)
         return values
 
-    def text(self, name: str, text: str, step: int = 0) -> None:
-        """Log a block of text (resolved config, parameter overview, IoU table): stdout + TB."""
-        self._emit(f"== {name} ==\n{text}")
+    def text(self, name: str, text: str, step: int = 0, *, console: bool = True) -> None:
+        """Log a block of text (IoU table, data description...): console (unless `console` is
+        False: the log file only, e.g. the full config), log file and TensorBoard."""
+        self._emit(f"== {name} ==\n{text}", console)
         if self.is_main:
             # Indented = preformatted in TensorBoard's markdown rendering.
             self._tb.add_text(name, "\n".join("    " + s for s in text.splitlines()), step)
             self._tb.flush()
+
+    def image(self, name: str, image: np.ndarray, step: int) -> str | None:
+        """Writes a uint8 (H, W, 3) image as `<workdir>/panels/<name>_<step>.png` and as the
+        TensorBoard image `name`; returns the file (None on other processes)."""
+        if not self.is_main:
+            return None
+        from PIL import Image
+
+        step = int(step)
+        path = epath.Path(self.workdir) / PANELS_DIR / f"{name.replace('/', '_')}_{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG", optimize=True)
+        path.write_bytes(buffer.getvalue())
+        self._tb.add_image(name, np.asarray(image, np.uint8), global_step=step, dataformats="HWC")
+        self._tb.flush()
+        return str(path)
 
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
@@ -139,6 +163,29 @@ class Reporter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Progress:
+    """Progress lines of a loop of known length (e.g. a long evaluation): `update(done)` returns
+    "<label>: done/total, elapsed, ETA" at most once every `every` seconds (None otherwise)."""
+
+    def __init__(self, label: str, total: int | None, *, every: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.label, self.total, self.every = label, total, every
+        self._clock = clock
+        self._start = self._last = clock()
+
+    def update(self, done: int) -> str | None:
+        now = self._clock()
+        if self.every < 0 or now - self._last < self.every:
+            return None
+        self._last = now
+        elapsed = now - self._start
+        if not self.total:
+            return f"{self.label}: {done} batches, {format_eta(elapsed)}"
+        eta = elapsed / max(done, 1) * max(self.total - done, 0)
+        return (f"{self.label}: {done}/{self.total} batches ({100 * done / self.total:.0f}%), "
+                f"{format_eta(elapsed)}, ETA {format_eta(eta)}")
 
 
 def _fmt(v: float) -> str:

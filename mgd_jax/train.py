@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import time
 from typing import Any
@@ -29,9 +28,11 @@ from mgd_jax import (
     errors,
     evaluate,
     export,
+    logs,
     methods,
     models,
     optim,
+    panels,
     parallel,
     reporting,
 )
@@ -101,11 +102,20 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains `config.method` and evaluates it; returns the final / best val scores."""
+    """Trains `config.method` and evaluates it; returns the final / best val scores.
+
+    Everything the run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
+    """
     config_lib.validate(config, device_count=jax.device_count())
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
+    with logs.log_file(workdir, enabled=is_main):
+        return _train_and_evaluate(config, workdir, is_main)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main: bool
+                        ) -> dict[str, Any]:
     mesh = parallel.make_mesh()
 
     method = methods.get(config)
@@ -115,12 +125,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
 
     reporter = reporting.Reporter(workdir, total_steps=steps, is_main=is_main)
+    # What a network of this run is: its build, its data and protocol (export.run_meta).
+    network_meta = dict(method.export_meta,
+                        **export.run_meta(config.dataset, data.info, config.eval))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         _write_json(os.path.join(workdir, export.NETWORK_FILE),
-                    dict(method.export_meta, state_path=list(method.eval_path)))
-    reporter.text("config", str(config))
+                    dict(network_meta, state_path=list(method.eval_path)))
+    reporter.text("config", str(config), console=False)  # the log file and TensorBoard only
     reporter.text("data", data.description)
 
     # The init key uses the "rbg" generator: a jitted threefry init of a DeepLabv3+ takes ~20 s to
@@ -161,17 +174,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     class_names = data.info.class_names
 
     def evaluate_variables(step: int, prefix: str, apply_fn, variables) -> dict:
-        scores = evaluator.scores(apply_fn, variables, data.eval_batches())
+        reporter.line(f"{prefix}: evaluating on {config.eval_split} at step {step} "
+                      f"({data.num_eval_batches} batches per process)")
+        scores = evaluator.scores(apply_fn, variables, data.eval_batches(), label=prefix,
+                                  num_batches=data.num_eval_batches)
         reporter.scalars(step, evaluate.score_scalars(prefix, scores, class_names))
         reporter.text(f"{prefix}/table", evaluate.format_table(scores, class_names))
         return scores
 
+    # Prediction panels (primary process): fixed val images; the method's extra networks (e.g.
+    # MGD's teachers) predicted once, the trained network at every evaluation.
+    panel_set, fixed_columns = None, {}
+    if is_main and config.eval.panels > 0:
+        panel_set = panels.PanelSet.from_batches(
+            data.eval_batches(), config.eval.panels, data.info.palette_array(),
+            evaluate.Evaluator.from_config(config))
+
     extra_scores = {}
-    if start == 0:  # e.g. MGD's teachers: a cheap guard against a wrong import or preprocessing
-        for name, (model, variables) in method.extra_evals(frozen).items():
+    for name, (model, variables) in method.extra_evals(frozen).items():
+        if start == 0:  # e.g. MGD's teachers: a cheap guard against a wrong import
             extra_scores[name] = evaluate_variables(
                 0, f"{name}_eval", evaluate.model_logits(model), variables
             )
+        if panel_set is not None:
+            fixed_columns[name] = panel_set.predict(evaluate.model_logits(model), variables)
+
+    def evaluate_trained(step: int, variables) -> dict:
+        scores = evaluate_variables(step, "eval", apply_eval, variables)
+        if panel_set is not None:
+            trained = {f"{config.method} (step {step})": panel_set.predict(apply_eval, variables)}
+            path = reporter.image("panels", panel_set.render({**trained, **fixed_columns}), step)
+            reporter.line(f"prediction panels: {path}")
+        return scores
 
     scores = None
     images_per_step = config.batch_size * (3 if method.uses_unlabeled else 1)
@@ -191,9 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
             reporter.progress(done, images_per_step)
         if done % config.eval_every == 0 or done == steps:
-            scores = evaluate_variables(
-                done, "eval", apply_eval, eval_variables(method, state.params, state.batch_stats)
-            )
+            scores = evaluate_trained(
+                done, eval_variables(method, state.params, state.batch_stats))
             ckpt.save_best(done, state, scores["miou"])
         if done % config.checkpoint_every == 0 or done == steps:
             ckpt.save(done, state, train_iter, force=done == steps)
@@ -202,13 +235,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     final = eval_variables(method, state.params, state.batch_stats)
     if scores is None:  # resumed after the last step: evaluate what was restored
-        scores = evaluate_variables(steps, "eval", apply_eval, final)
+        scores = evaluate_trained(steps, final)
     if hasattr(train_iter, "close"):  # worker processes, shared memory
         train_iter.close()
 
     def save_export(name: str, variables, step: int, miou: float) -> str:
         directory = os.path.join(workdir, name)
-        meta = dict(method.export_meta, source=workdir, step=int(step), miou=float(miou))
+        meta = dict(network_meta, source=workdir, step=int(step), miou=float(miou))
         export.save_network(directory, jax.device_get(variables), meta, overwrite=True)
         return directory
 
@@ -244,5 +277,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         _write_json(os.path.join(workdir, "final_metrics.json"), result)
     reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
     reporter.close()
-    logging.info("done: %s", result)
     return result

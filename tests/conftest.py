@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -58,6 +59,7 @@ def make_tiny_config(method, data=None, **overrides):
     c.eval.pad_to = (32, 32)
     c.eval.crop = 32
     c.eval.batch_size = 8
+    c.eval.panels = 0  # one compile less per network; asserted in test_panels, test_train, notebook
     c.num_train_steps = 4
     c.log_every = c.eval_every = c.checkpoint_every = 2
     c.evaluate_teachers = False
@@ -99,6 +101,28 @@ def save_tiny_network(directory, *, backbone="resnet18", num_classes=NUM_CLASSES
         {"backbone": backbone, "num_classes": num_classes, "build_options": TINY},
     )
     return model, variables
+
+
+class Killed(Exception):
+    """Raised by `killed_after_checkpoint`: the run stops as if its process were killed."""
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(step):
+    """Within the block, a training run dies right after writing its checkpoint at `step`."""
+    from mgd_jax import checkpoint
+
+    original = checkpoint.Checkpointer.save
+
+    def save_then_die(self, at, state, data_iter, force=False):
+        original(self, at, state, data_iter, force=force)
+        if at == step:
+            self.wait()
+            raise Killed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+        yield
 
 
 @pytest.fixture

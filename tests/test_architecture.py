@@ -23,17 +23,17 @@ PACKAGE = ROOT / "mgd_jax"
 LAYERS = (
     # command-line tools: flags and printing, over importable functions
     ("main", "eval_main", "predict_main", "export_main", "import_main", "prepare_main",
-     "bench_main"),
+     "bench_main", "grid_main"),
     ("cli",),
     # a run: the loop and what it is made of
-    ("demo", "bench"),
+    ("demo", "bench", "grid"),
     ("train",),
     ("config_lib",),
     ("methods",),
     ("methods.cps", "methods.mgd", "methods.supervised"),
     ("methods.base",),
     ("deploy",),
-    ("predict", "torch_import", "models.summary"),
+    ("panels", "predict", "torch_import", "models.summary"),
     ("evaluate",),
     ("export", "reporting", "optim", "losses", "weight_files", "onnx_export"),
     ("checkpoint",),
@@ -52,7 +52,7 @@ LAYERS = (
     ("models.mobilenet_v2", "models.resnet"),
     ("models.layers",),
     ("parallel",),
-    ("errors", "", "data"),  # "" = the package itself
+    ("errors", "logs", "", "data"),  # "" = the package itself
 )
 
 

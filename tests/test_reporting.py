@@ -43,19 +43,43 @@ def test_scalars_write_jsonl_tensorboard_and_stdout(tmp_path, capsys):
     assert "step 1/10: loss=0.5, lr=0.01" in out and "== config ==" in out
     files = _event_files(workdir)
     assert files and os.path.getsize(files[0]) > 0
-    # read the event file back with tensorboardX's own protobufs (no TensorFlow)
+    tags = {v.tag for v in _summary_values(workdir)}
+    assert {"loss", "lr"} <= tags and any(t.startswith("config") for t in tags)
+
+
+def _summary_values(workdir):
+    """Every summary value of a run's event files, read back with tensorboardX's own protobufs
+    (no TensorFlow)."""
     from tensorboardX.proto import event_pb2
 
-    tags = set()
-    with open(files[0], "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos < len(data):
-        (length,) = np.frombuffer(data[pos : pos + 8], "<u8")
-        ev = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + int(length)])
-        tags.update(v.tag for v in ev.summary.value)
-        pos += 12 + int(length) + 4
-    assert {"loss", "lr"} <= tags and any(t.startswith("config") for t in tags)
+    values = []
+    for file in _event_files(workdir):
+        with open(file, "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = np.frombuffer(data[pos : pos + 8], "<u8")
+            ev = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + int(length)])
+            values += list(ev.summary.value)
+            pos += 12 + int(length) + 4
+    return values
+
+
+def test_images_go_to_png_and_tensorboard(tmp_path):
+    import io
+
+    from PIL import Image
+
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    with reporting.Reporter(str(tmp_path), total_steps=10) as rep:
+        path = rep.image("panels", image, step=7)
+    assert path == str(tmp_path / "panels" / "panels_0000007.png")
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+    (value,) = [v for v in _summary_values(str(tmp_path)) if v.tag == "panels"]
+    stored = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
+    np.testing.assert_array_equal(stored, image)
+    assert reporting.Reporter(str(tmp_path / "x"), total_steps=1, is_main=False).image(
+        "panels", image, 1) is None
 
 
 def test_progress_eta_math(tmp_path, capsys):
@@ -84,3 +108,16 @@ def test_non_main_writes_nothing(tmp_path, capsys):
     rep.close()
     assert not os.path.exists(workdir)
     assert capsys.readouterr().out == ""
+
+
+def test_progress_lines_of_a_long_loop():
+    clock = FakeClock()
+    progress = reporting.Progress("eval", 40, every=30.0, clock=clock)
+    clock.t += 10.0
+    assert progress.update(5) is None  # not due yet
+    clock.t += 20.0
+    assert progress.update(10) == "eval: 10/40 batches (25%), 0:00:30, ETA 0:01:30"
+    clock.t += 5.0
+    assert progress.update(12) is None
+    assert reporting.Progress("x", None, every=0, clock=clock).update(3) == "x: 3 batches, 0:00:00"
+    assert reporting.Progress("x", 9, every=-1, clock=clock).update(3) is None  # off

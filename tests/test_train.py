@@ -10,10 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
-from mgd_jax import checkpoint, export, methods, optim, parallel, train
+from mgd_jax import export, methods, optim, parallel, train
 from mgd_jax.errors import ExportError
 from mgd_jax.methods import base
+
+from conftest import Killed, killed_after_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,27 +150,13 @@ def test_student_bn_updated_four_times_per_mgd_step(tiny_config, tiny_teachers):
     assert not np.allclose(jax.tree.leaves(stats2)[0], jax.tree.leaves(stats)[0])
 
 
-class Preempted(Exception):
-    pass
-
-
-def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, monkeypatch, tiny_config):
+def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_config):
     config = tiny_config("cps", synthetic_dir, num_train_steps=4, checkpoint_every=2,
                          eval_every=4)
     straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
 
-    original_save = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, data_iter, force=False):
-        original_save(self, step, state, data_iter, force=force)
-        if step == 2:
-            self.wait()
-            raise Preempted
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
-    with pytest.raises(Preempted):
+    with killed_after_checkpoint(2), pytest.raises(Killed):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", original_save)
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
     a, _ = export.load_variables(straight["export"])
@@ -231,6 +220,19 @@ def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
     assert "teacher_deep_eval" in proc.stdout + proc.stderr
     mgd = json.loads((tmp_path / "mgd" / "final_metrics.json").read_text())
     assert set(mgd["extra_evals"]) == {"teacher_deep", "teacher_wide"}
+    # The console has the run's own lines; the full config and library INFO lines (orbax via
+    # absl) are in the log file only.
+    console = proc.stdout + proc.stderr
+    assert "step 2/2" in console and "== data ==" in console
+    assert "== config ==" not in console and "orbax" not in console.lower()
+    log = (tmp_path / "mgd" / "log.txt").read_text()
+    assert "== config ==" in log and "orbax" in log.lower() and "step 2/2" in log
+    # Prediction panels of the final evaluation; MGD's add its two teachers' columns.
+    widths = {}
+    for stage_dir in ("sup", "mgd"):
+        (png,) = (tmp_path / stage_dir / "panels").glob("*.png")
+        widths[stage_dir] = Image.open(png).size[0]
+    assert widths["mgd"] > widths["sup"] + 100
 
 
 def test_bad_config_fails_before_compiling(tmp_path):

@@ -48,7 +48,7 @@ class DatasetInfo:
 
     def palette_array(self) -> np.ndarray:
         """(256, 3) uint8 lookup table: class id -> colour; the ignore index -> VOC's boundary."""
-        return _lookup_table(self.palette, self.ignore_index)
+        return lookup_table(self.palette, self.ignore_index)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -80,7 +80,8 @@ def voc_colormap(n: int) -> tuple[tuple[int, int, int], ...]:
     return tuple(out)
 
 
-def _lookup_table(colours, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def lookup_table(colours, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(256, 3) uint8 colour table: class id -> colour, the ignore index -> VOC's boundary."""
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(colours)] = np.asarray(colours, np.uint8).reshape(-1, 3)
     lut[ignore_index] = IGNORE_COLOUR
@@ -207,4 +208,4 @@ def palette_for(num_classes: int, dataset: str | None = None) -> np.ndarray:
     for info in DATASETS.values():
         if info.name != "synthetic" and info.num_classes == num_classes:
             return info.palette_array()
-    return _lookup_table(voc_colormap(num_classes))
+    return lookup_table(voc_colormap(num_classes))

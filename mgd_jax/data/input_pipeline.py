@@ -347,6 +347,7 @@ class Streams:
 
     train: grain.IterDataset  # per-host train batches (iterators are checkpointable)
     eval_batches: Callable[[], Iterable[dict]]  # a fresh deterministic pass per call
+    num_eval_batches: int  # batches of one eval pass on this host
     info: Any  # datasets.DatasetInfo
     num_labeled: int
     num_unlabeled: int
@@ -397,6 +398,13 @@ def eval_source(config: ml_collections.ConfigDict) -> Any:
     return source
 
 
+def num_eval_batches(config: ml_collections.ConfigDict, num_examples: int) -> int:
+    """The batches `eval_batches` yields on this host for `num_examples` examples."""
+    return eval_steps(num_examples, parallel.process_share(config.eval.batch_size,
+                                                           "eval.batch_size"),
+                      jax.process_count())
+
+
 def eval_batches(config: ml_collections.ConfigDict, source: Any) -> Iterable[dict]:
     """One deterministic pass over `source` as this host's padded eval batches."""
     return eval_dataset(
@@ -444,6 +452,7 @@ def create_streams(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -
     return Streams(
         train=train,
         eval_batches=functools.partial(eval_batches, config, val_source),
+        num_eval_batches=num_eval_batches(config, len(val_source)),
         info=info,
         num_labeled=len(labeled),
         num_unlabeled=len(unlabeled),
