@@ -16,8 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from mgd_jax import evaluate, methods, models, parallel
-from mgd_jax.data import input_pipeline
+from mgd_jax import methods, models, parallel
 from mgd_jax.errors import ConfigError
 
 # CPS per-partition epochs (TorchSemiSeg docs/getting_started.md); the 1/8 values equal MGD's
@@ -147,6 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.ohem_min_kept = 100000  # per replica: 50000 * 16 // 8 (city R18 train.py)
     # The student's no-grad forwards on u0/u1 only update its BN running statistics (§1.2).
     c.student_nograd_bn_updates = True
+    # The batched step: the streams of one network in one call, each with its own BN statistics,
+    # running-statistics updates in the official order (docs/performance.md). False: the
+    # reference step, one network application per stream; both compute the same.
+    c.fused_step = True
 
     # ---- evaluation -----------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()
@@ -240,6 +243,9 @@ def _fail(field: str, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     """Checks the config before any data is read or anything compiles."""
+    # Local: the step benchmark reads configs on machines without the data stack (grain, cv2).
+    from mgd_jax import evaluate
+    from mgd_jax.data import input_pipeline
 
     def one_of(field: str, value: Any, options: tuple[str, ...]) -> None:
         if value not in options:

@@ -20,22 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metrics as clu_metrics
-from clu import parameter_overview
 
-from mgd_jax import (
-    checkpoint,
-    config_lib,
-    errors,
-    evaluate,
-    export,
-    methods,
-    models,
-    optim,
-    parallel,
-    reporting,
-)
-from mgd_jax.data import input_pipeline
+from mgd_jax import config_lib, errors, methods, models, optim, parallel, reporting
 from mgd_jax.methods.base import eval_variables
 
 
@@ -67,8 +53,10 @@ def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, sched
     return new_state, step_metrics
 
 
-def average_of(step_metrics: dict[str, jax.Array]) -> clu_metrics.Collection:
+def average_of(step_metrics: dict[str, jax.Array]) -> Any:
     """A clu collection averaging every scalar of `step_metrics` over the steps it merges."""
+    from clu import metrics as clu_metrics
+
     collection = clu_metrics.Collection.create(
         **{name: clu_metrics.Average.from_output(name) for name in step_metrics}
     )
@@ -102,6 +90,12 @@ def _write_json(path: str, value: Any) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config.method` and evaluates it; returns the final / best val scores."""
+    # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
+    from clu import parameter_overview
+
+    from mgd_jax import checkpoint, evaluate, export
+    from mgd_jax.data import input_pipeline
+
     config_lib.validate(config, device_count=jax.device_count())
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
