@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.scales = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # TrainPre scale set (§4.4; no 1.25)
     c.pairing = "independent"  # unlabeled u0/u1 orders; "official" reproduces §4.4's quirk
     c.num_workers = 0  # grain worker processes (0 = in-process)
+    c.prefetch = 2  # batches on the devices ahead of the step (1 = none ahead); resume stays exact
 
     # ---- batch / schedule -----------------------------------------------------------------
     c.batch_size = 8  # GLOBAL labeled batch; the same number of u0 and of u1 images per step

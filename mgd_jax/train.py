@@ -137,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         with open(os.path.join(workdir, "parameters.txt"), "w") as f:
             f.write(parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
 
-    train_iter = iter(data.train)
+    train_iter = parallel.DevicePrefetch(iter(data.train), mesh, config.get("prefetch", 2))
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, checkpoint.CHECKPOINTS_DIR), keep=config.keep_checkpoints
     )
@@ -172,8 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t0 = time.time()
     interval = None  # clu averages of the step metrics since the last log line (on device)
     for step in range(start, steps):
-        batch = parallel.global_batch(next(train_iter), mesh)
-        state, step_metrics = step_fn(state, frozen, batch)
+        state, step_metrics = step_fn(state, frozen, next(train_iter))
         current = average_of(step_metrics)
         interval = current if interval is None else interval.merge(current)
         done = step + 1
@@ -197,8 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final = eval_variables(method, state.params, state.batch_stats)
     if scores is None:  # resumed after the last step: evaluate what was restored
         scores = evaluate_variables(steps, "eval", apply_eval, final)
-    if hasattr(train_iter, "close"):  # worker processes, shared memory
-        train_iter.close()
+    train_iter.close()  # worker processes, shared memory
 
     def save_export(name: str, variables, step: int, miou: float) -> str:
         directory = os.path.join(workdir, name)

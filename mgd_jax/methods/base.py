@@ -186,7 +186,12 @@ def semi_supervised_inputs(batch: dict) -> tuple[jax.Array, ...]:
     u0 = normalize(batch["unlabeled_0"])
     u1 = normalize(batch["unlabeled_1"])
     mask = batch["mask"]
-    return x_l, batch["labeled"]["label"], u0, u1, mask, mix(u0, u1, mask)
+    return x_l, labels_of(batch["labeled"]), u0, u1, mask, mix(u0, u1, mask)
+
+
+def labels_of(part: dict[str, jax.Array]) -> jax.Array:
+    """The labels of a labeled batch as int32 (the host sends uint8: 255 = ignore)."""
+    return part["label"].astype(jnp.int32)
 
 
 def forward(model: Any, params: Any, batch_stats: Any, images: jax.Array, *, train: bool = True):
