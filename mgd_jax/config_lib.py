@@ -151,6 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
     # running-statistics updates in the official order (docs/performance.md). False: the
     # reference step, one network application per stream; both compute the same.
     c.fused_step = True
+    # Recompute the trained networks' activations in the backward pass instead of keeping them
+    # (fused step of cps / mgd): less device memory (e.g. 800 px crops), same values.
+    c.remat = False
 
     # ---- evaluation -----------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()

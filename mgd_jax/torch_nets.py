@@ -25,6 +25,8 @@ import torch
 
 
 def _torchvision_shim() -> None:
+    if hasattr(torch.ops.torchvision, "nms"):  # loaded, or defined by an earlier import
+        return
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return

@@ -37,14 +37,14 @@ def loss_and_grads(config, batch, variables=None):
         ("supervised", "float64", {}),
         ("cps", "float64", {}),
         ("mgd", "float64", {}),
-        ("mgd", "float32", {}),
+        ("mgd", "float32", {"remat": True}),
         # ghost-BN student, teachers on running statistics, OHEM, terms switched off
         ("mgd", "float64", {"student": "mobilenet_v2", "model.depths": "1,1,1,1,1,1,1",
                             "teacher_bn": "running", "loss.ohem": True,
                             "loss.ohem_min_kept": 300, "loss.consistency_labeled": False,
                             "loss.region": False, "student_nograd_bn_updates": False}),
     ],
-    ids=["supervised", "cps", "mgd", "mgd-float32", "mgd-variant"],
+    ids=["supervised", "cps", "mgd", "mgd-float32-remat", "mgd-variant"],
 )
 def test_fused_step_equals_reference(method, dtype, overrides, tiny_config, tiny_teachers):
     """Loss, every metric, the gradients and the new BN statistics agree: with float64 compute to

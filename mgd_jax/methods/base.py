@@ -131,6 +131,10 @@ def fused(config: ml_collections.ConfigDict) -> bool:
     return bool(config.get("fused_step", True))
 
 
+def remat(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.get("remat", False))
+
+
 def resize_method(config: ml_collections.ConfigDict) -> str:
     return "matmul" if fused(config) else "gather"
 
@@ -216,7 +220,7 @@ def frozen_forward(model: Any, variables: Variables, images: jax.Array, *, batch
 
 def forward_streams(
     model: Any, params: Any, batch_stats: Any, streams: jax.Array, *, train: bool = True,
-    upsample: bool = False,
+    upsample: bool = False, remat: bool = False,
 ) -> tuple[Any, Any]:
     """S image batches (S, B, H, W, 3) through one network in one call, each with its own
     BatchNorm batch statistics (vmap over the stream axis: the convolutions run on S*B images).
@@ -224,7 +228,9 @@ def forward_streams(
     Returns (outputs stacked on axis 0, batch moments stacked on axis 0 or None in eval mode).
     The running statistics are not touched: `replay_moments` applies the streams' updates in the
     order the unbatched forwards would. `upsample=False` leaves the full-resolution logits out
-    (`upsample_logits` makes them for the streams that need them).
+    (`upsample_logits` makes them for the streams that need them). `remat`: keep only the
+    network's inputs for the backward pass and recompute its activations there
+    (`config.remat`: less memory, about one more forward; the same values, BN included).
     """
     variables = {"params": params, "batch_stats": batch_stats}
 
@@ -235,6 +241,8 @@ def forward_streams(
                                    mutable=["batch_moments"])
         return out, moments["batch_moments"]
 
+    if remat:
+        one = jax.checkpoint(one)
     return jax.vmap(one)(streams)
 
 

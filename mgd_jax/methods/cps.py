@@ -95,7 +95,8 @@ class CPS(base.MethodBase):
         stats = base.replay_moments(stats, moments)
         logits_0, logits_1 = base.upsample_logits(model, out.low_logits, size)
         pseudo = base.pseudo_labels(logits_0, logits_1, mask)
-        out, moments = base.forward_streams(model, params, stats, jnp.stack([u_mix, x_l]))
+        out, moments = base.forward_streams(model, params, stats, jnp.stack([u_mix, x_l]),
+                                            remat=base.remat(self.config))
         stats = base.replay_moments(stats, moments)
         mixed, sup = base.upsample_logits(model, out.low_logits, size)
         return stats, pseudo, mixed, sup

@@ -197,7 +197,8 @@ class MGD(base.StudentMethod):
             _, moments = base.forward_streams(student, jax.lax.stop_gradient(params), stats,
                                               jnp.stack([u0, u1]))
             stats = base.replay_moments(stats, moments)
-        out, moments = base.forward_streams(student, params, stats, jnp.stack([u_mix, x_l]))
+        out, moments = base.forward_streams(student, params, stats, jnp.stack([u_mix, x_l]),
+                                            remat=base.remat(config))
         stats = base.replay_moments(stats, moments)
         s_mix_logits, s_l_logits = base.upsample_logits(student, out.low_logits, size)
         image = None
