@@ -86,7 +86,7 @@ BLOCKED = {"grain", "tensorflow_datasets", "tensorflow", "cv2", "clu", "orbax", 
 class Blocker:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} is not installed on this machine (blocked by the test)")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
         return None
 
 sys.meta_path.insert(0, Blocker())
