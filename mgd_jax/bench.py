@@ -1,35 +1,40 @@
-"""Train-step benchmark: compile time, ms/step, images/s, MFU and peak memory of a method.
+"""Train-step benchmark: compile time, ms/step, images/s, FLOPs, MFU and memory of a method's step,
+optionally beside the reference step and the official PyTorch step on the same device.
 
-    python -m mgd_jax.bench_main --config=configs/voc.py:method=mgd [--steps=10] [--warmup=2] \
-        [--batch=16] [--json=OUT.json]
+    python -m mgd_jax.bench_main --mode=step --config=configs/voc.py:method=mgd [--steps=20] \
+        [--compare=reference,torch] [--json=OUT.json]
     # quick on a CPU: reduced networks and crop (any config field can be overridden)
-    python -m mgd_jax.bench_main --config=configs/voc.py:method=supervised --steps=3 \
-        --config.model.width=0.25 --config.model.depths=1,1,1,1 --config.crop_size=64
+    python -m mgd_jax.bench_main --mode=step --config=configs/voc.py:method=supervised \
+        --steps=3 --config.model.width=0.25 --config.model.depths=1,1,1,1 --config.crop_size=64
 
 It times the real jitted training step (`train.train_step` with the method's loss, the optimizer,
 donation, the batch sharded on the `data` mesh axis) on random inputs: no dataset is read, and for
-`method=mgd` the two teachers are random networks built from `config.teacher_deep` /
-`config.teacher_wide` (backbone, width, depths; `frozen_variables(random=True)`), so no checkpoint
-is needed. Only the device step
-is timed (one fixed batch, already on the devices), not the input pipeline.
+`method=mgd` the two teachers are random networks of `config.teacher_deep` / `config.teacher_wide`
+(`frozen_variables(random=True)`). Only the device step is timed (one fixed batch on the devices).
+It needs only jax, flax, optax, numpy, ml-collections and absl (no grain, tfds, OpenCV, clu or
+orbax on this path), plus the `[torch]` extra for `--compare=torch`.
 
-Reported:
-- compile: seconds to lower + compile the step (no persistent cache);
-- ms/step: median of `--steps` timed steps after `--warmup` untimed ones (min / max too);
-- images/s: global labeled + unlabeled images per step (batch x 3 for cps / mgd, x 1 for
-  supervised), divided by the median step time;
-- MFU: XLA's FLOP count of the compiled step (`compiled.cost_analysis()["flops"]`, per device
-  for the SPMD-partitioned program) / step time / the device's peak dense bf16 FLOP/s
-  (table below, or `--peak_tflops`); "n/a" on CPU or an unknown device;
-- memory: the devices' peak bytes in use (`device.memory_stats()`, GPU / TPU) and XLA's static
-  estimate for the step (arguments + outputs + temporaries - aliased).
+Reported (and printed as one JSON line per run):
+- compile: seconds to lower + compile the step;
+- ms/step: median of `steps` timed steps after `warmup` untimed ones (min / max too);
+- images/s: labeled + unlabeled images per step (batch x 3 for cps / mgd) / median step time;
+- FLOPs: counted from the step's program, 2 x multiply-adds of every convolution and matrix
+  product in its jaxpr (forward and backward; `count_flops`), per device;
+- MFU: those FLOPs / step time / a matmul rate measured on the device in the compute dtype
+  (`matmul_tflops`; `peak_tflops` overrides it);
+- memory: the device's peak bytes in use before the first step and after the timed steps (if the
+  second is larger, the step set the peak), and XLA's static estimate of the step alone
+  (arguments + outputs + temporaries - aliased).
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,37 +46,12 @@ from mgd_jax import methods, models, optim, parallel, train
 from mgd_jax.data import cutmix
 from mgd_jax.errors import ConfigError
 
-# Peak dense bf16 FLOP/s per device, matched against `device.device_kind` (lower case, first
-# match wins: specific names before generic ones).
-PEAK_FLOPS = (
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),
-    ("h200", 989e12),
-    ("gh200", 989e12),
-    ("a100", 312e12),
-    ("tpu v5 lite", 197e12),  # v5e
-    ("tpu v5e", 197e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 459e12),  # v5p reports "TPU v5"
-    ("tpu v6 lite", 918e12),  # v6e (Trillium)
-    ("tpu v4", 275e12),
-)
-
-
-def peak_flops(device: Any) -> float | None:
-    """Peak bf16 FLOP/s of one device, or None (CPU, unknown kind)."""
-    if device.platform == "cpu":
-        return None
-    kind = device.device_kind.lower()
-    for name, flops in PEAK_FLOPS:
-        if name in kind:
-            return flops
-    return None
+COMPARE = ("reference", "torch")
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabeled: bool,
                  seed: int = 0) -> dict[str, Any]:
-    """A host batch in the pipeline's train layout (uint8 images, CutMix box masks)."""
+    """A host batch in the pipeline's train layout (uint8 images and labels, CutMix masks)."""
     rng = np.random.default_rng(seed)
     size = int(config.crop_size)
 
@@ -81,7 +61,7 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabe
         if labeled:
             label = rng.integers(0, config.num_classes, (batch_size, size, size))
             label[:, :, : size // 16] = 255  # a few ignored pixels, as on real data
-            out["label"] = label.astype(np.int32)
+            out["label"] = label.astype(np.uint8)
         return out
 
     batch = {"labeled": part(True)}
@@ -92,13 +72,97 @@ def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabe
     return batch
 
 
+# ------------------------------------------------------------------------------------------------
+# FLOPs from the program
+
+
+def _subjaxprs(params: dict) -> list:
+    out = []
+    for value in params.values():
+        items = value if isinstance(value, list | tuple) else [value]
+        for item in items:
+            if hasattr(item, "jaxpr") and hasattr(item, "consts"):  # ClosedJaxpr
+                out.append(item.jaxpr)
+            elif hasattr(item, "eqns"):  # Jaxpr
+                out.append(item)
+    return out
+
+
+def _conv_flops(eqn: Any) -> float:
+    """2 x output elements x kernel taps x input channels per group; a transposed (input-
+    gradient) convolution's zeros from lhs dilation are not counted."""
+    out = eqn.outvars[0].aval.shape
+    rhs = eqn.invars[1].aval.shape
+    spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
+    taps = math.prod(rhs[d] for d in spec[2:])
+    dilation = math.prod(eqn.params.get("lhs_dilation") or (1,))
+    return 2.0 * math.prod(out) * taps * rhs[spec[1]] / dilation
+
+
+def _dot_flops(eqn: Any) -> float:
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+
+
+def jaxpr_flops(jaxpr: Any) -> float:
+    """FLOPs of the convolutions and matrix products of a jaxpr, nested ones included (a scan
+    body counts `length` times, a cond its most expensive branch)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "conv_general_dilated":
+            total += _conv_flops(eqn)
+        elif name == "dot_general":
+            total += _dot_flops(eqn)
+        subs = [jaxpr_flops(sub) for sub in _subjaxprs(eqn.params)]
+        if not subs:
+            continue
+        if name == "cond":
+            total += max(subs)
+        else:
+            total += sum(subs) * (eqn.params.get("length", 1) if name == "scan" else 1)
+    return total
+
+
+def count_flops(fn: Callable, *args: Any) -> float:
+    """FLOPs of one call of `fn(*args)` (all devices together): `jaxpr_flops` of its jaxpr."""
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def matmul_tflops(dtype: Any, *, n: int | None = None, reps: int = 10) -> tuple[float, int]:
+    """(TFLOP/s, n) of the best of `reps` n x n x n matrix products in `dtype` on the default
+    device (n: 8192 on an accelerator, 1024 on CPU): the measured ceiling MFU is quoted against."""
+    n = n or (1024 if jax.default_backend() == "cpu" else 8192)
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32).astype(dtype)
+            for i in range(2))
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best / 1e12, n
+
+
+# ------------------------------------------------------------------------------------------------
+# The JAX step
+
+
+def _peak_bytes() -> int | None:
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p]
+    return max(peaks) if peaks else None
+
+
 def _fmt_bytes(n: float | None) -> str:
     if n is None:
         return "n/a"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2,
+def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2,
               batch: int | None = None, peak_tflops: float | None = None,
               verbose: bool = True) -> dict[str, Any]:
     """Compiles and times the method's train step; returns the numbers it prints."""
@@ -132,15 +196,11 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     batch_arrays = parallel.global_batch(local, mesh)
     setup_s = time.perf_counter() - t0
 
-    step_fn = jax.jit(functools.partial(train.train_step, method=method, tx=tx,
-                                        schedule=schedule), donate_argnums=(0,))
+    step = functools.partial(train.train_step, method=method, tx=tx, schedule=schedule)
+    flops = count_flops(step, state, frozen, batch_arrays) / n_dev
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, frozen, batch_arrays).compile()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch_arrays).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list | tuple):  # older JAX: one dict per program
-        cost = cost[0] if cost else {}
-    flops = float((cost or {}).get("flops", float("nan")))
     try:
         mem = compiled.memory_analysis()
         static_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -148,6 +208,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
     except Exception:  # noqa: BLE001 - not every backend implements it
         static_bytes = None
 
+    peak_before = _peak_bytes()
     for _ in range(warmup):
         state, metrics = compiled(state, frozen, batch_arrays)
     jax.block_until_ready(state)
@@ -159,19 +220,23 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     loss = float(jax.device_get(metrics["loss"]))
+    peak_after = _peak_bytes()
 
     device = jax.local_devices()[0]
-    peak = peak_tflops * 1e12 if peak_tflops else peak_flops(device)
-    mfu = flops / step_s / peak if peak and np.isfinite(flops) else None
-    stats = [d.memory_stats() or {} for d in jax.local_devices()]
-    peaks = [s.get("peak_bytes_in_use") for s in stats if s.get("peak_bytes_in_use")]
-    images = config.batch_size * (3 if method.uses_unlabeled else 1)
     dtype = jnp.dtype(models.compute_dtype(config.precision)).name
+    if peak_tflops:
+        peak, matmul = peak_tflops * 1e12, f"--peak_tflops={peak_tflops:g}"
+    else:
+        rate, n = matmul_tflops(dtype)
+        peak, matmul = rate * 1e12, f"measured {dtype} {n}x{n}x{n} matmul"
+    images = config.batch_size * (3 if method.uses_unlabeled else 1)
     result = {
+        "implementation": "mgd_jax",
+        "step": "fused" if methods.base.fused(config) else "reference",
         "method": config.method,
         "student": method.export_meta["backbone"],
         "devices": f"{n_dev} x {device.device_kind}",
-        "compute_dtype": dtype,
+        "precision": dtype,
         "global_batch": int(config.batch_size),
         "images_per_step": images,
         "crop_size": int(config.crop_size),
@@ -182,34 +247,101 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int
         "ms_max": 1e3 * max(times),
         "images_per_s": images / step_s,
         "flops_per_step_per_device": flops,
-        "tflops_per_s_per_device": flops / step_s / 1e12 if np.isfinite(flops) else None,
-        "peak_tflops_per_device": peak / 1e12 if peak else None,
-        "mfu": mfu,
-        "peak_memory_bytes": max(peaks) if peaks else None,
+        "tflops_per_s_per_device": flops / step_s / 1e12,
+        "peak_tflops_per_device": peak / 1e12,
+        "peak_source": matmul,
+        "mfu": flops / step_s / peak,
+        "peak_memory_before_steps_bytes": peak_before,
+        "peak_memory_bytes": peak_after,
         "xla_step_memory_bytes": static_bytes,
         "loss": loss,
         "steps": steps,
         "warmup": warmup,
+        "jax": jax.__version__,
     }
-    say(f"bench {config.method} ({result['student']}), {result['devices']}, {dtype} compute, "
-        f"global batch {config.batch_size} ({images} images/step), crop {config.crop_size}")
+    say(f"bench {config.method} ({result['student']}, {result['step']} step), "
+        f"{result['devices']}, {dtype} compute, global batch {config.batch_size} "
+        f"({images} images/step), crop {config.crop_size}")
     say(f"  setup      {setup_s:8.1f} s (networks, state, random batch)")
     say(f"  compile    {compile_s:8.1f} s")
     say(f"  step       {result['ms_per_step']:8.1f} ms median of {steps} "
         f"(min {result['ms_min']:.1f}, max {result['ms_max']:.1f}; {warmup} warm-up)")
     say(f"  throughput {result['images_per_s']:8.1f} images/s")
-    tf = result["tflops_per_s_per_device"]
-    say(f"  FLOPs      {flops / 1e9:8.4g} GFLOP/step/device (XLA), "
-        + ("n/a" if tf is None else f"{tf:.4g} TFLOP/s/device"))
-    if mfu is not None:
-        note = " (float32 compute: bf16 peak is not its ceiling)" if dtype == "float32" else ""
-        say(f"  MFU        {100 * mfu:8.1f} % of {peak / 1e12:.0f} TFLOP/s bf16 peak{note}")
-    elif device.platform == "cpu":
-        say("  MFU             n/a (CPU)")
-    else:
-        say(f"  MFU             n/a (no peak for {device.device_kind!r}: pass --peak_tflops)")
-    say(f"  memory     peak {_fmt_bytes(result['peak_memory_bytes'])} in use; "
-        f"XLA step estimate {_fmt_bytes(static_bytes)}")
+    say(f"  FLOPs      {flops / 1e12:8.4g} TFLOP/step/device (convolutions and matmuls of the "
+        f"program), {result['tflops_per_s_per_device']:.4g} TFLOP/s/device")
+    say(f"  MFU        {100 * result['mfu']:8.1f} % of {peak / 1e12:.4g} TFLOP/s ({matmul})")
+    stepped = peak_after is not None and peak_before is not None and peak_after > peak_before
+    say(f"  memory     peak {_fmt_bytes(peak_after)} in use"
+        + ("" if peak_after is None or stepped else " (set before the steps)")
+        + f"; XLA step estimate {_fmt_bytes(static_bytes)}")
     if not np.isfinite(loss):
         say(f"  warning: the loss is {loss} on random data")
+    say(json.dumps(result))
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Side by side
+
+
+def torch_precisions() -> tuple[str, ...]:
+    """bf16 autocast is the fast setting on GPUs; on a CPU only fp32 is timed by default."""
+    return ("fp32",) if jax.default_backend() == "cpu" else ("fp32", "bf16")
+
+
+def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: int = 20,
+            warmup: int = 2, batch: int | None = None, peak_tflops: float | None = None,
+            precisions: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The configured step, then each of `what` ("reference": `config.fused_step=False`;
+    "torch": the official PyTorch step, `torch_step`, in `precisions`) on the same device;
+    prints one table with each row's speed-up over the PyTorch step of the same precision."""
+    unknown = set(what) - set(COMPARE)
+    if unknown:
+        raise ConfigError(f"--compare: {sorted(unknown)} not in {COMPARE}")
+    rows = [run_bench(config, steps=steps, warmup=warmup, batch=batch, peak_tflops=peak_tflops)]
+    if "reference" in what:
+        reference = ml_collections.ConfigDict(config.to_dict())
+        reference.fused_step = not methods.base.fused(config)
+        rows.append(run_bench(reference, steps=steps, warmup=warmup, batch=batch,
+                              peak_tflops=peak_tflops))
+    if "torch" in what:
+        from mgd_jax import torch_step  # local: the [torch] extra
+
+        for precision in precisions or torch_precisions():
+            row = torch_step.run(config, batch_size=rows[0]["global_batch"],
+                                 precision=precision, steps=steps, warmup=warmup)
+            print(json.dumps(row))
+            rows.append(row)
+    print(format_table(rows))
+    return rows
+
+
+def _torch_ms(rows: list[dict[str, Any]], precision: str) -> float | None:
+    family = "bf16" if precision.startswith("bf") else "fp32"
+    for row in rows:
+        if row["implementation"] == "torch" and row["precision"].startswith(family):
+            return row["ms_per_step"]
+    return None
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of `compare` as a table; "vs torch" = PyTorch ms / this row's ms at the same
+    precision family (float32 vs fp32, bfloat16 vs bf16 autocast)."""
+    first = rows[0]
+    lines = [
+        f"{first['method']} step, student {first['student']}, {first['devices']}, crop "
+        f"{first['crop_size']}, global batch {first['global_batch']} "
+        f"({first['images_per_step']} images/step), median of {first['steps']} steps",
+        f"{'implementation':<26} {'precision':<30} {'ms/step':>9} {'min':>9} {'peak mem':>10} "
+        f"{'vs torch':>9}",
+    ]
+    for row in rows:
+        name = (f"mgd_jax ({row['step']} step)" if row["implementation"] == "mgd_jax"
+                else "PyTorch (official step)")
+        torch_ms = _torch_ms(rows, row["precision"])
+        ratio = (f"{torch_ms / row['ms_per_step']:.2f}x"
+                 if torch_ms and row["implementation"] != "torch" else "")
+        lines.append(f"{name:<26} {row['precision']:<30} {row['ms_per_step']:>9.1f} "
+                     f"{row['ms_min']:>9.1f} {_fmt_bytes(row.get('peak_memory_bytes')):>10} "
+                     f"{ratio:>9}")
+    return "\n".join(lines)

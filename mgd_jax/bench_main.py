@@ -1,10 +1,12 @@
 """Benchmarks: the training step, the input pipeline, and the networks' sizes.
 
-    python -m mgd_jax.bench_main --config=configs/voc.py:method=mgd [--steps=10] [--json=OUT]
+    python -m mgd_jax.bench_main --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
+        [--compare=reference,torch]
     python -m mgd_jax.bench_main --mode=data [--dataset=voc --data_dir=DIR] [--workers=0,2,4]
     python -m mgd_jax.bench_main --mode=models [--size=512] [--num_classes=21]
 
-`step` (default) times the jitted train step on random inputs (`bench.run_bench`); `data`
+`step` (default) times the jitted train step on random inputs (`bench.run_bench`), with
+`--compare` also the reference step and the official PyTorch step (`bench.compare`); `data`
 measures the grain pipeline's augmented examples per second, on a prepared split or on in-memory
 VOC-sized JPEGs (`data.bench`); `models` prints parameters and FLOPs per backbone
 (`models.summary`).
@@ -31,13 +33,20 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "step / data: config file with ':key=value,...' arguments.",
     flag_values=FLAGS, lock_config=True,
 )
-_STEPS = flags.DEFINE_integer("steps", 10, "step: timed steps (median reported).",
+_STEPS = flags.DEFINE_integer("steps", 20, "step: timed steps (median reported).",
                               flag_values=FLAGS)
+_COMPARE = flags.DEFINE_list("compare", [], "step: also time these on the same device: "
+                             "reference (config.fused_step flipped), torch (the official PyTorch "
+                             "step; the [torch] extra).", flag_values=FLAGS)
+_TORCH_PRECISIONS = flags.DEFINE_list("torch_precisions", None, "step: PyTorch precisions for "
+                                      "--compare=torch (fp32, bf16; default: fp32 on CPU, both "
+                                      "on an accelerator).", flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation.",
                                flag_values=FLAGS)
 _BATCH = flags.DEFINE_integer("batch", None, "Labeled batch (step: global, default "
                               "config.batch_size; data: per host, default 8).", flag_values=FLAGS)
-_PEAK = flags.DEFINE_float("peak_tflops", None, "step: peak TFLOP/s per device for MFU.",
+_PEAK = flags.DEFINE_float("peak_tflops", None, "step: TFLOP/s per device MFU is quoted "
+                           "against (default: a matmul rate measured on the device).",
                            flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
 # data
@@ -66,13 +75,17 @@ _SIZE = flags.DEFINE_integer("size", 512, "models: square input size.", flag_val
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "models: classes.", flag_values=FLAGS)
 
 
-def _step() -> dict:
+def _step() -> dict | list:
     from mgd_jax import bench
 
     if _CONFIG.value is None:
         raise UserError("--mode=step needs --config")
-    return bench.run_bench(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                           batch=_BATCH.value, peak_tflops=_PEAK.value)
+    options = dict(steps=_STEPS.value, warmup=_WARMUP.value, batch=_BATCH.value,
+                   peak_tflops=_PEAK.value)
+    if not _COMPARE.value:
+        return bench.run_bench(_CONFIG.value, **options)
+    return bench.compare(_CONFIG.value, _COMPARE.value, precisions=_TORCH_PRECISIONS.value,
+                         **options)
 
 
 def _data() -> list:

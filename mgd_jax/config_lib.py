@@ -16,8 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from mgd_jax import evaluate, export, methods, models, parallel
-from mgd_jax.data import input_pipeline, splits
+from mgd_jax import methods, models, parallel
 from mgd_jax.errors import ConfigError
 
 # CPS per-partition epochs (TorchSemiSeg docs/getting_started.md); the 1/8 values equal MGD's
@@ -92,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.scales = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # TrainPre scale set (§4.4; no 1.25)
     c.pairing = "independent"  # unlabeled u0/u1 orders; "official" reproduces §4.4's quirk
     c.num_workers = 0  # grain worker processes (0 = in-process)
+    c.prefetch = 2  # batches on the devices ahead of the step (1 = none ahead); resume stays exact
 
     # ---- batch / schedule -----------------------------------------------------------------
     c.batch_size = 8  # GLOBAL labeled batch; the same number of u0 and of u1 images per step
@@ -148,6 +148,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.ohem_min_kept = 100000  # per replica: 50000 * 16 // 8 (city R18 train.py)
     # The student's no-grad forwards on u0/u1 only update its BN running statistics (§1.2).
     c.student_nograd_bn_updates = True
+    # The batched step: the streams of one network in one call, each with its own BN statistics,
+    # running-statistics updates in the official order (docs/performance.md). False: the
+    # reference step, one network application per stream; both compute the same.
+    c.fused_step = True
+    # Recompute the trained networks' activations in the backward pass instead of keeping them
+    # (fused step of cps / mgd): less device memory (e.g. 800 px crops), same values.
+    c.remat = False
 
     # ---- evaluation -----------------------------------------------------------------------
     c.eval = ml_collections.ConfigDict()
@@ -228,6 +235,8 @@ def load_workdir_config(path: str) -> ml_collections.ConfigDict:
     """The config a training run recorded: `<path>/config.json`, or the one beside a network
     directory inside a workdir (`<workdir>/export`), or of the workdir of a checkpoint folder
     (`<workdir>/checkpoints/<step>`)."""
+    from mgd_jax import export  # local: see `validate`
+
     root = str(export.locate(path)[0])  # a checkpoint folder inside a workdir: the workdir
     for candidate in (root, os.path.dirname(root)):
         file = os.path.join(candidate, "config.json")
@@ -244,6 +253,9 @@ def _fail(field: str, message: str) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     """Checks the config before any data is read or anything compiles."""
+    # Local: the step benchmark reads configs on machines without the data stack (grain, cv2).
+    from mgd_jax import evaluate
+    from mgd_jax.data import input_pipeline, splits
 
     def one_of(field: str, value: Any, options: tuple[str, ...]) -> None:
         if value not in options:

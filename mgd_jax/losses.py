@@ -16,29 +16,36 @@ the caller, as is `stop_gradient` on teacher outputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from mgd_jax.data.datasets import IGNORE_INDEX
-from mgd_jax.models.layers import adaptive_avg_pool2d
+from mgd_jax.models.layers import adaptive_avg_pool2d, upsampled_mean
 
 # Floor of the channel norm in `content_aware`; the official has none (NaN on all-zero regions).
 COSINE_EPS = 1e-8
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+
+
+def _nll(logp: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
+    """Per-pixel negative log-likelihood and the validity mask (label != ignore_index)."""
+    valid = labels != ignore_index
+    # Ignored pixels gather class 0 (any in-range index); their loss is masked out below.
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, nll, 0.0), valid
 
 
 def _pixel_nll(
     logits: jax.Array, labels: jax.Array, ignore_index: int
 ) -> tuple[jax.Array, jax.Array]:
     """Per-pixel negative log-likelihood (float32) and the validity mask (label != ignore_index)."""
-    logits = jnp.asarray(logits, jnp.float32)
-    valid = labels != ignore_index
-    # Ignored pixels gather class 0 (any in-range index); their loss is masked out below.
-    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, nll, 0.0), valid
+    return _nll(_log_softmax(logits), labels, ignore_index)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -64,6 +71,14 @@ def cross_entropy(
     """
     nll, valid = _pixel_nll(logits, labels, ignore_index)
     return _masked_mean(nll, valid)
+
+
+def cross_entropies(
+    logits: jax.Array, targets: Sequence[jax.Array], ignore_index: int = IGNORE_INDEX
+) -> list[jax.Array]:
+    """`[cross_entropy(logits, t) for t in targets]` from one log-softmax of `logits`."""
+    logp = _log_softmax(logits)
+    return [_masked_mean(*_nll(logp, t, ignore_index)) for t in targets]
 
 
 def ohem_cross_entropy(
@@ -119,21 +134,28 @@ def ohem_cross_entropy(
     return _masked_mean(nll, kept)
 
 
-def semantic_sensitive(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+def semantic_sensitive(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, size: tuple[int, int] | None = None
+) -> jax.Array:
     """Image-level semantic-sensitive loss L_I (unweighted).
 
     sum over batch and classes of |GAP(student) - GAP(teacher)|, where GAP is the mean over H, W of
-    the raw (pre-softmax) logits. A SUM over the batch it is given: its scale depends on the batch
-    size (official: the per-GPU batch; use `per_replica`). Multiply by lambda_1 outside.
+    the raw (pre-softmax) full-resolution logits. A SUM over the batch it is given: its scale
+    depends on the batch size (official: the per-GPU batch; use `per_replica`). Multiply by
+    lambda_1 outside.
 
     Args:
-      student_logits, teacher_logits: (N, H, W, C), the full-resolution logits.
+      student_logits, teacher_logits: (N, H, W, C), the full-resolution logits; or, with `size`,
+        the low-resolution logits whose align-corners upsampling to `size` they are (the mean of
+        the upsampled logits then comes from them directly: `layers.upsampled_mean`).
     Returns:
       A float32 scalar.
     """
-    s = jnp.mean(jnp.asarray(student_logits, jnp.float32), axis=(1, 2))
-    t = jnp.mean(jnp.asarray(teacher_logits, jnp.float32), axis=(1, 2))
-    return jnp.sum(jnp.abs(s - t))
+    if size is None:
+        gap = lambda x: jnp.mean(jnp.asarray(x, jnp.float32), axis=(1, 2))
+    else:
+        gap = lambda x: upsampled_mean(x, size)
+    return jnp.sum(jnp.abs(gap(student_logits) - gap(teacher_logits)))
 
 
 def _cosine_self_similarity(feature: jax.Array, grid: int) -> jax.Array:

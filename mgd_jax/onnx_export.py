@@ -225,6 +225,20 @@ class _Translator:
     def _reduce_max(self, x, p, eqn):  # opset 17: ReduceMax takes its axes as an attribute
         return self.g.node("ReduceMax", [self.name(x[0])], axes=list(p["axes"]), keepdims=0)
 
+    def _dot_general(self, x, p, eqn):
+        # ONNX Einsum states any dot_general: output = batch dims, lhs free dims, rhs free dims.
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        nl, nr = (len(v.aval.shape) for v in eqn.invars)
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        lhs = [next(letters) for _ in range(nl)]
+        rhs = [next(letters) for _ in range(nr)]
+        for i, j in zip(list(lc) + list(lb), list(rc) + list(rb), strict=True):
+            rhs[j] = lhs[i]
+        out = ([lhs[i] for i in lb] + [lhs[i] for i in range(nl) if i not in (*lc, *lb)]
+               + [rhs[j] for j in range(nr) if j not in (*rc, *rb)])
+        equation = f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+        return self.g.node("Einsum", [self.name(v) for v in x], equation=equation)
+
     def _conv_general_dilated(self, x, p, eqn):
         lhs, rhs, out = p["dimension_numbers"]
         if any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:

@@ -6,7 +6,10 @@ statistics computed under jit are over the global batch: the recipe's SyncBN, wi
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -43,6 +46,49 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
+
+
+class DevicePrefetch:
+    """Host batches of `iterator` as global device arrays (`global_batch`), `size` batches ahead:
+    the next batches' host work and transfers overlap the running step.
+
+    Checkpointable like the iterator it wraps (`get_state` / `set_state` / `start_prefetch`, as
+    grain's checkpoint handler calls them): the saved position is that of the next batch *this*
+    object yields, i.e. the next batch the step consumes, not the iterator's position after the
+    batches already in flight; restoring drops those and reads them again, so resume stays exact.
+    """
+
+    def __init__(self, iterator: Iterator, mesh: Mesh, size: int = 2):
+        if size < 1:
+            raise ConfigError(f"config.prefetch={size}: must be >= 1 (1 = no batch ahead)")
+        self._iterator, self._mesh, self._size = iterator, mesh, size
+        self._queue: collections.deque = collections.deque()  # (position before, batch)
+
+    def __iter__(self) -> DevicePrefetch:
+        return self
+
+    def __next__(self) -> Any:
+        while len(self._queue) < self._size:
+            position = self._iterator.get_state()
+            self._queue.append((position, global_batch(next(self._iterator), self._mesh)))
+        return self._queue.popleft()[1]
+
+    def get_state(self) -> bytes:
+        position = self._queue[0][0] if self._queue else self._iterator.get_state()
+        return json.dumps(position).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._queue.clear()
+        self._iterator.set_state(json.loads(state))
+
+    def start_prefetch(self) -> None:
+        if hasattr(self._iterator, "start_prefetch"):
+            self._iterator.start_prefetch()
+
+    def close(self) -> None:
+        self._queue.clear()
+        if hasattr(self._iterator, "close"):
+            self._iterator.close()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -19,24 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metrics as clu_metrics
-from clu import parameter_overview
 
-from mgd_jax import (
-    checkpoint,
-    config_lib,
-    errors,
-    evaluate,
-    export,
-    logs,
-    methods,
-    models,
-    optim,
-    panels,
-    parallel,
-    reporting,
-)
-from mgd_jax.data import input_pipeline
+from mgd_jax import config_lib, errors, logs, methods, models, optim, parallel, reporting
 from mgd_jax.methods.base import eval_variables
 
 
@@ -68,8 +52,10 @@ def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, sched
     return new_state, step_metrics
 
 
-def average_of(step_metrics: dict[str, jax.Array]) -> clu_metrics.Collection:
+def average_of(step_metrics: dict[str, jax.Array]) -> Any:
     """A clu collection averaging every scalar of `step_metrics` over the steps it merges."""
+    from clu import metrics as clu_metrics
+
     collection = clu_metrics.Collection.create(
         **{name: clu_metrics.Average.from_output(name) for name in step_metrics}
     )
@@ -116,6 +102,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main: bool
                         ) -> dict[str, Any]:
+    # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
+    from clu import parameter_overview
+
+    from mgd_jax import checkpoint, evaluate, export, panels
+    from mgd_jax.data import input_pipeline
+
     mesh = parallel.make_mesh()
 
     method = methods.get(config)
@@ -156,7 +148,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
         with open(os.path.join(workdir, "parameters.txt"), "w") as f:
             f.write(parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
 
-    train_iter = iter(data.train)
+    train_iter = parallel.DevicePrefetch(iter(data.train), mesh, config.get("prefetch", 2))
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, checkpoint.CHECKPOINTS_DIR), keep=config.keep_checkpoints
     )
@@ -212,8 +204,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     t0 = time.time()
     interval = None  # clu averages of the step metrics since the last log line (on device)
     for step in range(start, steps):
-        batch = parallel.global_batch(next(train_iter), mesh)
-        state, step_metrics = step_fn(state, frozen, batch)
+        state, step_metrics = step_fn(state, frozen, next(train_iter))
         current = average_of(step_metrics)
         interval = current if interval is None else interval.merge(current)
         done = step + 1

@@ -38,13 +38,46 @@ SIZES = [
 ]
 
 
+@pytest.mark.parametrize("method", layers.RESIZE_METHODS)
 @pytest.mark.parametrize("size_in,size_out", SIZES)
-def test_resize_bilinear_align_corners_matches_torch(size_in, size_out):
+def test_resize_bilinear_align_corners_matches_torch(size_in, size_out, method):
     x = np.random.default_rng(0).standard_normal((2, *size_in, 3)).astype(np.float32)
     ref = _nhwc(F.interpolate(_nchw(x), size=size_out, mode="bilinear", align_corners=True))
-    got = np.asarray(layers.resize_bilinear_align_corners(jnp.asarray(x), size_out))
+    got = np.asarray(layers.resize_bilinear_align_corners(jnp.asarray(x), size_out,
+                                                          method=method))
     assert got.shape == ref.shape
-    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-6)
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=5e-6)
+
+
+@pytest.mark.parametrize("size_in,size_out", SIZES)
+def test_matmul_resize_equals_gather_resize_forward_and_gradient(size_in, size_out):
+    """The dense form computes the same function: values and input gradients (its backward is
+    a matrix product, the gather form's a scatter-add), also against torch's backward."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, *size_in, 3))
+    cot = rng.standard_normal((2, *size_out, 3))
+
+    def vjp(method):
+        fn = lambda v: layers.resize_bilinear_align_corners(v, size_out, method=method)
+        out, pull = jax.vjp(fn, jnp.asarray(x))
+        return np.asarray(out), np.asarray(pull(jnp.asarray(cot))[0])
+
+    with jax.enable_x64(True):
+        (y_mm, g_mm), (y_ga, g_ga) = vjp("matmul"), vjp("gather")
+    np.testing.assert_allclose(y_mm, y_ga, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g_mm, g_ga, rtol=1e-12, atol=1e-12)
+    xt = _nchw(x).requires_grad_(True)
+    F.interpolate(xt, size=size_out, mode="bilinear", align_corners=True).backward(_nchw(cot))
+    np.testing.assert_allclose(g_mm, _nhwc(xt.grad), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size_in,size_out", SIZES)
+def test_upsampled_mean_equals_the_mean_of_the_upsampled(size_in, size_out):
+    x = np.random.default_rng(4).standard_normal((2, *size_in, 3))
+    with jax.enable_x64(True):
+        full = layers.resize_bilinear_align_corners(jnp.asarray(x), size_out).mean(axis=(1, 2))
+        got = layers.upsampled_mean(jnp.asarray(x, jnp.float32), size_out)
+    np.testing.assert_allclose(got, full, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("size_in,size_out", SIZES)
@@ -236,3 +269,20 @@ def test_batchnorm_init_does_not_update_and_errors_are_clear():
         layers.BatchNorm(group_size=3).apply(variables, x, train=True, mutable=["batch_stats"])
     with pytest.raises(ValueError, match="more than 1 value"):
         layers.BatchNorm().apply(variables, x[:1, :1, :1], train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_recorded_batch_moments_replay_the_running_statistics_update(group_size):
+    """`apply_moments` of the recorded moments == the update of a mutable `batch_stats` apply,
+    and recording changes nothing else."""
+    bn = layers.BatchNorm(group_size=group_size)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((4, 5, 6, 3)) * 2 + 1, jnp.float32)
+    variables = bn.init(jax.random.PRNGKey(0), x, train=False)
+    variables = {"params": variables["params"],
+                 "batch_stats": {"mean": jnp.full((3,), 0.3), "var": jnp.full((3,), 1.7)}}
+    y, updated = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    y2, moments = bn.apply(variables, x, train=True, mutable=["batch_moments"])
+    np.testing.assert_array_equal(y, y2)
+    replayed = layers.apply_moments(variables["batch_stats"], moments["batch_moments"])
+    for key in ("mean", "var"):
+        np.testing.assert_array_equal(replayed[key], updated["batch_stats"][key])

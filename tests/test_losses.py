@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mgd_jax import losses
+from mgd_jax.models import layers
 from mgd_jax.models.layers import adaptive_avg_pool2d
 
 # ----------------------------------------------------------------------------- numpy references
@@ -138,6 +139,16 @@ def test_cross_entropy_all_ignored_is_zero_with_finite_gradient():
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad) == 0)
 
 
+def test_cross_entropies_share_one_log_softmax_and_equal_separate_ones():
+    logits, labels = _data(4)
+    _, other = _data(5)
+    got = losses.cross_entropies(jnp.asarray(logits), [jnp.asarray(labels), jnp.asarray(other)])
+    for value, target in zip(got, (labels, other), strict=True):
+        np.testing.assert_allclose(float(value), np_cross_entropy(logits, target), rtol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda x: losses.cross_entropies(x, [labels, other, labels]))(logits)
+    assert str(jaxpr).count("reduce_max") == 1  # one log-softmax
+
+
 def test_cross_entropy_custom_ignore_index():
     logits, labels = _data(3, ignore_frac=0.0)
     labels[0, 0, :] = 3
@@ -242,6 +253,27 @@ def test_semantic_sensitive_is_l1_sum():
         )
     )
     np.testing.assert_allclose(got2, 2 * got, rtol=1e-5)
+
+
+@pytest.mark.parametrize("low,full",
+                         [((8, 8), (32, 32)), ((5, 7), (17, 25)), ((33, 33), (129, 129))])
+def test_semantic_sensitive_from_low_resolution_logits(low, full):
+    """L_I from the 1/4-resolution logits == L_I of their align-corners upsampling (value and
+    gradient): the mean of the upsampled logits is a fixed weighted mean of the low ones."""
+    s, _ = _data(32, n=2, h=low[0], w=low[1], c=3)
+    t, _ = _data(33, n=2, h=low[0], w=low[1], c=3)
+    up = lambda x: layers.resize_bilinear_align_corners(x, full)
+
+    def full_res(a, b):
+        return losses.semantic_sensitive(up(a), up(b))
+
+    def low_res(a, b):
+        return losses.semantic_sensitive(a, b, size=full)
+
+    s, t = jnp.asarray(s), jnp.asarray(t)
+    np.testing.assert_allclose(float(low_res(s, t)), float(full_res(s, t)), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(low_res)(s, t), jax.grad(full_res)(s, t), rtol=1e-4,
+                               atol=1e-7)
 
 
 @pytest.mark.parametrize("size,grid", [(13, 7), (20, 7), (14, 7), (9, 4)])

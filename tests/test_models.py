@@ -407,7 +407,8 @@ def test_segoutput_is_a_pytree_and_jit_returns_it(small):
     _, _, _, out, _, _ = small
     assert isinstance(out, models.SegOutput)
     leaves = jax.tree.leaves(out)
-    assert len(leaves) == len(out.features) + 2
+    assert len(leaves) == len(out.features) + 3  # + decoder, logits, low_logits
+    assert out.low_logits.shape[1:3] == out.decoder.shape[1:3]
 
 
 def test_build_errors_are_clear():

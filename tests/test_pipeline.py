@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mgd_jax import parallel
 from mgd_jax.data import input_pipeline, sources
 
 CROP = 16
@@ -66,7 +67,7 @@ def test_batch_layout():
         b["labeled"]["valid"].shape == (2, CROP, CROP) and b["labeled"]["valid"].dtype == np.bool_
     )
     assert (
-        b["labeled"]["label"].shape == (2, CROP, CROP) and b["labeled"]["label"].dtype == np.int32
+        b["labeled"]["label"].shape == (2, CROP, CROP) and b["labeled"]["label"].dtype == np.uint8
     )
     assert set(b["unlabeled_0"]) == set(b["unlabeled_1"]) == {"image", "valid"}
     assert b["mask"].shape == (2, CROP, CROP) and b["mask"].dtype == np.uint8
@@ -232,3 +233,27 @@ def test_bench_measure_smoke():
     assert ex["image"].shape == (30, 40, 3) and ex["label"].shape == (30, 40)
     r = bench.measure(src, src, num_workers=0, batch_size=2, crop_size=32, seconds=0.2)
     assert r["examples_per_s"] > 0 and r["steps_per_s"] > 0
+
+
+def test_device_prefetch_saves_the_position_of_the_next_batch_it_yields():
+    """With batches in flight, the saved position is the next batch the step consumes: a restored
+    iterator yields exactly the batches the uninterrupted one yields next."""
+    ds = input_pipeline.train_dataset(LABELED, LABELED, batch_size=2, crop_size=CROP, seed=0)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    straight = parallel.DevicePrefetch(iter(ds), mesh, size=3)
+    for _ in range(2):
+        next(straight)
+    state = straight.get_state()
+    expected = [jax.device_get(next(straight)) for _ in range(4)]
+    resumed = parallel.DevicePrefetch(iter(ds), mesh, size=3)
+    next(resumed)  # its own batches in flight are dropped by set_state
+    resumed.set_state(state)
+    got = [jax.device_get(next(resumed)) for _ in range(4)]
+    plain = take(ds, 6)[2:]
+    for a, b, c in zip(expected, got, plain, strict=True):
+        for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c),
+                           strict=True):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)
+    straight.close()
+    resumed.close()

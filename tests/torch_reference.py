@@ -1,17 +1,6 @@
-"""The PyTorch reference stack for parity tests (test extra only).
+"""The PyTorch reference stack for parity tests (the `[torch]` extra). Import torch /
+torchvision / timm from here: `mgd_jax.torch_nets` imports them (with the torchvision shim)."""
 
-torchvision 0.28 is built against a CUDA torch; beside the CPU torch it only imports after its two
-compiled-operator schemas are defined. Models are unaffected.
-Import torch / torchvision / timm from here.
-"""
-
-import torch
-
-_lib = torch.library.Library("torchvision", "DEF")
-_lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-_lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-
-import timm  # noqa: E402
-import torchvision  # noqa: E402
+from mgd_jax.torch_nets import timm, torch, torchvision
 
 __all__ = ["torch", "torchvision", "timm"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
 from mgd_jax.data.datasets import IGNORE_INDEX
@@ -137,6 +136,8 @@ def train_augment(
     `label=None` is the unlabeled case (same transform, same random draws). `key` only names the
     example in error messages.
     """
+    import cv2  # local: `normalize` runs inside the train step, on machines without OpenCV
+
     _check_example(image, label, f"example {key!r}")
     ch, cw = crop_size
     # 1. horizontal flip, p = 0.5 (`random.random() >= 0.5`).

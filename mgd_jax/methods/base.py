@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import export, losses, models
-from mgd_jax.data import augment
+from mgd_jax import losses, models
 from mgd_jax.errors import ConfigError
+from mgd_jax.models import layers
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
 Network = tuple[Any, Variables]  # (flax module, its variables)
@@ -125,9 +125,23 @@ def student_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def fused(config: ml_collections.ConfigDict) -> bool:
+    """`config.fused_step`: the batched step (True, default) or the reference step (one network
+    application per stream, gather resize, full-resolution L_I); both compute the same."""
+    return bool(config.get("fused_step", True))
+
+
+def remat(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.get("remat", False))
+
+
+def resize_method(config: ml_collections.ConfigDict) -> str:
+    return "matmul" if fused(config) else "gather"
+
+
 def build(backbone: str, config: ml_collections.ConfigDict, options: dict[str, Any]):
     return models.build(backbone, config.num_classes, dtype=models.compute_dtype(config.precision),
-                        **options)
+                        resize=resize_method(config), **options)
 
 
 def network_meta(backbone: str, config: ml_collections.ConfigDict, options: dict[str, Any]
@@ -152,6 +166,8 @@ def init_network(
     variables = init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if init_dir:
+        from mgd_jax import export  # local: orbax only when a checkpoint is read
+
         loaded, meta = export.load_variables(init_dir)
         variables, kept = export.merge_variables(variables, loaded, source=init_dir)
         logging.info(
@@ -163,6 +179,8 @@ def init_network(
 
 def normalize(part: dict[str, jax.Array]) -> jax.Array:
     """uint8 image + valid mask -> the recipe's normalised image (0 on padding)."""
+    from mgd_jax.data import augment  # local: the step needs no OpenCV
+
     return augment.normalize(part["image"], part["valid"])
 
 
@@ -172,7 +190,12 @@ def semi_supervised_inputs(batch: dict) -> tuple[jax.Array, ...]:
     u0 = normalize(batch["unlabeled_0"])
     u1 = normalize(batch["unlabeled_1"])
     mask = batch["mask"]
-    return x_l, batch["labeled"]["label"], u0, u1, mask, mix(u0, u1, mask)
+    return x_l, labels_of(batch["labeled"]), u0, u1, mask, mix(u0, u1, mask)
+
+
+def labels_of(part: dict[str, jax.Array]) -> jax.Array:
+    """The labels of a labeled batch as int32 (the host sends uint8: 255 = ignore)."""
+    return part["label"].astype(jnp.int32)
 
 
 def forward(model: Any, params: Any, batch_stats: Any, images: jax.Array, *, train: bool = True):
@@ -193,6 +216,69 @@ def frozen_forward(model: Any, variables: Variables, images: jax.Array, *, batch
     variables = jax.lax.stop_gradient(variables)
     out, _ = forward(model, variables["params"], variables["batch_stats"], images, train=batch_bn)
     return out
+
+
+def forward_streams(
+    model: Any, params: Any, batch_stats: Any, streams: jax.Array, *, train: bool = True,
+    upsample: bool = False, remat: bool = False,
+) -> tuple[Any, Any]:
+    """S image batches (S, B, H, W, 3) through one network in one call, each with its own
+    BatchNorm batch statistics (vmap over the stream axis: the convolutions run on S*B images).
+
+    Returns (outputs stacked on axis 0, batch moments stacked on axis 0 or None in eval mode).
+    The running statistics are not touched: `replay_moments` applies the streams' updates in the
+    order the unbatched forwards would. `upsample=False` leaves the full-resolution logits out
+    (`upsample_logits` makes them for the streams that need them). `remat`: keep only the
+    network's inputs for the backward pass and recompute its activations there
+    (`config.remat`: less memory, about one more forward; the same values, BN included).
+    """
+    variables = {"params": params, "batch_stats": batch_stats}
+
+    def one(images):
+        if not train:
+            return model.apply(variables, images, train=False, upsample=upsample), None
+        out, moments = model.apply(variables, images, train=True, upsample=upsample,
+                                   mutable=["batch_moments"])
+        return out, moments["batch_moments"]
+
+    if remat:
+        one = jax.checkpoint(one)
+    return jax.vmap(one)(streams)
+
+
+def replay_moments(batch_stats: Any, moments: Any, order: Any = None) -> Any:
+    """`batch_stats` after the running-statistics updates of the streams `order` (default: all,
+    first to last) of `forward_streams`' moments."""
+    order = range(jax.tree.leaves(moments)[0].shape[0]) if order is None else order
+    for s in order:
+        batch_stats = layers.apply_moments(batch_stats, stream(moments, s))
+    return batch_stats
+
+
+def upsample_logits(model: Any, low_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Full-resolution logits (..., H, W, C) of stacked low-resolution ones, as the network
+    makes them."""
+    lead = low_logits.shape[:-3]
+    flat = low_logits.reshape((-1,) + low_logits.shape[-3:])
+    out = layers.resize_bilinear_align_corners(flat, size, method=model.resize)
+    return out.reshape(lead + out.shape[1:])
+
+
+def cast_kernels(variables: Variables, dtype: Any) -> Variables:
+    """Conv kernels in the compute dtype, once (convolutions cast them on every call anyway; BN
+    parameters and statistics stay float32): for frozen networks."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return variables
+
+    def cast(path, leaf):
+        return leaf.astype(dtype) if jax.tree_util.keystr(path[-1:]) == "['kernel']" else leaf
+
+    return {**variables, "params": jax.tree_util.tree_map_with_path(cast, variables["params"])}
+
+
+def stream(tree: Any, index: int) -> Any:
+    """Stream `index` of outputs stacked by `forward_streams`."""
+    return jax.tree.map(lambda x: x[index], tree)
 
 
 def mix(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ exported as the teacher checkpoint.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from mgd_jax import losses, models
@@ -51,31 +52,18 @@ class CPS(base.MethodBase):
 
     def loss(self, params, batch_stats, frozen, batch, rng):
         del frozen, rng
-        model, config = self.eval_model, self.config
         x_l, labels, u0, u1, mask, u_mix = base.semi_supervised_inputs(batch)
-
-        stats = dict(batch_stats)
-        pseudo = {}
-        # No-grad forwards on the unmixed images (they still update each branch's BN statistics,
-        # as in the official code's train-mode no_grad passes).
+        part = self._fused_branch if base.fused(self.config) else self._reference_branch
+        stats, pseudo, mixed, sup = {}, {}, {}, {}
         for name in BRANCHES:
-            frozen_params = jax.lax.stop_gradient(params[name])
-            out0, stats[name] = base.forward(model, frozen_params, stats[name], u0)
-            out1, stats[name] = base.forward(model, frozen_params, stats[name], u1)
-            pseudo[name] = base.pseudo_labels(out0.logits, out1.logits, mask)
-
-        mixed, sup = {}, {}
-        for name in BRANCHES:
-            out, stats[name] = base.forward(model, params[name], stats[name], u_mix)
-            mixed[name] = out.logits
-        for name in BRANCHES:
-            out, stats[name] = base.forward(model, params[name], stats[name], x_l)
-            sup[name] = base.supervised_loss(config, out.logits, labels)
+            stats[name], pseudo[name], mixed[name], sup_logits = part(
+                params[name], batch_stats[name], x_l, u0, u1, mask, u_mix)
+            sup[name] = base.supervised_loss(self.config, sup_logits, labels)
 
         loss_cps = losses.cross_entropy(mixed["branch1"], pseudo["branch2"]) + losses.cross_entropy(
             mixed["branch2"], pseudo["branch1"]
         )
-        loss = sup["branch1"] + sup["branch2"] + config.cps.weight * loss_cps
+        loss = sup["branch1"] + sup["branch2"] + self.config.cps.weight * loss_cps
         metrics = {
             "loss": loss,
             "loss_sup_branch1": sup["branch1"],
@@ -83,3 +71,32 @@ class CPS(base.MethodBase):
             "loss_cps": loss_cps,
         }
         return loss, (stats, metrics)
+
+    def _reference_branch(self, params, stats, x_l, u0, u1, mask, u_mix):
+        """One branch as the official code runs it: a forward per stream, in the order u0, u1
+        (no grad; they still update the BN statistics, as the official train-mode no_grad
+        passes do), u_mix, x_l. Returns (stats, pseudo-labels, u_mix logits, x_l logits)."""
+        model = self.eval_model
+        frozen_params = jax.lax.stop_gradient(params)
+        out0, stats = base.forward(model, frozen_params, stats, u0)
+        out1, stats = base.forward(model, frozen_params, stats, u1)
+        pseudo = base.pseudo_labels(out0.logits, out1.logits, mask)
+        mixed, stats = base.forward(model, params, stats, u_mix)
+        sup, stats = base.forward(model, params, stats, x_l)
+        return stats, pseudo, mixed.logits, sup.logits
+
+    def _fused_branch(self, params, stats, x_l, u0, u1, mask, u_mix):
+        """`_reference_branch` with two batched calls (u0/u1 without, u_mix/x_l with gradient),
+        each stream with its own BN statistics, updated in the same order."""
+        model = self.eval_model
+        size = x_l.shape[1:3]
+        out, moments = base.forward_streams(model, jax.lax.stop_gradient(params), stats,
+                                            jnp.stack([u0, u1]))
+        stats = base.replay_moments(stats, moments)
+        logits_0, logits_1 = base.upsample_logits(model, out.low_logits, size)
+        pseudo = base.pseudo_labels(logits_0, logits_1, mask)
+        out, moments = base.forward_streams(model, params, stats, jnp.stack([u_mix, x_l]),
+                                            remat=base.remat(self.config))
+        stats = base.replay_moments(stats, moments)
+        mixed, sup = base.upsample_logits(model, out.low_logits, size)
+        return stats, pseudo, mixed, sup

@@ -16,12 +16,13 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import export, losses, models
+from mgd_jax import losses, models
 from mgd_jax.errors import ConfigError
 from mgd_jax.methods import base
 
@@ -31,6 +32,8 @@ TEACHER_BN = ("batch", "running")  # official: batch statistics (train-mode BN, 
 
 def load_teacher(config: ml_collections.ConfigDict, name: str) -> base.Network:
     """(model, variables) of a teacher network directory; its architecture comes from there."""
+    from mgd_jax import export  # local: orbax only when a checkpoint is read
+
     network = export.load_network(config[name].checkpoint, precision=config.precision)
     backbone, expected = network.meta["backbone"], config[name].backbone
     if models.canonical(backbone) != models.canonical(expected):
@@ -87,7 +90,9 @@ class MGD(base.StudentMethod):
         make = random_teacher if random else load_teacher
         teachers = {name: make(self.config, name) for name in TEACHERS}
         self.teacher_models = {name: model for name, (model, _) in teachers.items()}
-        return {name: variables for name, (_, variables) in teachers.items()}
+        dtype = models.compute_dtype(self.config.precision)
+        return {name: base.cast_kernels(variables, dtype)
+                for name, (_, variables) in teachers.items()}
 
     def extra_evals(self, frozen: dict) -> dict[str, base.Network]:
         """Each teacher on val before training: a cheap guard against a wrong import."""
@@ -97,18 +102,31 @@ class MGD(base.StudentMethod):
 
     def loss(self, params, batch_stats, frozen, batch, rng):
         del rng
+        inputs = base.semi_supervised_inputs(batch)
+        if base.fused(self.config):
+            parts = self._fused_parts(params, batch_stats, frozen, inputs)
+        else:
+            parts = self._reference_parts(params, batch_stats, frozen, inputs)
+        return self._combine(inputs[1], *parts)
+
+    def _teacher(self, name: str) -> Any:
+        # A teacher loaded from a network directory is rebuilt with this step's resize method.
+        return self.teacher_models[name].clone(resize=base.resize_method(self.config))
+
+    def _reference_parts(self, params, batch_stats, frozen, inputs):
+        """The step as the official code runs it: one network application per stream (12)."""
         config, student = self.config, self.eval_model
         switch = config.loss
-        x_l, labels, u0, u1, mask, u_mix = base.semi_supervised_inputs(batch)
+        x_l, _, u0, u1, mask, u_mix = inputs
         batch_bn = config.teacher_bn == "batch"
 
         def teacher(name, images):
-            return base.frozen_forward(
-                self.teacher_models[name], frozen[name], images, batch_bn=batch_bn
-            )
+            return base.frozen_forward(self._teacher(name), frozen[name], images,
+                                       batch_bn=batch_bn)
 
         # Teacher passes (no gradient). Pseudo-labels for u_mix come from the unmixed images.
-        pseudo_mix, pseudo_l, mixed_out = {}, {}, {}
+        pseudo_mix, pseudo_l = {}, {}
+        image_target = region_target = None
         for name in TEACHERS:
             if switch.consistency_unlabeled:
                 logits_0 = teacher(name, u0).logits
@@ -117,9 +135,9 @@ class MGD(base.StudentMethod):
             if switch.consistency_labeled:
                 pseudo_l[name] = base.hard_labels(teacher(name, x_l).logits)
         if switch.image:
-            mixed_out["teacher_deep"] = teacher("teacher_deep", u_mix)
+            image_target = teacher("teacher_deep", u_mix).logits
         if switch.region:
-            mixed_out["teacher_wide"] = teacher("teacher_wide", u_mix)
+            region_target = teacher("teacher_wide", u_mix).decoder
 
         # Student passes, in the official order u0, u1 (no grad: BN statistics only), u_mix, x_l:
         # four running-statistics updates per step.
@@ -130,27 +148,97 @@ class MGD(base.StudentMethod):
             _, stats = base.forward(student, no_grad, stats, u1)
         s_mix, stats = base.forward(student, params, stats, u_mix)
         s_l, stats = base.forward(student, params, stats, x_l)
+        image = None if image_target is None else (s_mix.logits, image_target, None)
+        return (s_mix.logits, s_l.logits, s_mix.decoder, pseudo_mix, pseudo_l, image,
+                region_target, stats)
 
+    def _fused_parts(self, params, batch_stats, frozen, inputs):
+        """The same quantities with each network called once per gradient mode: every stream of
+        a teacher in one batched call, the student's u0/u1 in one, u_mix/x_l in one, each stream
+        with its own BN statistics (`base.forward_streams`); the student's running statistics
+        are updated in the official order u0, u1, u_mix, x_l. L_I uses low-resolution logits."""
+        config, student = self.config, self.eval_model
+        switch = config.loss
+        x_l, _, u0, u1, mask, u_mix = inputs
+        size = x_l.shape[1:3]
+        images = {"u0": u0, "u1": u1, "x_l": x_l, "u_mix": u_mix}
+        wanted = {name: ((["u0", "u1"] if switch.consistency_unlabeled else [])
+                         + (["x_l"] if switch.consistency_labeled else []))
+                  for name in TEACHERS}
+        if switch.image:
+            wanted["teacher_deep"].append("u_mix")
+        if switch.region:
+            wanted["teacher_wide"].append("u_mix")
+
+        pseudo_mix, pseudo_l, mixed = {}, {}, {}
+        for name in TEACHERS:
+            names = wanted[name]
+            if not names:
+                continue
+            model = self._teacher(name)
+            out, _ = base.forward_streams(
+                model, *jax.lax.stop_gradient((frozen[name]["params"],
+                                               frozen[name]["batch_stats"])),
+                jnp.stack([images[k] for k in names]), train=config.teacher_bn == "batch",
+            )
+            labelled = [k for k in names if k != "u_mix"]
+            if labelled:
+                full = base.upsample_logits(model, out.low_logits[: len(labelled)], size)
+                full = dict(zip(labelled, full, strict=True))
+                if switch.consistency_unlabeled:
+                    pseudo_mix[name] = base.pseudo_labels(full["u0"], full["u1"], mask)
+                if switch.consistency_labeled:
+                    pseudo_l[name] = base.hard_labels(full["x_l"])
+            if "u_mix" in names:
+                mixed[name] = base.stream(out, names.index("u_mix"))
+
+        stats = batch_stats
+        if config.student_nograd_bn_updates:
+            _, moments = base.forward_streams(student, jax.lax.stop_gradient(params), stats,
+                                              jnp.stack([u0, u1]))
+            stats = base.replay_moments(stats, moments)
+        out, moments = base.forward_streams(student, params, stats, jnp.stack([u_mix, x_l]),
+                                            remat=base.remat(config))
+        stats = base.replay_moments(stats, moments)
+        s_mix_logits, s_l_logits = base.upsample_logits(student, out.low_logits, size)
+        image = None
+        if switch.image:
+            image = (out.low_logits[0], mixed["teacher_deep"].low_logits, size)
+        region_target = mixed["teacher_wide"].decoder if switch.region else None
+        return (s_mix_logits, s_l_logits, out.decoder[0], pseudo_mix, pseudo_l, image,
+                region_target, stats)
+
+    def _combine(self, labels, s_mix_logits, s_l_logits, s_mix_decoder, pseudo_mix, pseudo_l,
+                 image, region_target, stats):
+        """The loss and its metrics from the student's outputs and the teachers' targets;
+        `image` is (student, teacher, size) logits for L_I (low-resolution ones with a size)."""
+        config = self.config
+        switch = config.loss
         zero = jnp.zeros((), jnp.float32)
-        loss_sup = base.supervised_loss(config, s_l.logits, labels) if switch.supervised else zero
+        targets_l = [pseudo_l[n] for n in pseudo_l]
+        if switch.supervised and not config.loss.ohem:
+            loss_sup, *ce_l = losses.cross_entropies(s_l_logits, [labels, *targets_l])
+        else:
+            ce_l = losses.cross_entropies(s_l_logits, targets_l)
+            loss_sup = (base.supervised_loss(config, s_l_logits, labels) if switch.supervised
+                        else zero)
+        loss_p_labeled = sum(ce_l, zero)
         loss_p_unlabeled = sum(
-            (losses.cross_entropy(s_mix.logits, pseudo_mix[n]) for n in pseudo_mix), zero
-        )
-        loss_p_labeled = sum(
-            (losses.cross_entropy(s_l.logits, pseudo_l[n]) for n in pseudo_l), zero
+            losses.cross_entropies(s_mix_logits, [pseudo_mix[n] for n in pseudo_mix]), zero
         )
         loss_image = zero
-        if switch.image:
+        if image is not None:
             # Σ over each replica's batch, averaged over replicas (the official per-GPU sum
             # all-reduced / W): scale fixed by the recipe's per-replica batch, not the device count.
+            student_logits, teacher_logits, size = image
             loss_image = switch.lambda_image * losses.per_replica(
-                losses.semantic_sensitive, s_mix.logits, mixed_out["teacher_deep"].logits,
-                replica_batch=config.replica_batch,
+                losses.semantic_sensitive, student_logits, teacher_logits,
+                replica_batch=config.replica_batch, size=size,
             )
         loss_region = zero
-        if switch.region:
+        if region_target is not None:
             loss_region = switch.lambda_region * losses.content_aware(
-                s_mix.decoder, mixed_out["teacher_wide"].decoder, grid=switch.region_grid
+                s_mix_decoder, region_target, grid=switch.region_grid
             )
         loss = loss_sup + loss_p_unlabeled + loss_p_labeled + loss_image + loss_region
         metrics = {

@@ -12,5 +12,5 @@ class Supervised(base.StudentMethod):
         out, batch_stats = base.forward(
             self.eval_model, params, batch_stats, base.normalize(labeled)
         )
-        loss_sup = base.supervised_loss(self.config, out.logits, labeled["label"])
+        loss_sup = base.supervised_loss(self.config, out.logits, base.labels_of(labeled))
         return loss_sup, (batch_stats, {"loss": loss_sup, "loss_sup": loss_sup})

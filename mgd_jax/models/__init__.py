@@ -71,6 +71,7 @@ def build(
     depths: tuple[int, ...] | None = None,
     width: float = 1.0,
     bn_group_size: int | None = None,
+    resize: str = "matmul",
 ) -> SegmentationModel:
     """The official DeepLabv3+ network for `backbone` (defaults: exact official architecture).
 
@@ -86,6 +87,7 @@ def build(
     bn_group_size: ghost-BN group size for the *backbone's* BatchNorms (per-replica statistics;
         the official MobileNetV2 backbone uses plain per-GPU BN over 2 images). The head's BN is
         always over the whole (global) batch, like SyncBN.
+    resize: how the align-corners upsampling is computed (`layers.RESIZE_METHODS`; same values).
     """
     name = canonical(backbone)
     if name not in BACKBONES:
@@ -126,6 +128,7 @@ def build(
         head_channels=scale_channels(256, width),
         reduce_channels=scale_channels(reduce_channels, width),
         dtype=dtype,
+        resize=resize,
     )
 
 

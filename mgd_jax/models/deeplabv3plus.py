@@ -36,12 +36,15 @@ class SegOutput:
         the ASPP.
     decoder: float32 (N, H/4, W/4, 256*width) post-ReLU decoder feature (official
         `v3plus_feature`, used by the region-level loss).
-    logits: float32 (N, H, W, num_classes), upsampled with align_corners=True.
+    logits: float32 (N, H, W, num_classes), upsampled with align_corners=True (None when the
+        network was called with `upsample=False`).
+    low_logits: float32 (N, H/4, W/4, num_classes), the classifier's output before upsampling.
     """
 
     features: tuple[Array, ...]
     decoder: Array
-    logits: Array
+    logits: Array | None
+    low_logits: Array
 
 
 def leaky_relu(x: Array) -> Array:
@@ -95,6 +98,7 @@ class Head(nn.Module):
     channels: int = 256
     reduce_channels: int = 48
     dtype: Any = jnp.float32
+    resize: str = "matmul"  # layers.RESIZE_METHODS
 
     @nn.compact
     def __call__(self, features: tuple[Array, ...], train: bool) -> Array:
@@ -108,7 +112,7 @@ class Head(nn.Module):
         )
         low = features[0]
         low = nn.relu(bn("reduce_1")(cv(self.reduce_channels, 1, "reduce_0")(low), train))
-        f = resize_bilinear_align_corners(f, low.shape[1:3])
+        f = resize_bilinear_align_corners(f, low.shape[1:3], method=self.resize)
         f = jnp.concatenate([f, low], axis=-1)
         f = nn.relu(bn("last_conv_1")(cv(self.channels, 3, "last_conv_0")(f), train))
         f = nn.relu(bn("last_conv_4")(cv(self.channels, 3, "last_conv_3")(f), train))
@@ -118,9 +122,10 @@ class Head(nn.Module):
 class SegmentationModel(nn.Module):
     """backbone -> Head -> 1x1 classifier (with bias) -> align-corners upsampling to input size.
 
-    Build it with `mgd_jax.models.build`. `__call__(images, train)`: images NHWC float, RGB,
-    ImageNet-normalised; returns `SegOutput`. In train mode BatchNorm uses batch statistics and
-    updates `batch_stats` (apply with `mutable=["batch_stats"]`).
+    Build it with `mgd_jax.models.build`. `__call__(images, train, upsample=True)`: images NHWC
+    float, RGB, ImageNet-normalised; returns `SegOutput` (`upsample=False` leaves out the
+    full-resolution logits). In train mode BatchNorm uses batch statistics and updates
+    `batch_stats` (apply with `mutable=["batch_stats"]`).
     """
 
     backbone: nn.Module
@@ -128,16 +133,16 @@ class SegmentationModel(nn.Module):
     head_channels: int = 256
     reduce_channels: int = 48
     dtype: Any = jnp.float32
+    resize: str = "matmul"  # layers.RESIZE_METHODS: both compute the same (tests/test_layers.py)
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False) -> SegOutput:
+    def __call__(self, images: Array, train: bool = False, upsample: bool = True) -> SegOutput:
         if images.ndim != 4:
             raise ValueError(f"SegmentationModel: images must be NHWC, got shape {images.shape}")
         x = images.astype(self.dtype)
         features = self.backbone(x, train)
-        decoder = Head(self.head_channels, self.reduce_channels, dtype=self.dtype, name="head")(
-            features, train
-        )
+        decoder = Head(self.head_channels, self.reduce_channels, dtype=self.dtype,
+                       resize=self.resize, name="head")(features, train)
         # business_layer init: kaiming_normal (fan_in, relu) kernel; bias keeps PyTorch's default.
         logits = conv(
             self.num_classes,
@@ -148,7 +153,11 @@ class SegmentationModel(nn.Module):
             bias_init=torch_default_bias_init(self.head_channels),
             name="classifier",
         )(decoder)
-        logits = resize_bilinear_align_corners(logits.astype(jnp.float32), images.shape[1:3])
+        low_logits = logits.astype(jnp.float32)
+        if upsample:
+            logits = resize_bilinear_align_corners(low_logits, images.shape[1:3],
+                                                   method=self.resize)
         return SegOutput(
-            features=tuple(features), decoder=decoder.astype(jnp.float32), logits=logits
+            features=tuple(features), decoder=decoder.astype(jnp.float32),
+            logits=logits if upsample else None, low_logits=low_logits,
         )

@@ -7,7 +7,7 @@ rounding in float32, because imported ImageNet / CPS weights only work with the 
 * `BatchNorm` normalises with the biased batch variance but updates `running_var` with the
   unbiased one, like `torch.nn.BatchNorm2d`;
 * `resize_bilinear_align_corners` is `F.interpolate(..., mode='bilinear', align_corners=True)`
-  (`jax.image.resize` is half-pixel, i.e. align_corners=False);
+  (`jax.image.resize` is half-pixel, i.e. align_corners=False), as two dense matrix products;
 * `adaptive_avg_pool2d` uses PyTorch's overlapping bins.
 """
 
@@ -80,6 +80,22 @@ def conv(
     )
 
 
+BN_MOMENTUM = 0.1  # every BatchNorm of the official networks: torch's default
+RESIZE_METHODS = ("matmul", "gather")
+
+
+def ema(running: Array, batch: Array, momentum: float = BN_MOMENTUM) -> Array:
+    """PyTorch's running-statistics update `(1 - momentum) * running + momentum * batch`."""
+    return ((1.0 - momentum) * running + momentum * batch).astype(jnp.float32)
+
+
+def apply_moments(batch_stats: Any, moments: Any, momentum: float = BN_MOMENTUM) -> Any:
+    """The running-statistics update of one train-mode forward, replayed from the batch moments
+    it recorded (`mutable=["batch_moments"]`, same tree as `batch_stats`): equal to applying that
+    forward with `mutable=["batch_stats"]`. Lets batched streams update in a chosen order."""
+    return jax.tree.map(lambda r, b: ema(r, b, momentum), batch_stats, moments)
+
+
 class BatchNorm(nn.Module):
     """`torch.nn.BatchNorm2d` semantics on NHWC input (statistics over N, H, W).
 
@@ -99,10 +115,12 @@ class BatchNorm(nn.Module):
     the group average is the same estimator with less noise, and it is replica-count independent.)
 
     Parameters `scale` (1) and `bias` (0) are float32; batch_stats `mean` (0) and `var` (1) are
-    float32; the output has `dtype`.
+    float32; the output has `dtype`. In train mode the running statistics are updated when
+    `batch_stats` is mutable, and the batch's (mean, unbiased var) are recorded in the collection
+    `batch_moments` when that is mutable (see `apply_moments`); neither changes the output.
     """
 
-    momentum: float = 0.1  # PyTorch convention (weight of the new batch statistic)
+    momentum: float = BN_MOMENTUM  # PyTorch convention (weight of the new batch statistic)
     epsilon: float = 1e-5
     group_size: int | None = None
     dtype: Dtype = jnp.float32
@@ -141,12 +159,16 @@ class BatchNorm(nn.Module):
         y = (xg - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
         y = y.reshape(x.shape).astype(self.dtype)
 
-        if not self.is_initializing():
-            batch_mean = jnp.mean(mean.reshape(-1, c), axis=0)
-            batch_var = jnp.mean(var.reshape(-1, c), axis=0) * (n / (n - 1))
-            m = self.momentum
-            ra_mean.value = ((1.0 - m) * ra_mean.value + m * batch_mean).astype(jnp.float32)
-            ra_var.value = ((1.0 - m) * ra_var.value + m * batch_var).astype(jnp.float32)
+        if self.is_initializing():
+            return y
+        batch_mean = jnp.mean(mean.reshape(-1, c), axis=0).astype(jnp.float32)
+        batch_var = (jnp.mean(var.reshape(-1, c), axis=0) * (n / (n - 1))).astype(jnp.float32)
+        if self.is_mutable_collection("batch_moments"):
+            self.put_variable("batch_moments", "mean", batch_mean)
+            self.put_variable("batch_moments", "var", batch_var)
+        if self.is_mutable_collection("batch_stats"):
+            ra_mean.value = ema(ra_mean.value, batch_mean, self.momentum)
+            ra_var.value = ema(ra_var.value, batch_var, self.momentum)
         return y
 
 
@@ -186,15 +208,53 @@ def _lerp_axis(x: Array, axis: int, n_out: int) -> Array:
     return x_lo + (x_hi - x_lo) * w
 
 
-def resize_bilinear_align_corners(x: Array, size: tuple[int, int]) -> Array:
-    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` for NHWC `x`.
+def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float64 matrix of the align-corners linear interpolation along one axis."""
+    lo, hi, w = _align_corners_coords(n_in, n_out)
+    m = np.zeros((n_out, n_in), np.float64)
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - w)
+    np.add.at(m, (np.arange(n_out), hi), w)
+    return m
 
-    Separable: gather the two neighbours along H and lerp, then along W. Works in `x.dtype`.
+
+def resize_bilinear_align_corners(
+    x: Array, size: tuple[int, int], *, method: str = "matmul"
+) -> Array:
+    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` for NHWC `x`, in `x.dtype`.
+
+    Separable. "matmul" (default): one product with the interpolation matrix per axis, so the
+    backward pass is dense too (HIGHEST precision: float32 accuracy on GPU / TPU). "gather": take
+    the two neighbours and lerp (the original form; its backward is a scatter-add).
     """
     if x.ndim != 4:
         raise ValueError(f"resize_bilinear_align_corners expects NHWC input, got shape {x.shape}")
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method {method!r} is not one of {RESIZE_METHODS}")
     oh, ow = int(size[0]), int(size[1])
-    return _lerp_axis(_lerp_axis(x, 1, oh), 2, ow)
+    if method == "gather":
+        return _lerp_axis(_lerp_axis(x, 1, oh), 2, ow)
+    h, w = x.shape[1:3]
+    hp = jax.lax.Precision.HIGHEST
+    if h != oh:
+        x = jnp.einsum("oh,nhwc->nowc", jnp.asarray(interpolation_matrix(h, oh), x.dtype), x,
+                       precision=hp)
+    if w != ow:
+        x = jnp.einsum("pw,nowc->nopc", jnp.asarray(interpolation_matrix(w, ow), x.dtype), x,
+                       precision=hp)
+    return x
+
+
+def upsampled_mean(x: Array, size: tuple[int, int]) -> Array:
+    """Spatial mean of `resize_bilinear_align_corners(x, size)` from `x` alone: (N, C) float32.
+
+    The upsampling is linear, so its mean is a fixed weighted mean of the input pixels, with
+    weights = the column means of the interpolation matrices (not uniform: border pixels count
+    less).
+    """
+    wh = jnp.asarray(interpolation_matrix(x.shape[1], int(size[0])).mean(axis=0), jnp.float32)
+    ww = jnp.asarray(interpolation_matrix(x.shape[2], int(size[1])).mean(axis=0), jnp.float32)
+    return jnp.einsum("h,nhwc,w->nc", wh, x.astype(jnp.float32), ww,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def _adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:

@@ -1,0 +1,78 @@
+"""The batched (fused) step computes what the reference step computes: one network application
+per stream, gather resize, full-resolution L_I (config.fused_step=False)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train import random_batch
+
+from mgd_jax import methods
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def loss_and_grads(config, batch, variables=None):
+    method = methods.get(config)
+    if variables is None:
+        variables = method.init_variables(jax.random.key(0, impl="rbg"))
+    frozen = method.frozen_variables()
+
+    def run(params, batch_stats, batch):
+        def loss_fn(p):
+            return method.loss(p, batch_stats, frozen, batch, jax.random.PRNGKey(0))
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    args = (variables["params"], variables["batch_stats"], batch)
+    # Cheap code generation: the unbatched reference step takes minutes to compile otherwise.
+    compiled = jax.jit(run).lower(*args).compile(compiler_options=FAST_COMPILE)
+    (loss, (stats, metrics)), grads = compiled(*args)
+    return variables, jax.device_get((loss, metrics, grads, stats))
+
+
+@pytest.mark.parametrize(
+    "method, dtype, overrides",
+    [
+        ("supervised", "float64", {}),
+        ("cps", "float64", {}),
+        ("mgd", "float64", {}),
+        ("mgd", "float32", {"remat": True}),
+        # ghost-BN student, teachers on running statistics, OHEM, terms switched off
+        ("mgd", "float64", {"student": "mobilenet_v2", "model.depths": "1,1,1,1,1,1,1",
+                            "teacher_bn": "running", "loss.ohem": True,
+                            "loss.ohem_min_kept": 300, "loss.consistency_labeled": False,
+                            "loss.region": False, "student_nograd_bn_updates": False}),
+    ],
+    ids=["supervised", "cps", "mgd", "mgd-float32-remat", "mgd-variant"],
+)
+def test_fused_step_equals_reference(method, dtype, overrides, tiny_config, tiny_teachers):
+    """Loss, every metric, the gradients and the new BN statistics agree: with float64 compute to
+    the rounding of the float32 parameters and gradients; with float32 compute to its rounding,
+    amplified by batch-statistics BN."""
+    config = tiny_config(method, precision=dtype, **overrides)
+    config.teacher_deep.checkpoint = tiny_teachers["teacher_deep"]
+    config.teacher_wide.checkpoint = tiny_teachers["teacher_wide"]
+    batch = jax.tree.map(jnp.asarray, random_batch(3, batch=4))
+    # (parameters and their gradients are float32 even when the compute is float64)
+    tol = {"float64": dict(rtol=1e-5, atol=1e-6), "float32": dict(rtol=2e-3, atol=1e-4)}[dtype]
+    with jax.enable_x64(dtype == "float64"):
+        config.fused_step = False
+        variables, reference = loss_and_grads(config, batch)
+        config.fused_step = True
+        _, fused = loss_and_grads(config, batch, variables)
+    ref_metrics, fused_metrics = reference[1], fused[1]
+    assert set(ref_metrics) == set(fused_metrics)
+    for name in ref_metrics:
+        np.testing.assert_allclose(fused_metrics[name], ref_metrics[name], **tol, err_msg=name)
+    for part, a, b in (("grads", reference[2], fused[2]), ("batch_stats", reference[3], fused[3])):
+        flat_a = jax.tree_util.tree_leaves_with_path(a)
+        flat_b = jax.tree.leaves(b)
+        assert len(flat_a) == len(flat_b)
+        # Leaves whose exact value is 0 (e.g. a bias feeding a BatchNorm) hold rounding noise:
+        # compare against the scale of the whole tree there.
+        scale = max(float(np.max(np.abs(x))) for _, x in flat_a)
+        for (path, x), y in zip(flat_a, flat_b, strict=True):
+            np.testing.assert_allclose(y, x, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                       err_msg=f"{part}{jax.tree_util.keystr(path)}")
+    assert float(reference[0]) > 0
