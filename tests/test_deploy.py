@@ -126,6 +126,22 @@ def test_onnx_matches_flax_in_onnxruntime(backbone, options, tmp_path):
     _assert_close(session.run(None, {"images": x[1:]})[0], want[1:])  # another batch size
 
 
+def test_onnx_dot_general_matches_jax_in_onnxruntime():
+    """dot_general with batch and contracting dimensions on both sides (ONNX Einsum)."""
+    w = np.random.default_rng(0).normal(size=(5, 3, 7)).astype(np.float32)
+
+    def fn(x):  # x: (batch, 3, 5, 4); contract 3 and 5 with w's, batch over the 4s
+        y = jax.lax.dot_general(x, jnp.asarray(w), (((1, 2), (1, 0)), ((), ())))  # (b, 4, 7)
+        z = jnp.einsum("bij,bkj->bik", y, y)  # a batch dimension on both sides
+        return z
+
+    model = onnx_export.to_onnx(fn, (3, 5, 4))
+    session = onnxruntime.InferenceSession(model.SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, 4)).astype(np.float32)
+    _assert_close(session.run(None, {"images": x})[0], np.asarray(fn(x)))
+
+
 def test_onnx_refuses_what_it_does_not_know():
     with pytest.raises(ExportError, match="primitive 'sort' is not supported"):
         onnx_export.to_onnx(lambda x: jnp.sort(x, axis=-1), (4, 4, 3))
