@@ -80,8 +80,9 @@ class Checkpointer:
             damaged.append((step, problem))
         if damaged:
             raise CheckpointError(
-                f"{self.directory}: no checkpoint can be resumed from (newest: {damaged[0][1]}); "
-                "move the folder away to start afresh, or rerun with the config that wrote it")
+                f"{self.directory}: no checkpoint can be resumed from: "
+                + "; ".join(f"step {step}: {problem}" for step, problem in damaged)
+                + ". Move the folder away to start afresh, or rerun with the config that wrote it")
         return state, False
 
     def _set_aside(self, damaged: list[tuple[int, str]], used: int) -> None:
