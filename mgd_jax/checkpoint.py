@@ -138,18 +138,21 @@ class Checkpointer:
             yield
         except Exception as e:
             logging.info("checkpoint write failed", exc_info=True)  # the log file keeps the trace
+            self._seal(manager, failed=step)
             intact = sorted(s for s in manager.all_steps() if s != step)
             raise CheckpointError(
                 f"writing the checkpoint of step {step} in {manager.directory} failed: "
                 f"{_first_line(e)}; the run stops (intact checkpoints: steps {intact})"
             ) from e
 
-    def _seal(self, manager: ocp.CheckpointManager) -> None:
+    def _seal(self, manager: ocp.CheckpointManager, failed: int | None = None) -> None:
         """Writes the hash manifest of every finished, unsealed checkpoint (primary process)."""
-        busy = manager.latest_step() if manager.is_saving_in_progress() else None
+        busy = failed
+        if failed is None and manager.is_saving_in_progress():
+            busy = manager.latest_step()
         for step in manager.all_steps():
             where = _step_dir(manager, step)
-            if step == busy or integrity.is_sealed(where):
+            if step == busy or not os.path.isdir(where) or integrity.is_sealed(where):
                 continue
             interrupts.fault_point("save:committed", step)
             if jax.process_index() == 0:

@@ -213,6 +213,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     from mgd_jax import checkpoint, evaluate, export, panels
     from mgd_jax.data import input_pipeline
 
+    checkpoints_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+    check_resume_config(config, workdir, bool(checkpoint.saved_steps(checkpoints_dir)))
     mesh = parallel.make_mesh()
 
     method = methods.get(config)
@@ -225,8 +227,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     # What a network of this run is: its build, its data and protocol (export.run_meta).
     network_meta = dict(method.export_meta,
                         **export.run_meta(config.dataset, data.info, config.eval))
-    checkpoints_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
-    check_resume_config(config, workdir, bool(checkpoint.saved_steps(checkpoints_dir)))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))

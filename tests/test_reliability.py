@@ -43,8 +43,8 @@ def get_config():
 
 
 def tiny_run_config(synthetic_dir, **overrides):
-    return make_tiny_config("supervised", synthetic_dir, num_train_steps=STEPS, log_every=1,
-                       eval_every=STEPS, checkpoint_every=2, **overrides)
+    fields = dict(num_train_steps=STEPS, log_every=1, eval_every=STEPS, checkpoint_every=2)
+    return make_tiny_config("supervised", synthetic_dir, **{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,152 @@ def test_unreadable_checkpoints_and_networks_are_refused_by_path(reference, tmp_
     flip_byte(largest_file(network / export.VARIABLES_DIR))
     with pytest.raises(ExportError, match=f"{network}: damaged network directory: {network}"):
         export.load_network(str(network))
+
+
+def test_sigint_stops_in_process_and_a_changed_config_is_refused(synthetic_dir, config_file,
+                                                                 tmp_path, monkeypatch, capsys):
+    workdir = str(tmp_path / "run")
+    original = interrupts.fault_point
+
+    def ctrl_c_after_step_1(name, step):
+        if name == "step" and step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        original(name, step)
+
+    monkeypatch.setattr(interrupts, "fault_point", ctrl_c_after_step_1)
+    result = train.train_and_evaluate(tiny_run_config(synthetic_dir), workdir)
+    assert result == {"stopped": True, "step": 1, "workdir": workdir}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert checkpoint.saved_steps(os.path.join(workdir, "checkpoints")) == [1]
+    assert integrity.damage(os.path.join(workdir, "checkpoints", "1")) is None
+    monkeypatch.setattr(interrupts, "fault_point", original)
+
+    # Resuming with fields that change the run is refused, naming them, config.json kept.
+    recorded = open(os.path.join(workdir, "config.json")).read()
+    capsys.readouterr()
+    argv = ["main", f"--config={config_file}", f"--workdir={workdir}", "--config.lr=0.02",
+            "--config.seed=1", "--config.log_every=5"]
+    monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.* overrides there
+    code = main.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert "lr: 0.01 -> 0.02; seed: 0 -> 1." in err[0] and "log_every" not in err[0]
+    assert open(os.path.join(workdir, "config.json")).read() == recorded
+    # Safe fields, and the explicit override.
+    config = tiny_run_config(synthetic_dir, log_every=5, data_dir=str(tmp_path / "moved"),
+                             **{"eval.panels": 2})
+    train.check_resume_config(config, workdir, resuming=True)
+    config.model.width = 0.25
+    with pytest.raises(ConfigError, match=r"model.width: 0.125 -> 0.25\. Rerun"):
+        train.check_resume_config(config, workdir, resuming=True)
+    train.check_resume_config(config, workdir, resuming=False)
+    config.allow_config_change = True
+    train.check_resume_config(config, workdir, resuming=True)
+
+
+def poison(monkeypatch, at, *, gradient_only):
+    """From now on, the train step of (0-based) step `at` gets a NaN loss, or a finite loss
+    with NaN gradients."""
+    original = train.train_step
+
+    class Poisoned:
+        def __init__(self, method, step):
+            self.method, self.step = method, step
+
+        def __getattr__(self, name):
+            return getattr(self.method, name)
+
+        def loss(self, params, *args):
+            loss, aux = self.method.loss(params, *args)
+            hit = (self.step == at).astype(jnp.float32)
+            if gradient_only:  # sqrt at 0: value 0, gradient NaN, only at `at`
+                leaf = jax.tree.leaves(params)[0]
+                return loss + jnp.sqrt(jnp.abs(leaf.sum()) * 0 + 1 - hit) - (1 - hit), aux
+            return loss + jnp.where(hit > 0, jnp.nan, 0.0), aux
+
+    def poisoned(state, frozen, batch, *, method, tx, schedule):
+        return original(state, frozen, batch, method=Poisoned(method, state.step), tx=tx,
+                        schedule=schedule)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+
+
+def test_nonfinite_gradient_stops_at_the_next_sync_without_saving_it(synthetic_dir, tmp_path,
+                                                                      monkeypatch):
+    workdir = str(tmp_path / "run")
+    poison(monkeypatch, 2, gradient_only=True)
+    config = tiny_run_config(synthetic_dir, num_train_steps=4, log_every=4)
+    with pytest.raises(DivergedError) as stop:
+        train.train_and_evaluate(config, workdir)
+    message = str(stop.value)
+    assert "non-finite gradient norm (the loss was finite) at step 3" in message
+    assert "grad_norm=nan" in message and "loss=" in message
+    assert f"last good checkpoint: step 2 in {workdir}/checkpoints" in message
+    assert "--config.lr (now 0.01)" in message and "skip_nonfinite" in message
+    assert checkpoint.saved_steps(os.path.join(workdir, "checkpoints")) == [2]
+    _, state = checkpoint.restore_raw(workdir)
+    assert integrity.is_sealed(os.path.join(workdir, "checkpoints", "2"))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
+
+
+def test_nonfinite_loss_steps_can_be_skipped_and_counted(synthetic_dir, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    poison(monkeypatch, 2, gradient_only=False)
+    config = tiny_run_config(synthetic_dir, num_train_steps=4, skip_nonfinite=True)
+    result = train.train_and_evaluate(config, workdir)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    skipped = {r["step"]: r.get("train/skipped_steps") for r in rows if "train/loss" in r}
+    assert skipped == {1: None, 2: None, 3: 1, 4: 1}
+    assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    assert all(np.isfinite(leaf).all() for leaf in variables_of(workdir))
+    assert np.isfinite(result["miou"])
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])
+def test_unwritable_workdir_fails_before_training(tmp_path, config_file, monkeypatch, capsys,
+                                                  error):
+    real_open = os.open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(error, os.strerror(error), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", failing_open)
+    code = main.main(["main", f"--config={config_file}", f"--workdir={tmp_path / 'run'}"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert line == (f"error: --workdir={tmp_path / 'run'}: cannot write there "
+                    f"({os.strerror(error)}); free space or pick another folder")
+    # A file where the workdir should be: the same, without any injection.
+    monkeypatch.undo()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot write there"):
+        train.check_workdir(str(tmp_path / "file" / "run"))
+
+
+def test_failed_checkpoint_write_stops_at_once_keeping_the_earlier_ones(synthetic_dir, tmp_path,
+                                                                        monkeypatch):
+    from grain._src.python.checkpoint import handler
+
+    real_save = handler.CheckpointHandler.save
+
+    def disk_full_at_step_3(self, directory, *args, **kwargs):
+        if "/3." in str(directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return real_save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(handler.CheckpointHandler, "save", disk_full_at_step_3)
+    workdir = str(tmp_path / "run")
+    config = tiny_run_config(synthetic_dir, num_train_steps=4, checkpoint_every=1)
+    with pytest.raises(CheckpointError) as stop:
+        train.train_and_evaluate(config, workdir)
+    message = str(stop.value)
+    assert "\n" not in message
+    assert "step 3" in message and "No space left on device" in message
+    assert "intact checkpoints: steps [1, 2]" in message
+    assert checkpoint.saved_steps(os.path.join(workdir, "checkpoints")) == [1, 2]
+    for step in (1, 2):
+        where = os.path.join(workdir, "checkpoints", str(step))
+        assert integrity.is_sealed(where) and integrity.damage(where) is None
