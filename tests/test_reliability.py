@@ -264,9 +264,8 @@ def test_sigint_stops_in_process_and_a_changed_config_is_refused(synthetic_dir, 
     train.check_resume_config(config, workdir, resuming=True)
 
 
-def poison(monkeypatch, at, *, gradient_only):
-    """From now on, the train step of (0-based) step `at` gets a NaN loss, or a finite loss
-    with NaN gradients."""
+def poison(monkeypatch, at):
+    """From now on, the train step of (0-based) step `at` gets NaN gradients and a finite loss."""
     original = train.train_step
 
     class Poisoned:
@@ -278,11 +277,9 @@ def poison(monkeypatch, at, *, gradient_only):
 
         def loss(self, params, *args):
             loss, aux = self.method.loss(params, *args)
-            hit = (self.step == at).astype(jnp.float32)
-            if gradient_only:  # sqrt at 0: value 0, gradient NaN, only at `at`
-                leaf = jax.tree.leaves(params)[0]
-                return loss + jnp.sqrt(jnp.abs(leaf.sum()) * 0 + 1 - hit) - (1 - hit), aux
-            return loss + jnp.where(hit > 0, jnp.nan, 0.0), aux
+            away = 1 - (self.step == at).astype(jnp.float32)
+            leaf = jax.tree.leaves(params)[0]  # sqrt at 0 (only at `at`): value 0, gradient NaN
+            return loss + jnp.sqrt(jnp.abs(leaf.sum()) * 0 + away) - away, aux
 
     def poisoned(state, frozen, batch, *, method, tx, schedule):
         return original(state, frozen, batch, method=Poisoned(method, state.step), tx=tx,
@@ -291,10 +288,19 @@ def poison(monkeypatch, at, *, gradient_only):
     monkeypatch.setattr(train, "train_step", poisoned)
 
 
+def test_divergence_message_names_step_terms_and_checkpoint(tiny_config):
+    record = {"step": 7, "count": 2, "metrics": {"loss": np.nan, "loss_sup": np.inf,
+                                                  "grad_norm": np.nan, "nonfinite": 1.0}}
+    message = train.diverged_message(record, tiny_config("supervised"), "step 6 in /w")
+    assert message.startswith("non-finite loss at step 7 (2 such step(s) so far): loss=nan, "
+                              "loss_sup=inf, grad_norm=nan; ")
+    assert "last good checkpoint: step 6 in /w" in message and "now 0.01" in message
+
+
 def test_nonfinite_gradient_stops_at_the_next_sync_without_saving_it(synthetic_dir, tmp_path,
                                                                       monkeypatch):
     workdir = str(tmp_path / "run")
-    poison(monkeypatch, 2, gradient_only=True)
+    poison(monkeypatch, 2)
     config = tiny_run_config(synthetic_dir, num_train_steps=4, log_every=4)
     with pytest.raises(DivergedError) as stop:
         train.train_and_evaluate(config, workdir)
@@ -309,9 +315,9 @@ def test_nonfinite_gradient_stops_at_the_next_sync_without_saving_it(synthetic_d
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state))
 
 
-def test_nonfinite_loss_steps_can_be_skipped_and_counted(synthetic_dir, tmp_path, monkeypatch):
+def test_nonfinite_steps_can_be_skipped_and_counted(synthetic_dir, tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
-    poison(monkeypatch, 2, gradient_only=False)
+    poison(monkeypatch, 2)
     config = tiny_run_config(synthetic_dir, num_train_steps=4, skip_nonfinite=True)
     result = train.train_and_evaluate(config, workdir)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
