@@ -335,10 +335,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
             done = step + 1
             interrupts.fault_point("step", done)
             ckpt.check()
-            stop = signals.stop_now(done)
             log, evaluate_now = done % config.log_every == 0, done % config.eval_every == 0
-            save = done % config.checkpoint_every == 0 or done == steps or stop
-            if log or evaluate_now or save:
+            due = done % config.checkpoint_every == 0 or done == steps
+            synced = log or evaluate_now or due
+            if synced:
                 skipped = check_finite()
             if log or done == steps:
                 values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
@@ -348,11 +348,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
                 interval = None
                 reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
                 reporter.progress(done, images_per_step)
-            if (evaluate_now or done == steps) and not stop:
+            # A stop already asked for skips the evaluation (a collective: one process only).
+            stopping = jax.process_count() == 1 and signals.received is not None
+            if (evaluate_now or done == steps) and not stopping:
                 scores = evaluate_trained(
                     done, eval_variables(method, state.params, state.batch_stats))
                 ckpt.save_best(done, state, scores["miou"])
-            if save:
+            stop = signals.stop_now(done)
+            if stop and not synced:
+                check_finite()
+            if due or stop:
                 ckpt.save(done, state, train_iter, force=done == steps or stop)
             if stop:
                 return _stopped(done, signals, ckpt, train_iter, reporter, workdir)
