@@ -373,3 +373,46 @@ def test_failed_checkpoint_write_stops_at_once_keeping_the_earlier_ones(syntheti
     for step in (1, 2):
         where = os.path.join(workdir, "checkpoints", str(step))
         assert integrity.is_sealed(where) and integrity.damage(where) is None
+
+
+AGREE = '''
+import sys, time
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[1]))
+from mgd_jax import interrupts
+with interrupts.StopSignals() as signals:
+    print("ready", flush=True)
+    for step in range(1, 100000):
+        time.sleep(0.01)  # a step
+        if signals.stop_now(step):
+            print(f"stop at {step}", flush=True)
+            break
+jax.distributed.shutdown()
+'''
+
+
+def test_two_processes_agree_on_the_stop_step():
+    """SIGTERM to one of two processes (JAX's preemption service): both stop at the same step,
+    as `train` asks `stop_now` after every step."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, str(i), address], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for i in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        procs[0].send_signal(signal.SIGTERM)
+        outputs = [proc.communicate(timeout=60)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0]
+    stops = [out.split("stop at ")[1].split()[0] for out in outputs]
+    assert stops[0] == stops[1]
