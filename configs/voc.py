@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
     c.dataset, c.num_classes = "mgd_voc_aug", 21
     c.train_split, c.eval_split = "train_aug", "val"
     c.crop_size = 512  # config.image_height / image_width
-    c.num_epochs = config_lib.VOC_EPOCHS[a.partition]  # 34 for 1/8 (config.nepochs)
+    c.num_epochs = config_lib.VOC_EPOCHS.get(a.partition, 0)  # 34 for 1/8; apply_recipe checks
     c.batch_size, c.replica_batch = 8, 2  # global: 4 GPUs x 2 (script.sh batch_size=8)
     c.weight_decay = 4e-4  # 4 GPUs x 1e-4: the loss / world_size scaling quirk (§4.1)
     c.eval.mode, c.eval.pad_to, c.eval.crop = "whole", (512, 512), 512  # pad to 512 (§4.7)

@@ -3,22 +3,31 @@
 `<workdir>/checkpoints/<step>` keeps the latest N (state + grain iterator, for exact resume);
 `<workdir>/checkpoints/best/<step>` keeps the best-by-mIoU state. Teachers are never saved here.
 `restore_raw` reads a state back without a template (tools that inspect a run).
+
+Every completely written checkpoint is sealed with a hash manifest (`integrity`); resuming skips
+a damaged latest one for the newest intact one, with a warning naming both, and moves the damaged
+one to `<workdir>/checkpoints_damaged/`. A failed write raises `CheckpointError` at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
-from mgd_jax.errors import ExportError
+from mgd_jax import integrity, interrupts
+from mgd_jax.errors import CheckpointError, ExportError
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
+DAMAGED_DIR = "checkpoints_damaged"  # beside CHECKPOINTS_DIR: orbax must not list them
 
 
 class Checkpointer:
@@ -45,44 +54,120 @@ class Checkpointer:
         return self._latest.latest_step()
 
     def restore_or_init(self, state: Any, data_iter: Any) -> tuple[Any, bool]:
-        """Restores the latest state and advances `data_iter` in place to its saved position.
+        """Restores the newest intact checkpoint and advances `data_iter` in place to its saved
+        position; newer damaged ones are moved aside with a warning naming both.
 
         Returns `(state, resumed)`; `state` keeps its shardings (the given state is the template).
         """
-        step = self._latest.latest_step()
-        if step is None:
-            return state, False
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-        restored = self._latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data_iter=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
-        return restored["state"], True
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self._latest.all_steps(), reverse=True):
+            problem = integrity.damage(_step_dir(self._latest, step))
+            if problem is None:
+                try:
+                    restored = self._latest.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(abstract),
+                            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+                        ),
+                    )
+                except Exception as e:  # a missing or unreadable file (orbax, tensorstore)
+                    problem = f"{_step_dir(self._latest, step)} cannot be read ({_first_line(e)})"
+            if problem is None:
+                self._set_aside(damaged, step)
+                return restored["state"], True
+            damaged.append((step, problem))
+        if damaged:
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint can be resumed from: "
+                + "; ".join(f"step {step}: {problem}" for step, problem in damaged)
+                + ". Move the folder away to start afresh, or rerun with the config that wrote it")
+        return state, False
+
+    def _set_aside(self, damaged: list[tuple[int, str]], used: int) -> None:
+        """Moves damaged checkpoints newer than the `used` one out of orbax's sight (their step
+        numbers are saved again later), with a warning naming both."""
+        if not damaged:
+            return
+        aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+        for step, problem in damaged:
+            target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            logging.warning("checkpoint of step %d is damaged: %s; resuming from step %d (%s) "
+                            "instead; the damaged one is moved to %s", step, problem, used,
+                            _step_dir(self._latest, used), target)
+            if jax.process_index() == 0:
+                os.makedirs(aside, exist_ok=True)
+                shutil.move(_step_dir(self._latest, step), target)
+        _sync("mgd_jax_checkpoints_set_aside")
+        self._latest.reload()
 
     def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> None:
-        self._latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data_iter=grain.checkpoint.CheckpointSave(data_iter),
-            ),
-            force=force,
-        )
+        """Starts writing the checkpoint of `step` (asynchronously); seals the finished ones."""
+        interrupts.fault_point("save:before", step)
+        with self._writing(self._latest, step):
+            self._latest.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data_iter=grain.checkpoint.CheckpointSave(data_iter),
+                ),
+                force=force,
+            )
+        interrupts.fault_point("save:during", step)
+        self._seal(self._latest)
 
     def save_best(self, step: int, state: Any, miou: float) -> None:
-        self._best.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-            metrics={"miou": float(miou)}, force=True,
-        )
+        with self._writing(self._best, step):
+            self._best.save(
+                step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                metrics={"miou": float(miou)}, force=True,
+            )
+        self._seal(self._best)
+
+    def check(self) -> None:
+        """Raises `CheckpointError` if a write that has finished in the background failed
+        (cheap: call it at every step)."""
+        for manager in (self._latest, self._best):
+            with self._writing(manager, manager.latest_step()):
+                manager.check_for_errors()
+
+    @contextlib.contextmanager
+    def _writing(self, manager: ocp.CheckpointManager, step: int | None):
+        try:
+            yield
+        except Exception as e:
+            logging.info("checkpoint write failed", exc_info=True)  # the log file keeps the trace
+            self._seal(manager, failed=step)
+            intact = sorted(s for s in manager.all_steps() if s != step)
+            raise CheckpointError(
+                f"writing the checkpoint of step {step} in {manager.directory} failed: "
+                f"{_first_line(e)}; the run stops (intact checkpoints: steps {intact})"
+            ) from e
+
+    def _seal(self, manager: ocp.CheckpointManager, failed: int | None = None) -> None:
+        """Writes the hash manifest of every finished, unsealed checkpoint (primary process)."""
+        busy = failed
+        if failed is None and manager.is_saving_in_progress():
+            busy = manager.latest_step()
+        for step in manager.all_steps():
+            where = _step_dir(manager, step)
+            if step == busy or not os.path.isdir(where) or integrity.is_sealed(where):
+                continue
+            interrupts.fault_point("save:committed", step)
+            if jax.process_index() == 0:
+                integrity.seal(where)
+            interrupts.fault_point("save:after", step)
 
     def best(self, template: Any) -> tuple[int, Any] | None:
-        """(step, state) of the best checkpoint so far, or None."""
-        self._best.wait_until_finished()
+        """(step, state) of the best checkpoint so far, or None (also when it is damaged)."""
+        self.wait()
         step = self._best.best_step()
         if step is None:
+            return None
+        problem = integrity.damage(_step_dir(self._best, step))
+        if problem is not None:
+            logging.warning("the best checkpoint is damaged (%s): it is not exported", problem)
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         restored = self._best.restore(
@@ -91,12 +176,35 @@ class Checkpointer:
         return step, restored["state"]
 
     def wait(self) -> None:
-        self._latest.wait_until_finished()
-        self._best.wait_until_finished()
+        """Waits for the pending writes and seals them."""
+        for manager in (self._latest, self._best):
+            with self._writing(manager, manager.latest_step()):
+                manager.wait_until_finished()
+            self._seal(manager)
 
     def close(self) -> None:
+        self.wait()
         self._latest.close()
         self._best.close()
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(str(manager.directory), str(step))
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's first line (orbax and tensorstore wrap OS errors)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _is_not_read_only_notice(record: logging.LogRecord) -> bool:
@@ -115,7 +223,7 @@ def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
         absl_logger.removeFilter(_is_not_read_only_notice)
 
 
-def _saved_steps(where: str) -> list[int]:
+def saved_steps(where: str) -> list[int]:
     if not os.path.isdir(where):
         return []
     with _read_only(where) as manager:
@@ -129,7 +237,7 @@ def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str
     trains: a checkpoint still being written is not listed)."""
     directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_DIR)
     best_dir = os.path.join(directory, BEST_DIR)
-    latest, best = _saved_steps(directory), _saved_steps(best_dir)
+    latest, best = saved_steps(directory), saved_steps(best_dir)
     if step == "best" or (step != "latest" and int(step) not in latest and int(step) in best):
         where, steps = best_dir, best
     else:
@@ -141,6 +249,10 @@ def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str
     if chosen not in steps:
         raise ExportError(f"{workdir}: no checkpoint at step {step!r}; saved steps: {latest}"
                           + (f", best: {best}" if best else ""))
+    problem = integrity.damage(os.path.join(where, str(chosen)))
+    if problem is not None:
+        raise ExportError(f"{workdir}: the checkpoint of step {chosen} is damaged: {problem}; "
+                          f"saved steps: {latest}" + (f", best: {best}" if best else ""))
     with _read_only(where, item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(

@@ -31,10 +31,13 @@ def run(flag_values: flags.FlagValues, argv: Sequence[str], body: Callable[[], i
     flag_values.unparse_flags()  # a second run in one process starts from the defaults
     try:
         extra = flag_values(list(argv))[1:]
-    except (flags.Error, UserError) as e:
-        return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except Exception as e:  # flags.Error, or raised by a config file or a --config.key override
+        return _error(flag_error(e, argv))
     if extra:
         return _error(f"unexpected arguments: {' '.join(extra)}")
+    unloaded = _unloaded_config(flag_values)
+    if unloaded:
+        return _error(unloaded)
     if not flags.FLAGS.is_parsed():  # grain / orbax read absl's global flags
         flags.FLAGS.mark_as_parsed()
     logs.configure_console()  # the run's own lines and warnings; INFO chatter to log files only
@@ -46,6 +49,50 @@ def run(flag_values: flags.FlagValues, argv: Sequence[str], body: Callable[[], i
     except UserError as e:
         return _error(str(e))
     return int(status or 0)
+
+
+def _innermost(error: BaseException) -> BaseException:
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _lines(error: BaseException) -> list[str]:
+    return [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+
+
+def flag_error(error: BaseException, argv: Sequence[str]) -> str:
+    """The one useful line of a flag-parsing error: the innermost exception (ml_collections wraps
+    a config file's error in a traceback text), named by the flag it came from."""
+    first = (_lines(error) or [type(error).__name__])[0]
+    inner = _innermost(error)
+    if isinstance(inner, (KeyError, AttributeError)):  # --config.<unknown field>=...
+        key = str(inner).strip("\"' ")
+        for arg in argv:
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and "." in name and key in name.split(".")[1:]:
+                return f"{name}: unknown config field {key!r}"
+    known = isinstance(inner, (flags.Error, UserError))
+    if inner is error:
+        return first if known else f"{type(error).__name__}: {first}"
+    detail = (_lines(inner) or [""])[0]
+    if detail in first:
+        return first
+    if not known:
+        detail = f"{type(inner).__name__}: {detail}"
+    prefix = first.split("Error whilst parsing")[0].rstrip(": ")
+    return f"{prefix}: {detail}" if prefix else detail
+
+
+def _unloaded_config(flag_values: flags.FlagValues) -> str | None:
+    """The error of a config file flag whose file could not be loaded (ml_collections defers it
+    to the first use of the config)."""
+    for name in flag_values:
+        value = flag_values[name].value
+        error = getattr(value, "_error", None) if type(value).__name__ == "_ErrorConfig" else None
+        if error is not None:
+            return f"--{name}: cannot load the config file: {_lines(error)[-1]}"
+    return None
 
 
 def parse_step(text: str | None) -> int | str | None:

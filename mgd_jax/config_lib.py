@@ -175,7 +175,43 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.smoke = False  # runlocal: a few steps at a small size to check paths and compilation
+    # A step with a non-finite loss or gradient is never applied; False: the run stops at the next
+    # host sync naming it; True: such steps are skipped and counted (train/skipped_steps).
+    c.skip_nonfinite = False
+    # Resume in a workdir whose config.json differs in a field that changes the run (refused
+    # otherwise, listing the fields; `RESUME_SAFE` ones may always change).
+    c.allow_config_change = False
     return c
+
+
+# Fields a resumed run may change: they do not change what is trained (intervals, moved paths,
+# worker counts; the device / host count is not a field: the global batch and the per-replica BN
+# grouping are `batch_size` and `replica_batch`).
+RESUME_SAFE = frozenset({
+    "data_dir", "split_dir", "student_init", "cps.init", "num_workers", "prefetch", "log_every",
+    "eval_every", "checkpoint_every", "keep_checkpoints", "eval.panels", "eval.progress_seconds",
+    "eval.batch_size", "evaluate_teachers", "remat", "skip_nonfinite", "allow_config_change",
+})
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(recorded: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+    """"field: recorded -> now" for every field of a workdir's recorded config (its JSON) that
+    `config` changes, but the `RESUME_SAFE` ones (fields the recorded config lacks, added by a
+    newer mgd_jax, keep their defaults and are not compared)."""
+    then = _flat(recorded)
+    now = _flat(json.loads(config.to_json_best_effort()))
+    return [f"{key}: {then[key]!r} -> {now.get(key, '(absent)')!r}"
+            for key in sorted(then) if key not in RESUME_SAFE and now.get(key) != then[key]]
 
 
 # The arguments every dataset config takes (`configs/voc.py:method=mgd,student=resnet18,...`).

@@ -128,6 +128,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool
         stage_dir = os.path.join(workdir, stage)
         logs.say(f"== stage {stage} -> {stage_dir}", primary=primary)
         result = train.train_and_evaluate(stage_config(config, stage, workdir), stage_dir)
+        if result.get("stopped"):  # SIGTERM / SIGINT: rerunning continues this stage
+            return results
         results[RESULT_NAMES[stage]] = {
             "miou": float(result["miou"]),
             "params": int(result["params"]),

@@ -25,3 +25,12 @@ class WeightImportError(UserError):
 class ExportError(UserError):
     """A network directory (export, teacher, ImageNet init) that is missing, damaged or does not
     fit what it is used for."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint write that failed (disk full, no permission), or no readable checkpoint."""
+
+
+class DivergedError(UserError):
+    """A non-finite loss or gradient stopped the run (the message names the step and the last
+    good checkpoint)."""

@@ -1,7 +1,7 @@
 """The project's network directory: a segmentation network saved with what it takes to use it.
 
     <dir>/meta.json     backbone, num_classes, build options, provenance ("format": FORMAT)
-    <dir>/variables/    {"params", "batch_stats"} (orbax)
+    <dir>/variables/    {"params", "batch_stats"} (orbax), with a hash manifest (`integrity`)
 
 Training writes one as `<workdir>/export` (the final network) and `<workdir>/export_best`; the CPS
 teacher stage's export is what MGD loads as a teacher; `python -m mgd_jax.import_main` writes one
@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from mgd_jax import checkpoint, models
+from mgd_jax import checkpoint, integrity, models
 from mgd_jax.data import augment
 from mgd_jax.data.datasets import DatasetInfo
 from mgd_jax.errors import ExportError
@@ -122,6 +122,7 @@ def save_network(
         checkpointer.save(root / VARIABLES_DIR, tree)
         checkpointer.wait_until_finished()
     if primary:  # meta.json last: its presence marks a complete checkpoint.
+        integrity.seal(root / VARIABLES_DIR)
         (root / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _sync("mgd_jax.export.save:done")
 
@@ -156,6 +157,9 @@ def load_variables(directory: str) -> tuple[Variables, dict[str, Any]]:
     if not isinstance(meta.get("version"), int) or not 1 <= meta["version"] <= FORMAT_VERSION:
         raise ExportError(f"{meta_file}: format version {meta.get('version')!r}; this mgd_jax "
                           f"reads versions 1 to {FORMAT_VERSION} (a newer one wrote it?)")
+    problem = integrity.damage(root / VARIABLES_DIR)
+    if problem is not None:
+        raise ExportError(f"{directory}: damaged network directory: {problem}")
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.restore(root / VARIABLES_DIR)

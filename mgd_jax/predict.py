@@ -78,8 +78,10 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
-            array = np.asarray(img.convert("RGB"), np.uint8)
+            array = augment.rgb8(img, str(path))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {e})") from e
     if array.ndim != 3 or min(array.shape[:2]) < 1:
         raise DataError(f"{path}: decoded to an empty image {array.shape}")

@@ -3,6 +3,10 @@
 Colab and `main.py` call exactly this. One jitted step over a 1-D `data` mesh (global batches,
 SyncBN for free), the train state donated, only the method's trainable networks differentiated;
 periodic report / evaluation / checkpoint; exact resume from `<workdir>/checkpoints`.
+Reliability (docs/tools.md "Resuming and preemption"): SIGTERM / SIGINT stop after the current step
+with a checkpoint; a step with a non-finite loss or gradient is not applied and stops the run at
+the next host sync (or is skipped and counted: `config.skip_nonfinite`); resuming with a config
+that changes the run is refused (`config_lib.resume_changes`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ import ml_collections
 import numpy as np
 import optax
 
-from mgd_jax import config_lib, errors, logs, methods, models, optim, parallel, reporting
+from mgd_jax import (
+    config_lib,
+    errors,
+    interrupts,
+    logs,
+    methods,
+    models,
+    optim,
+    parallel,
+    reporting,
+)
 from mgd_jax.methods.base import eval_variables
 
 
@@ -34,22 +48,100 @@ class TrainState:
 
 
 def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, schedule):
-    """One optimisation step; gradients flow only into `state.params`."""
+    """One optimisation step; gradients flow only into `state.params`.
+
+    A non-finite loss or gradient norm leaves params, BN statistics and optimizer state as they
+    were (metric "nonfinite" = 1): no host sync here, the loop reads it at its next sync.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
         return method.loss(params, state.batch_stats, frozen, batch, rng)
 
-    (_, (batch_stats, step_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (batch_stats, step_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params
     )
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    step_metrics = dict(step_metrics, lr=schedule(state.step), grad_norm=optax.tree.norm(grads))
+    params, batch_stats, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (params, batch_stats, opt_state), (state.params, state.batch_stats, state.opt_state))
+    step_metrics = dict(step_metrics, lr=schedule(state.step), grad_norm=grad_norm,
+                        nonfinite=1.0 - finite.astype(jnp.float32))
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
     return new_state, step_metrics
+
+
+def note_nonfinite(record: dict | None, step_metrics: dict[str, jax.Array], step: jax.Array
+                   ) -> tuple[dict, dict[str, jax.Array]]:
+    """(record, metrics to average): `record` keeps the count of non-finite steps and the step
+    number and metrics of the first (on device: no host sync); a non-finite step's metrics are
+    averaged as 0 (a skipped step leaves the logged averages finite)."""
+    bad = step_metrics["nonfinite"] > 0
+    if record is None:
+        record = {"step": jnp.int32(-1), "count": jnp.int32(0),
+                  "metrics": jax.tree.map(jnp.zeros_like, step_metrics)}
+    first = bad & (record["step"] < 0)
+    record = {
+        "step": jnp.where(first, step + 1, record["step"]),
+        "count": record["count"] + bad.astype(jnp.int32),
+        "metrics": jax.tree.map(lambda old, new: jnp.where(first, new, old),
+                                record["metrics"], step_metrics),
+    }
+    return record, jax.tree.map(lambda m: jnp.where(bad, jnp.zeros_like(m), m), step_metrics)
+
+
+def diverged_message(record: dict, config: ml_collections.ConfigDict, last_good: str) -> str:
+    """The stop message of a non-finite step (`record` from `note_nonfinite`, on the host)."""
+    values = {k: float(v) for k, v in record["metrics"].items() if k != "nonfinite"}
+    what = ("loss" if not np.isfinite(values.get("loss", np.nan))
+            else "gradient norm (the loss was finite)")
+    terms = ", ".join(f"{k}={v:.5g}" for k, v in values.items())
+    return (f"non-finite {what} at step {int(record['step'])} ({int(record['count'])} such "
+            f"step(s) so far): {terms}; that step's update was not applied and no checkpoint holds "
+            f"it; last good checkpoint: {last_good}. Rerun with a lower --config.lr (now "
+            f"{config.lr:g}), or --config.skip_nonfinite=true to skip and count such steps")
+
+
+def check_workdir(workdir: str) -> None:
+    """A clear error before training when `workdir` cannot be created or written (no space, no
+    permission, a file in the way)."""
+    probe = os.path.join(workdir, f".mgd_jax_write_test_{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise errors.UserError(f"--workdir={workdir}: cannot write there ({e.strerror or e}); "
+                               "free space or pick another folder") from None
+
+
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> None:
+    """Refuses to resume a run whose recorded `config.json` differs in a field that changes the
+    run, unless `config.allow_config_change`."""
+    path = os.path.join(workdir, "config.json")
+    if not resuming or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        changes = config_lib.resume_changes(json.load(f), config)
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if config.get("allow_config_change", False):
+        logs.say(f"warning: resuming with changed settings (config.allow_config_change): {listed}")
+        return
+    raise errors.ConfigError(
+        f"{path}: this workdir's run was trained with other settings: {listed}. Rerun with the "
+        "recorded settings, use a new --workdir, or pass --config.allow_config_change=true")
 
 
 def average_of(step_metrics: dict[str, jax.Array]) -> Any:
@@ -82,6 +174,19 @@ def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabel
     return int(config.num_epochs) * per_epoch
 
 
+def _stopped(step: int, signals: interrupts.StopSignals, ckpt: Any, train_iter: Any,
+             reporter: reporting.Reporter, workdir: str) -> dict[str, Any]:
+    """The end of a run stopped by a signal: its checkpoint written, the files closed."""
+    ckpt.close()  # waits for the writes
+    if hasattr(train_iter, "close"):
+        train_iter.close()
+    name = "SIGTERM" if signals.received is None else interrupts.signal_name(signals.received)
+    reporter.line(f"stopped by {name} after step {step}: checkpoint written to "
+                  f"{ckpt.directory}/{step}; rerun the same command to continue")
+    reporter.close()
+    return {"stopped": True, "step": step, "workdir": workdir}
+
+
 def _write_json(path: str, value: Any) -> None:
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
@@ -94,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     config_lib.validate(config, device_count=jax.device_count())
     workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    check_workdir(workdir)
     is_main = jax.process_index() == 0
     with logs.log_file(workdir, enabled=is_main):
         return _train_and_evaluate(config, workdir, is_main)
@@ -108,6 +213,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     from mgd_jax import checkpoint, evaluate, export, panels
     from mgd_jax.data import input_pipeline
 
+    checkpoints_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+    check_resume_config(config, workdir, bool(checkpoint.saved_steps(checkpoints_dir)))
     mesh = parallel.make_mesh()
 
     method = methods.get(config)
@@ -149,9 +256,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
             f.write(parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
 
     train_iter = parallel.DevicePrefetch(iter(data.train), mesh, config.get("prefetch", 2))
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, checkpoint.CHECKPOINTS_DIR), keep=config.keep_checkpoints
-    )
+    ckpt = checkpoint.Checkpointer(checkpoints_dir, keep=config.keep_checkpoints)
     state, resumed = ckpt.restore_or_init(state, train_iter)
     start = int(jax.device_get(state.step))
     if resumed:
@@ -203,24 +308,59 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     images_per_step = config.batch_size * (3 if method.uses_unlabeled else 1)
     t0 = time.time()
     interval = None  # clu averages of the step metrics since the last log line (on device)
-    for step in range(start, steps):
-        state, step_metrics = step_fn(state, frozen, next(train_iter))
-        current = average_of(step_metrics)
-        interval = current if interval is None else interval.merge(current)
-        done = step + 1
-        if done % config.log_every == 0 or done == steps:
-            values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
-            interval = None
-            if not all(np.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss in the steps up to {done}: {values}")
-            reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
-            reporter.progress(done, images_per_step)
-        if done % config.eval_every == 0 or done == steps:
-            scores = evaluate_trained(
-                done, eval_variables(method, state.params, state.batch_stats))
-            ckpt.save_best(done, state, scores["miou"])
-        if done % config.checkpoint_every == 0 or done == steps:
-            ckpt.save(done, state, train_iter, force=done == steps)
+    nonfinite = None  # `note_nonfinite`'s record (on device)
+    note = jax.jit(note_nonfinite, donate_argnums=(0,))
+    skip_nonfinite = bool(config.get("skip_nonfinite", False))
+
+    def check_finite() -> int:
+        """At a host sync: the number of non-finite steps so far; stops the run (pending
+        checkpoint writes finished first) unless they are skipped."""
+        record = jax.device_get(nonfinite)
+        if record is None or int(record["count"]) == 0:
+            return 0
+        if not skip_nonfinite:
+            ckpt.wait()
+            last = ckpt.latest_step()
+            last_good = ("none yet" if last is None
+                         else f"step {last} in {ckpt.directory} (rerunning resumes from it)")
+            raise errors.DivergedError(diverged_message(record, config, last_good))
+        return int(record["count"])
+
+    with interrupts.StopSignals() as signals:
+        for step in range(start, steps):
+            state, step_metrics = step_fn(state, frozen, next(train_iter))
+            nonfinite, step_metrics = note(nonfinite, step_metrics, state.step - 1)
+            current = average_of(step_metrics)
+            interval = current if interval is None else interval.merge(current)
+            done = step + 1
+            interrupts.fault_point("step", done)
+            ckpt.check()
+            log, evaluate_now = done % config.log_every == 0, done % config.eval_every == 0
+            due = done % config.checkpoint_every == 0 or done == steps
+            synced = log or evaluate_now or due
+            if synced:
+                skipped = check_finite()
+            if log or done == steps:
+                values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
+                del values["nonfinite"]  # averaged as 0 (see `note_nonfinite`); counted instead
+                if skipped:
+                    values["skipped_steps"] = skipped
+                interval = None
+                reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
+                reporter.progress(done, images_per_step)
+            # A stop already asked for skips the evaluation (a collective: one process only).
+            stopping = jax.process_count() == 1 and signals.received is not None
+            if (evaluate_now or done == steps) and not stopping:
+                scores = evaluate_trained(
+                    done, eval_variables(method, state.params, state.batch_stats))
+                ckpt.save_best(done, state, scores["miou"])
+            stop = signals.stop_now(done)
+            if stop and not synced:
+                check_finite()
+            if due or stop:
+                ckpt.save(done, state, train_iter, force=done == steps or stop)
+            if stop:
+                return _stopped(done, signals, ckpt, train_iter, reporter, workdir)
     ckpt.wait()
     elapsed = time.time() - t0
 

@@ -52,6 +52,7 @@ LAYERS = (
     ("models.mobilenet_v2", "models.resnet"),
     ("models.layers",),
     ("parallel",),
+    ("integrity", "interrupts"),
     ("errors", "logs", "", "data"),  # "" = the package itself
 )
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mgd_jax.data.datasets import IGNORE_INDEX
+from mgd_jax.errors import DataError
 
 # ImageNet statistics used by every official config (RGB order).
 MEAN = (0.485, 0.456, 0.406)
@@ -178,3 +179,20 @@ def eval_pad(
             f"{pad_to[0]}x{pad_to[1]}; raise pad_to (it must cover the largest image of the split)"
         )
     return _place(image, label, pad_to, 0, 0)
+
+
+def rgb8(image: Any, source: str) -> np.ndarray:
+    """A decoded PIL image of any common form as uint8 (H, W, 3) RGB: 16-bit and 32-bit integer
+    greyscale scaled down from their full range (PIL's own conversion clips them to white),
+    palette and greyscale expanded, alpha dropped. Float images are refused, naming `source`."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataError(f"{source}: {mode} image with values outside 0..65535 "
+                            f"(min {values.min()}, max {values.max()})")
+        gray = (values.astype(np.uint32) * 255 + 32767) // 65535
+        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
+    if mode == "F":
+        raise DataError(f"{source}: floating-point image (PIL mode F); expected 8- or 16-bit")
+    return np.asarray(image.convert("RGB"), np.uint8)

@@ -135,6 +135,22 @@ def prepared_custom(data_dir: str | os.PathLike) -> list[str]:
                   if (p / SIDECAR).is_file())
 
 
+def prepare_command(dataset: str, data_dir: str | os.PathLike) -> str:
+    """The command that prepares (with --overwrite: rebuilds) `dataset` in `data_dir`."""
+    custom = custom_name(dataset)
+    if custom:
+        return (f"{PREPARE_COMMAND} --dataset=folder --name={custom} --data_dir={data_dir} "
+                "<your image / mask options>")
+    info, config = resolve(dataset)
+    if info.name != "synthetic":
+        return info.prepare_command.format(data_dir=data_dir)
+    try:
+        extra = synthetic.SyntheticSpec.from_config_name(config).cli_args()
+    except ValueError:
+        extra = "<the size options of this config>"
+    return f"{PREPARE_COMMAND} --dataset=synthetic --data_dir={data_dir} {extra}".rstrip()
+
+
 def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> DataError:
     custom = custom_name(dataset)
     if custom:
@@ -146,15 +162,8 @@ def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> Data
             f"--data_dir={data_dir} ...`"
             + (f"; your datasets there: {mine}" if mine else "")
         )
-    info, config = resolve(dataset)
-    if info.name == "synthetic":
-        try:
-            extra = synthetic.SyntheticSpec.from_config_name(config).cli_args()
-        except ValueError:
-            extra = "<the size options of this config>"
-        cmd = f"{PREPARE_COMMAND} --dataset=synthetic --data_dir={data_dir} {extra}".rstrip()
-    else:
-        cmd = info.prepare_command.format(data_dir=data_dir)
+    info, _ = resolve(dataset)
+    cmd = prepare_command(dataset, data_dir)
     found = ""
     builder_dir = Path(data_dir).expanduser() / info.builder
     if builder_dir.is_dir():
@@ -175,8 +184,9 @@ class PreparedSplit:
     """Random-access reader of one prepared split; decoded examples as numpy uint8."""
 
     def __init__(self, directory: str | os.PathLike, split: str, keys: Sequence[str],
-                 info: DatasetInfo):
+                 info: DatasetInfo, rebuild: str = ""):
         self.directory = str(directory)
+        self.rebuild = rebuild  # the command that rebuilds a damaged dataset
         self.split = split
         self.info = info
         self._keys = list(keys)
@@ -227,13 +237,21 @@ class PreparedSplit:
         return i
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        i = self._check_index(index)
-        return self._convert(i, self._data()[i])
+        return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         idx = [self._check_index(i) for i in indices]
         ds = self._data()
-        records = ds.__getitems__(idx) if hasattr(ds, "__getitems__") else [ds[i] for i in idx]
+        try:
+            records = (ds.__getitems__(idx) if hasattr(ds, "__getitems__")
+                       else [ds[i] for i in idx])
+        except Exception as e:  # riegeli / decoding errors of a damaged record file
+            files = sorted(p.name for p in Path(self.directory).glob(f"*-{self.split}.*"))
+            raise DataError(
+                f"{self.directory}: records {idx[:4]} of split {self.split!r} cannot be read "
+                f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+                f"; the dataset files {files[:3]} are damaged: rebuild them with "
+                f"{self.rebuild or PREPARE_COMMAND} --overwrite") from e
         return [self._convert(i, ex) for i, ex in zip(idx, records, strict=True)]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -272,7 +290,8 @@ def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> Prepare
         raise DataError(
             f"Dataset {dataset!r} at {path} has no split {split!r}; available: {sorted(splits)}"
         )
-    return PreparedSplit(path, split, splits[split]["keys"], info)
+    return PreparedSplit(path, split, splits[split]["keys"], info,
+                         rebuild=prepare_command(dataset, data_dir))
 
 
 def keys_to_indices(source: PreparedSplit | Sequence[str], keys: Iterable[str]) -> np.ndarray:

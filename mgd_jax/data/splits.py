@@ -58,7 +58,7 @@ def read_list(path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read split list ({e})") from e
     keys, seen, dups = [], set(), []
     for line in text.splitlines():  # handles \n, \r\n and \r
@@ -144,6 +144,9 @@ def standard_lists(dataset: str, partition: int, list_dir: str | os.PathLike, *,
             "(e.g. DATA/pascal_voc/subset_train_aug or DATA/city/config_new/subset_train)."
         )
     labeled, unlabeled = read_list(lab_path), read_list(unl_path)
+    for path, keys in ((lab_path, labeled), (unl_path, unlabeled)):
+        if not keys:
+            raise DataError(f"{path}: the split list is empty")
     overlap = set(labeled) & set(unlabeled)
     if overlap:
         warnings.warn(

@@ -24,6 +24,7 @@ from etils import epath
 from PIL import Image
 from tqdm.auto import tqdm
 
+from mgd_jax.data import augment
 from mgd_jax.data.datasets import DATASETS, IGNORE_INDEX, DatasetInfo
 from mgd_jax.data.sources import SIDECAR, SIDECAR_FORMAT
 from mgd_jax.errors import DataError
@@ -94,9 +95,12 @@ def decode_image(ref: FileRef, data: bytes, store_format: str,
             mode, size = im.mode, im.size
             if mode not in keep_modes or im.format not in ("JPEG", "PNG"):
                 buf = io.BytesIO()
-                im.convert("RGB").save(buf, format="JPEG" if store_format == "jpeg" else "PNG",
-                                       **({"quality": 95} if store_format == "jpeg" else {}))
+                rgb = Image.fromarray(augment.rgb8(im, str(ref)))
+                rgb.save(buf, format="JPEG" if store_format == "jpeg" else "PNG",
+                         **({"quality": 95} if store_format == "jpeg" else {}))
                 data = buf.getvalue()
+    except DataError:
+        raise
     except Exception as e:  # PIL raises many types for bad files
         raise DataError(f"{ref}: corrupt or unreadable image ({type(e).__name__}: {e})") from e
     return data, (size[1], size[0])
