@@ -95,8 +95,8 @@ class MGD(base.StudentMethod):
             return {}
         return {name: (self.teacher_models[name], frozen[name]) for name in TEACHERS}
 
-    def loss(self, params, batch_stats, frozen, batch, rng):
-        del rng
+    def loss(self, params, batch_stats, frozen, batch, rng, step=0):
+        del rng, step
         config, student = self.config, self.eval_model
         switch = config.loss
         x_l, labels, u0, u1, mask, u_mix = base.semi_supervised_inputs(batch)
