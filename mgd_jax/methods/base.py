@@ -44,9 +44,11 @@ class Method(Protocol):
         architecture (benchmarks, no checkpoint needed)."""
 
     def loss(
-        self, params: Any, batch_stats: Any, frozen: Any, batch: dict, rng: jax.Array
+        self, params: Any, batch_stats: Any, frozen: Any, batch: dict, rng: jax.Array,
+        step: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
-        """(loss, (new batch_stats, scalar metrics)); differentiated w.r.t. `params` only."""
+        """(loss, (new batch_stats, scalar metrics)) at train `step` (0-based, as the lr
+        schedule's); differentiated w.r.t. `params` only."""
 
     def extra_evals(self, frozen: Any) -> dict[str, Network]:
         """Networks evaluated on val once before training, by report name."""
@@ -69,7 +71,8 @@ class MethodBase:
 
 class StudentMethod(MethodBase):
     """A method that trains the configured student (`config.student`, `config.model`,
-    ImageNet init from `config.student_init`); subclasses add the loss."""
+    ImageNet init from `config.student_init`); subclasses add the loss. The recipe's students
+    are `models.STUDENTS`; any backbone trains (e.g. the demo's pre-training)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -79,9 +82,9 @@ class StudentMethod(MethodBase):
 
     @staticmethod
     def check_config(config: ml_collections.ConfigDict) -> None:
-        if config.student not in models.STUDENTS:
+        if models.canonical(config.student) not in models.BACKBONES:
             raise ConfigError(f"config.student: {config.student!r} is not one of "
-                              f"{models.STUDENTS}")
+                              f"{models.BACKBONES}")
 
     def init_variables(self, rng: jax.Array) -> Variables:
         return init_network(rng, self.eval_model, self.config, self.config.student_init)
