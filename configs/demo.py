@@ -65,14 +65,6 @@ def get_config(arg: str | None = None):
     d.teacher_wide = ml_collections.ConfigDict(
         {"backbone": "wide_resnet50_2", "width": 0.125, "depths": "1,1,1,1"}
     )
-    # The stand-in for ImageNet pre-training (0 steps = off): every architecture trained on an
-    # auxiliary task with 8 other shape x texture classes (disc+stripes / disc+dots never appear,
-    # not even as distractors) and other images (seed 1); its backbones initialise all networks.
-    d.pretrain = ml_collections.ConfigDict({
-        "steps": 0, "lr": 0.05, "seed": 0, "dataset": "",
-        "synthetic": {"num_train": 1024, "num_val": 64, "image_size": 48, "num_classes": 9,
-                      "class_offset": 2, "max_distractors": 1, "object_size": 30, "seed": 1},
-    })
     if a.stage:
         return demo.stage_config(c, a.stage)
     return c

@@ -1,9 +1,5 @@
 """The embedded default: the whole method on the synthetic dataset, no input files.
 
-With `demo.pretrain.steps` > 0, the stand-in for ImageNet pre-training runs first, once for all
-seeds: each architecture trained supervised on an auxiliary synthetic task whose classes are
-disjoint from the demo's (no label of the demo task), its backbone then initialising the teachers
-and both students, as ImageNet weights do in the official recipe.
 Stages, each an ordinary `train_and_evaluate` run in its own sub-workdir (rerun or inspect any):
   teacher_deep        CPS on two depth/width-reduced ResNet-101s  -> export/ = T_D checkpoint
   teacher_wide        CPS on two reduced Wide-ResNet-50-2s        -> export/ = T_W checkpoint
@@ -31,8 +27,6 @@ from mgd_jax import logs
 from mgd_jax.errors import ConfigError
 
 STAGES = ("teacher_deep", "teacher_wide", "student_supervised", "student_mgd")
-ROLES = ("teacher_deep", "teacher_wide", "student")  # the architectures of the demo
-PRETRAIN_DIR = "pretrain"  # <demo workdir>/pretrain/<role>/backbone
 RESULT_NAMES = {
     "teacher_deep": "teacher_resnet101",
     "teacher_wide": "teacher_wide_resnet50_2",
@@ -63,33 +57,12 @@ def _plain_copy(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def pretrained_backbone(root: str, role: str) -> str:
-    return os.path.join(root, PRETRAIN_DIR, role, "backbone")
-
-
-def pretrain_config(demo: ml_collections.ConfigDict, role: str) -> ml_collections.ConfigDict:
-    """The stand-in for ImageNet pre-training of one architecture: supervised, fully labeled,
-    on the auxiliary task `demo.pretrain.dataset`, with its own fixed seed."""
-    c = _plain_copy(demo)
-    p = c.demo.pretrain
-    c.method = "supervised"
-    c.student, c.model.width, c.model.depths = _architecture(c.demo, role)
-    c.student_init = ""
-    c.dataset, c.num_classes = p.dataset, p.synthetic.num_classes
-    c.partition_source, c.labeled_count = "seeded", p.synthetic.num_train
-    c.seed, c.lr = p.seed, p.lr
-    c.num_train_steps = c.eval_every = c.checkpoint_every = p.steps
-    return c
-
-
 def stage_config(
-    demo: ml_collections.ConfigDict, stage: str, workdir: str | None = None,
-    pretrained: str | None = None,
+    demo: ml_collections.ConfigDict, stage: str, workdir: str | None = None
 ) -> ml_collections.ConfigDict:
-    """The plain training config of one demo stage (no `stages` field).
+    """The plain training config of one demo stage (no `stages` or `demo.seeds` field).
 
-    With `workdir`, the MGD stage points at the teachers exported by the earlier stages; with
-    `pretrained` (the demo's root workdir), each network starts from its pre-trained backbone.
+    With `workdir`, the MGD stage points at the teachers exported by the earlier stages.
     """
     if stage not in STAGES:
         raise ConfigError(f"demo stage {stage!r} is not one of {STAGES}")
@@ -102,15 +75,11 @@ def stage_config(
         c.cps.backbone = backbone
         c.num_train_steps = d.teacher_steps
         c.lr = d.teacher_lr
-        if pretrained:
-            c.cps.init = pretrained_backbone(pretrained, role)
     else:
         c.method = "supervised" if stage == "student_supervised" else "mgd"
         c.student = backbone
         c.num_train_steps = d.student_steps
         c.lr = d.student_lr
-        if pretrained:
-            c.student_init = pretrained_backbone(pretrained, role)
         if c.method == "mgd" and workdir is not None:
             for name in ("teacher_deep", "teacher_wide"):
                 c[name].backbone = d[name].backbone
@@ -118,23 +87,6 @@ def stage_config(
     c.eval_every = c.num_train_steps
     c.checkpoint_every = c.num_train_steps
     return c
-
-
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Runs the pre-training of every role not yet done under `workdir` and keeps each
-    backbone as a network directory (what `import_main --backbone_only` writes for ImageNet)."""
-    from mgd_jax import export, train
-
-    for role in ROLES:
-        target = pretrained_backbone(workdir, role)
-        if export.is_network_dir(target):
-            continue
-        run_dir = os.path.dirname(target)
-        logs.say(f"== pre-training (ImageNet stand-in): {role} -> {run_dir}")
-        train.train_and_evaluate(pretrain_config(config, role), run_dir)
-        variables, meta = export.load_variables(os.path.join(run_dir, "export"))
-        backbone = {c: {"backbone": variables[c]["backbone"]} for c in variables}
-        export.save_network(target, backbone, dict(meta, part="backbone", num_classes=None))
 
 
 def _arch_of(config: ml_collections.ConfigDict, stage: str) -> str:
@@ -185,8 +137,7 @@ def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[floa
     return evaluate.bootstrap_difference(*per_example)
 
 
-def run_seed(config: ml_collections.ConfigDict, seed_dir: str, pretrained: str | None
-             ) -> dict[str, Any]:
+def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any]:
     """Every stage of one seed; the four results and the students' gain with its SE."""
     from mgd_jax import train
 
@@ -195,7 +146,7 @@ def run_seed(config: ml_collections.ConfigDict, seed_dir: str, pretrained: str |
         stage_dir = os.path.join(seed_dir, stage)
         logs.say(f"== seed {config.seed}: stage {stage} -> {stage_dir}")
         result = train.train_and_evaluate(
-            stage_config(config, stage, seed_dir, pretrained), stage_dir
+            stage_config(config, stage, seed_dir), stage_dir
         )
         networks[RESULT_NAMES[stage]] = {
             "miou": float(result["miou"]),
@@ -264,18 +215,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         primary=primary,
     )
     config.dataset = prepare.ensure_synthetic(config.data_dir, **sizes)
-    pretrained = None
-    if config.demo.pretrain.steps > 0:
-        config.demo.pretrain.dataset = prepare.ensure_synthetic(
-            config.data_dir, **config.demo.pretrain.synthetic.to_dict())
-        pretrain(config, workdir)
-        pretrained = workdir
     seeds = seeds_of(config)
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
         config.seed = seed
         seed_dir = workdir if len(seeds) == 1 else os.path.join(workdir, f"seed{seed}")
-        per_seed[seed] = run_seed(config, seed_dir, pretrained)
+        per_seed[seed] = run_seed(config, seed_dir)
         if len(seeds) == 1:
             logs.say("\n" + format_results(per_seed[seed]["networks"]), primary=primary)
         if primary and config.eval.panels > 0:

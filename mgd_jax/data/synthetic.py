@@ -42,16 +42,11 @@ class SyntheticSpec:
     boundary_ignore: bool = True  # 1-px 255 band along label boundaries
     max_distractors: int = 2  # non-class objects per image: 0..max_distractors
     object_size: int = 20  # mean object radius, % of the image size (radius ±30%)
-    # Classes 1.. are the (shape, texture) pairs from this position of `class_pairs`'s order on;
-    # the pairs before it never appear, not even as distractors: class_offset=2 makes a task
-    # disjoint from the default 3-class one (the demo's stand-in for ImageNet pre-training).
-    class_offset: int = 0
 
     def __post_init__(self):
-        max_classes = 1 + len(SHAPES) * len(TEXTURES) - 1 - self.class_offset  # >= 1 distractor
-        if not 2 <= self.num_classes <= max_classes or self.class_offset < 0:
-            raise ValueError(f"num_classes={self.num_classes}, class_offset={self.class_offset}: "
-                             f"expected 2..{max_classes} classes and an offset >= 0")
+        max_classes = 1 + len(SHAPES) * len(TEXTURES) - 1  # keep >= 1 distractor pair
+        if not 2 <= self.num_classes <= max_classes:
+            raise ValueError(f"num_classes={self.num_classes}: expected 2..{max_classes}")
         if self.image_size < 24:
             raise ValueError(f"image_size={self.image_size}: expected >= 24")
         if self.num_train < 1 or self.num_val < 1:
@@ -72,8 +67,6 @@ class SyntheticSpec:
             name += f"_d{self.max_distractors}"
         if self.object_size != 20:
             name += f"_o{self.object_size}"
-        if self.class_offset:
-            name += f"_p{self.class_offset}"
         return name if self.boundary_ignore else name + "_nb"
 
     @classmethod
@@ -82,15 +75,13 @@ class SyntheticSpec:
         if name == "default":
             return cls()
         m = re.fullmatch(
-            r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(?:_d(\d+))?(?:_o(\d+))?(?:_p(\d+))?(_nb)?",
-            name,
+            r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(?:_d(\d+))?(?:_o(\d+))?(_nb)?", name
         )
         if m is None:
             raise ValueError(f"{name!r} is not a synthetic config name")
         c, s, n, v, seed = (int(g) for g in m.groups()[:5])
-        return cls(c, s, n, v, seed, boundary_ignore=m.group(9) is None,
-                   max_distractors=int(m.group(6) or 2), object_size=int(m.group(7) or 20),
-                   class_offset=int(m.group(8) or 0))
+        return cls(c, s, n, v, seed, boundary_ignore=m.group(8) is None,
+                   max_distractors=int(m.group(6) or 2), object_size=int(m.group(7) or 20))
 
     def cli_args(self) -> str:
         """The ``prepare synthetic`` options that build this spec."""
@@ -105,8 +96,8 @@ class SyntheticSpec:
         return {"train": self.num_train, "val": self.num_val}
 
 
-def class_pairs(num_classes: int, offset: int = 0) -> list[tuple[str, str]]:
-    """(shape, texture) of classes 1..num_classes-1, from position `offset` of the order on.
+def class_pairs(num_classes: int) -> list[tuple[str, str]]:
+    """(shape, texture) of classes 1..num_classes-1.
 
     Pairs are taken in growing "square shells" of the shape x texture grid ((0,0); then (0,1),
     (1,0), (1,1); ...), so with 3+ classes each shape and each texture is shared by 2 classes.
@@ -115,11 +106,11 @@ def class_pairs(num_classes: int, offset: int = 0) -> list[tuple[str, str]]:
         itertools.product(range(len(SHAPES)), range(len(TEXTURES))),
         key=lambda st: (max(st), st),
     )
-    return [(SHAPES[s], TEXTURES[t]) for s, t in grid[offset: offset + num_classes - 1]]
+    return [(SHAPES[s], TEXTURES[t]) for s, t in grid[: num_classes - 1]]
 
 
-def class_names(num_classes: int, offset: int = 0) -> tuple[str, ...]:
-    return ("background",) + tuple(f"{s}+{t}" for s, t in class_pairs(num_classes, offset))
+def class_names(num_classes: int) -> tuple[str, ...]:
+    return ("background",) + tuple(f"{s}+{t}" for s, t in class_pairs(num_classes))
 
 
 def dataset_info(spec: SyntheticSpec) -> DatasetInfo:
@@ -127,7 +118,7 @@ def dataset_info(spec: SyntheticSpec) -> DatasetInfo:
     return dataclasses.replace(
         DATASETS["synthetic"],
         num_classes=spec.num_classes,
-        class_names=class_names(spec.num_classes, spec.class_offset),
+        class_names=class_names(spec.num_classes),
         palette=voc_colormap(spec.num_classes),
         split_sizes=spec.split_sizes,
         config=spec.config_name,
@@ -220,10 +211,9 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.
     label = np.zeros((size, size), np.uint8)
 
     # Objects: 1-3 of classes, 0-2 distractors, drawn in random order (later ones occlude).
-    pairs = class_pairs(spec.num_classes, spec.class_offset)
-    excluded = class_pairs(spec.num_classes + spec.class_offset)  # classes and skipped pairs
+    pairs = class_pairs(spec.num_classes)
     distractor_pairs = [
-        (s, t) for s in SHAPES for t in TEXTURES + DISTRACTOR_FILLS if (s, t) not in excluded
+        (s, t) for s in SHAPES for t in TEXTURES + DISTRACTOR_FILLS if (s, t) not in pairs
     ]
     objects = [(int(c), *pairs[c - 1]) for c in rng.integers(1, spec.num_classes,
                                                              int(rng.integers(1, 4)))]

@@ -71,8 +71,7 @@ class MethodBase:
 
 class StudentMethod(MethodBase):
     """A method that trains the configured student (`config.student`, `config.model`,
-    ImageNet init from `config.student_init`); subclasses add the loss. The recipe's students
-    are `models.STUDENTS`; any backbone trains (e.g. the demo's pre-training)."""
+    ImageNet init from `config.student_init`); subclasses add the loss."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -82,9 +81,9 @@ class StudentMethod(MethodBase):
 
     @staticmethod
     def check_config(config: ml_collections.ConfigDict) -> None:
-        if models.canonical(config.student) not in models.BACKBONES:
+        if config.student not in models.STUDENTS:
             raise ConfigError(f"config.student: {config.student!r} is not one of "
-                              f"{models.BACKBONES}")
+                              f"{models.STUDENTS}")
 
     def init_variables(self, rng: jax.Array) -> Variables:
         return init_network(rng, self.eval_model, self.config, self.config.student_init)

@@ -48,6 +48,9 @@ class CPS(base.MethodBase):
         if models.canonical(config.cps.backbone) not in models.BACKBONES:
             raise ConfigError(f"config.cps.backbone: {config.cps.backbone!r} is not one of "
                               f"{models.BACKBONES + tuple(models.ALIASES)}")
+        if config.cps.weight_rampup < 0:
+            raise ConfigError(f"config.cps.weight_rampup: must be >= 0 (steps; 0 = off), got "
+                              f"{config.cps.weight_rampup}")
 
     def init_variables(self, rng: jax.Array) -> base.Variables:
         # Independent head initialisations, the same ImageNet backbone for both branches.
