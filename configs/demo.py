@@ -15,7 +15,7 @@ from mgd_jax import config_lib, demo
 
 
 def get_config(arg: str | None = None):
-    a = config_lib.parse_arg(arg, stage="")
+    a = config_lib.parse_arg(arg, stage="", seeds=(0,))
     c = config_lib.base_config()
     c.stages = ",".join(demo.STAGES)
     c.dataset = "mgd_synthetic"
@@ -47,6 +47,7 @@ def get_config(arg: str | None = None):
 
     c.demo = ml_collections.ConfigDict()
     d = c.demo
+    d.seeds = ",".join(map(str, a.seeds))  # seeds=0,1,2: the whole demo per seed, gain mean+-std
     d.synthetic = ml_collections.ConfigDict({
         "num_train": 2048, "num_val": 96, "image_size": 48, "num_classes": 3,
         "max_distractors": 1, "object_size": 30,

@@ -28,38 +28,49 @@ CITYSCAPES_EPOCHS = {16: 128, 8: 137, 4: 160, 2: 240}
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses big_vision-style `key=value,flag,...` strings into a ConfigDict.
 
-    Values are converted to the type of the default; a bare key sets a boolean True.
-    Unknown keys are an error naming the key and the accepted ones.
+    Values are converted to the type of the default; a bare key sets a boolean True; a tuple
+    default takes a list, whose further items follow as bare values (`seeds=0,1,2`). Unknown keys
+    are an error naming the key and the accepted ones.
     """
     result = ml_collections.ConfigDict(dict(defaults))
-    if not arg:
-        return result
-    for item in arg.split(","):
+    listing = None  # the tuple-valued key whose items are being read
+    for item in (arg or "").split(","):
         item = item.strip()
         if not item:
             continue
         key, sep, value = item.partition("=")
+        if not sep and listing is not None and key not in defaults:
+            result[listing] += (_convert(listing, key, defaults[listing][0]),)
+            continue
         if key not in defaults:
             raise ConfigError(
                 f"config argument {key!r} is unknown; accepted: {', '.join(sorted(defaults))}"
             )
         default = defaults[key]
+        listing = key if isinstance(default, tuple) else None
         if not sep:
             if not isinstance(default, bool):
                 raise ConfigError(f"config argument {key!r} needs a value ({key}=...)")
             result[key] = True
-        elif isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ConfigError(f"config argument {key}={value!r}: expected true/false")
-            result[key] = value.lower() in ("true", "1")
+        elif listing is not None:
+            result[key] = (_convert(key, value, default[0]),)
         else:
-            try:
-                result[key] = type(default)(value)
-            except ValueError:
-                raise ConfigError(
-                    f"config argument {key}={value!r}: expected a {type(default).__name__}"
-                ) from None
+            result[key] = _convert(key, value, default)
     return result
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+    """A config argument's text as the type of its default."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"config argument {key}={value!r}: expected true/false")
+        return value.lower() in ("true", "1")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ConfigError(
+            f"config argument {key}={value!r}: expected a {type(default).__name__}"
+        ) from None
 
 
 def iters_per_epoch(num_train: int, partition: int, batch_size: int) -> int:
@@ -132,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.cps.backbone = "resnet101"
     c.cps.init = ""  # ImageNet backbone checkpoint for both branches
     c.cps.weight = 1.0  # cps_weight (VOC 1, Cityscapes 5; §2.4)
+    # Steps of a sigmoid ramp-up of cps.weight; 0 = the official full weight from step 0 (its
+    # networks start from ImageNet weights: from random weights the early pseudo-labels are noise)
+    c.cps.weight_rampup = 0
 
     # ---- losses ---------------------------------------------------------------------------
     c.loss = ml_collections.ConfigDict()

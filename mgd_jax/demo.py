@@ -5,8 +5,11 @@ Stages, each an ordinary `train_and_evaluate` run in its own sub-workdir (rerun 
   teacher_wide        CPS on two reduced Wide-ResNet-50-2s        -> export/ = T_W checkpoint
   student_supervised  Sup.l: the student on the labeled subset only
   student_mgd         the same student, steps, labeled subset and seed, distilled with MGD
-then one table (mIoU, parameters) printed and written to `<workdir>/results.json`, and the panel
-of every stage's predictions on the same val images written to `<workdir>/panels.png`.
+then the table (mIoU, parameters) and the students' gain MGD - Sup.l with its bootstrap standard
+error over the val images, printed and written to `<workdir>/results.json`, and the panel of every
+stage's predictions on the same val images written to `<workdir>/panels.png` (per seed folder when
+there are several). `demo.seeds` runs the whole demo for several seeds and adds the mean +- std of
+the gain.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import time
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from mgd_jax import logs
+from mgd_jax.errors import ConfigError
 
 STAGES = ("teacher_deep", "teacher_wide", "student_supervised", "student_mgd")
 RESULT_NAMES = {
@@ -37,32 +42,42 @@ def _arch(backbone: str, width: float, depths: str) -> str:
     return f"{backbone} (reduced: {', '.join(parts)})"
 
 
+def _architecture(d: ml_collections.ConfigDict, role: str) -> tuple[str, float, str]:
+    """(backbone, width, depths) of a demo role."""
+    if role == "student":
+        return d.student, d.student_width, d.student_depths
+    return d[role].backbone, d[role].width, d[role].depths
+
+
+def _plain_copy(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c = copy.deepcopy(demo)
+    with c.unlocked():
+        del c["stages"]
+        del c.demo["seeds"]
+    return c
+
+
 def stage_config(
     demo: ml_collections.ConfigDict, stage: str, workdir: str | None = None
 ) -> ml_collections.ConfigDict:
-    """The plain training config of one demo stage (no `stages` field).
+    """The plain training config of one demo stage (no `stages` or `demo.seeds` field).
 
     With `workdir`, the MGD stage points at the teachers exported by the earlier stages.
     """
     if stage not in STAGES:
-        raise ValueError(f"demo stage {stage!r} is not one of {STAGES}")
-    c = copy.deepcopy(demo)
+        raise ConfigError(f"demo stage {stage!r} is not one of {STAGES}")
+    c = _plain_copy(demo)
     d = c.demo
-    with c.unlocked():
-        del c["stages"]
+    role = stage if stage.startswith("teacher") else "student"
+    backbone, c.model.width, c.model.depths = _architecture(d, role)
     if stage.startswith("teacher"):
-        t = d[stage]
         c.method = "cps"
-        c.cps.backbone = t.backbone
-        c.model.width = t.width
-        c.model.depths = t.depths
+        c.cps.backbone = backbone
         c.num_train_steps = d.teacher_steps
         c.lr = d.teacher_lr
     else:
         c.method = "supervised" if stage == "student_supervised" else "mgd"
-        c.student = d.student
-        c.model.width = d.student_width
-        c.model.depths = d.student_depths
+        c.student = backbone
         c.num_train_steps = d.student_steps
         c.lr = d.student_lr
         if c.method == "mgd" and workdir is not None:
@@ -82,10 +97,91 @@ def _arch_of(config: ml_collections.ConfigDict, stage: str) -> str:
 
 
 def format_results(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'network':<22} {'mIoU %':>7} {'params':>10}  architecture", "-" * 78]
+    lines = [f"{'network':<24} {'mIoU %':>7} {'params':>10}  architecture", "-" * 80]
     for name, r in results.items():
-        lines.append(f"{name:<22} {100 * r['miou']:>7.2f} {r['params']:>10,}  {r['arch']}")
+        lines.append(f"{name:<24} {100 * r['miou']:>7.2f} {r['params']:>10,}  {r['arch']}")
     return "\n".join(lines)
+
+
+def format_seeds(per_seed: dict[int, dict[str, Any]]) -> str:
+    """One row per seed (the four mIoUs, the gain and its bootstrap SE), then the mean +- std."""
+    names = list(RESULT_NAMES.values())
+    short = {"teacher_resnet101": "T_D", "teacher_wide_resnet50_2": "T_W",
+             "student_supervised": "Sup.l", "student_mgd": "MGD"}
+    lines = ["seed " + "".join(f"{short[n]:>8}" for n in names) + "   MGD - Sup.l (SE)"]
+    for seed, r in per_seed.items():
+        cells = "".join(f"{100 * r['networks'][n]['miou']:>8.2f}" for n in names)
+        lines.append(f"{seed:>4} {cells}   {100 * r['gain']:+6.2f} ({100 * r['gain_se']:.2f})")
+    gains = np.array([r["gain"] for r in per_seed.values()])
+    spread = f" +- {100 * gains.std(ddof=1):.2f} (std over seeds)" if len(gains) > 1 else ""
+    lines.append(f"mean gain {100 * gains.mean():+.2f}{spread}; min {100 * gains.min():+.2f}")
+    return "\n".join(lines)
+
+
+def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[float, float]:
+    """MGD - Sup.l val mIoU of the two exported students, with its bootstrap standard error
+    over the val images (`evaluate.bootstrap_difference`)."""
+    from mgd_jax import evaluate, export
+    from mgd_jax.data import input_pipeline
+
+    evaluator = evaluate.Evaluator.from_config(config)
+    source = input_pipeline.eval_source(config)
+    per_example = []
+    for stage in ("student_supervised", "student_mgd"):
+        network = export.load_network(os.path.join(seed_dir, stage), precision=config.precision)
+        per_example.append(evaluator.per_example(
+            evaluate.model_logits(network.model), network.variables,
+            input_pipeline.eval_dataset(source, batch_size=config.eval.batch_size,
+                                        pad_to=tuple(config.eval.pad_to)),
+        )[: len(source)])
+    return evaluate.bootstrap_difference(*per_example)
+
+
+def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any] | None:
+    """Every stage of one seed; the four results and the students' gain with its SE (None when
+    a stage was stopped by a signal)."""
+    from mgd_jax import train
+
+    networks: dict[str, dict[str, Any]] = {}
+    for stage in [s for s in config.stages.split(",") if s]:
+        stage_dir = os.path.join(seed_dir, stage)
+        logs.say(f"== seed {config.seed}: stage {stage} -> {stage_dir}")
+        result = train.train_and_evaluate(
+            stage_config(config, stage, seed_dir), stage_dir
+        )
+        if result.get("stopped"):
+            return None
+        networks[RESULT_NAMES[stage]] = {
+            "miou": float(result["miou"]),
+            "params": int(result["params"]),
+            "arch": _arch_of(config, stage),
+        }
+    gain, gain_se = student_gain(config, seed_dir)
+    return {"networks": networks, "gain": gain, "gain_se": gain_se}
+
+
+def save_panels(config: ml_collections.ConfigDict, seed_dir: str) -> None:
+    """`<seed_dir>/panels.png`: every stage's predictions on the same val images."""
+    from mgd_jax import export, panels
+
+    stages = [s for s in config.stages.split(",") if s]
+    networks = {PANEL_TITLES[stage]: export.load_network(
+        os.path.join(seed_dir, stage, "export"), precision=config.precision)
+        for stage in sorted(stages, key=list(PANEL_TITLES).index)}
+    path = os.path.join(seed_dir, PANEL_FILE)
+    panels.save_png(path, panels.networks_panel(
+        stage_config(config, stages[-1]), networks, config.eval.panels))
+    logs.say(f"prediction panels of every stage: {path}")
+
+
+def seeds_of(config: ml_collections.ConfigDict) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(config.demo.seeds).split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ConfigError(f"config.demo.seeds: {config.demo.seeds!r}: expected e.g. 0 or 0,1,2")
+    return seeds
 
 
 PANEL_TITLES = {"student_supervised": "student Sup.l", "student_mgd": "student MGD",
@@ -93,9 +189,10 @@ PANEL_TITLES = {"student_supervised": "student Sup.l", "student_mgd": "student M
 PANEL_FILE = "panels.png"
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
-    """Prepares the synthetic data, runs every stage, prints and writes the table and the
-    panel of all stages (`<workdir>/panels.png`); everything is logged to `<workdir>/log.txt`."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Prepares the synthetic data, runs every stage for each seed, prints and writes the tables
+    (`<workdir>/results.json`) and the panels; everything is logged to `<workdir>/log.txt`. One
+    seed runs in `<workdir>/<stage>`, several in `<workdir>/seed<k>/<stage>`; the data is shared."""
     import jax
 
     workdir = os.path.abspath(workdir)
@@ -104,49 +201,47 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, 
         return _run(config, workdir, jax.process_index() == 0)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool
-         ) -> dict[str, dict[str, Any]]:
-    from mgd_jax import export, panels, train
+def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict[str, Any]:
     from mgd_jax.data import prepare
 
     t0 = time.time()
+    config = copy.deepcopy(config)
     if not config.data_dir:  # self-contained by default: the data lives in the workdir
         config.data_dir = os.path.join(workdir, "data")
     sizes = config.demo.synthetic.to_dict()
     if sizes.get("num_classes", config.num_classes) != config.num_classes:
-        raise ValueError("config.demo.synthetic.num_classes must equal config.num_classes")
+        raise ConfigError("config.demo.synthetic.num_classes must equal config.num_classes")
     sizes["num_classes"] = config.num_classes
-    config.dataset = prepare.ensure_synthetic(config.data_dir, **sizes)
     logs.say(
         "MGD demo on the synthetic dataset. The networks are depth- and width-reduced members "
         "of the official families (full-size teachers do not train in minutes on a CPU).",
         primary=primary,
     )
-    stages = [s for s in config.stages.split(",") if s]
-    results: dict[str, dict[str, Any]] = {}
-    for stage in stages:
-        stage_dir = os.path.join(workdir, stage)
-        logs.say(f"== stage {stage} -> {stage_dir}", primary=primary)
-        result = train.train_and_evaluate(stage_config(config, stage, workdir), stage_dir)
-        if result.get("stopped"):  # SIGTERM / SIGINT: rerunning continues this stage
-            return results
-        results[RESULT_NAMES[stage]] = {
-            "miou": float(result["miou"]),
-            "params": int(result["params"]),
-            "arch": _arch_of(config, stage),
-        }
-    table = format_results(results)
+    config.dataset = prepare.ensure_synthetic(config.data_dir, **sizes)
+    seeds = seeds_of(config)
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        config.seed = seed
+        seed_dir = workdir if len(seeds) == 1 else os.path.join(workdir, f"seed{seed}")
+        result = run_seed(config, seed_dir)
+        if result is None:  # SIGTERM / SIGINT: rerunning continues the stopped stage
+            return {"stopped": True}
+        per_seed[seed] = result
+        if len(seeds) == 1:
+            logs.say("\n" + format_results(per_seed[seed]["networks"]), primary=primary)
+        if primary and config.eval.panels > 0:
+            save_panels(config, seed_dir)
+    logs.say("\n" + format_seeds(per_seed), primary=primary)
+    logs.say(f"(total {time.time() - t0:.0f} s; mIoU of the final checkpoints on "
+             f"{sizes['num_val']} val images; SE: bootstrap over those images)", primary=primary)
+    gains = [r["gain"] for r in per_seed.values()]
+    results = {
+        "seeds": {str(seed): r for seed, r in per_seed.items()},
+        "gain_mean": float(np.mean(gains)),
+        "gain_std": float(np.std(gains, ddof=1)) if len(gains) > 1 else 0.0,
+        "gain_min": float(np.min(gains)),
+    }
     if primary:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
-    if primary and config.eval.panels > 0:
-        networks = {PANEL_TITLES[stage]: export.load_network(
-            os.path.join(workdir, stage, "export"), precision=config.precision)
-            for stage in sorted(stages, key=list(PANEL_TITLES).index)}
-        path = os.path.join(workdir, PANEL_FILE)
-        panels.save_png(path, panels.networks_panel(
-            stage_config(config, stages[-1]), networks, config.eval.panels))
-        logs.say(f"prediction panels of every stage: {path}")
-    logs.say(f"\n{table}\n(total {time.time() - t0:.0f} s; mIoU of the final checkpoints)",
-             primary=primary)
     return results

@@ -223,9 +223,11 @@ def confusion_for_batch(
     num_classes: int,
     *,
     ignore_index: int = IGNORE_INDEX,
+    per_example: bool = False,
     **predict_kwargs,
 ) -> jax.Array:
-    """int32 (C, C) confusion matrix (rows = ground truth) of one eval batch; jittable.
+    """int32 (C, C) confusion matrix (rows = ground truth) of one eval batch, or (B, C, C) one
+    per example with `per_example`; jittable.
 
     Pixels count where `batch["valid"]` is True and the label is in [0, C) (255 ignored), so fully
     invalid padding examples count nothing. `predict_kwargs` go to `predict_logits` (mode,
@@ -236,6 +238,9 @@ def confusion_for_batch(
     label = jnp.asarray(batch["label"])
     scores = predict_logits(logits_fn, image, valid, **predict_kwargs)
     pred = jnp.argmax(scores, axis=-1)
+    if per_example:
+        return jax.vmap(functools.partial(confusion_matrix, num_classes=num_classes,
+                                          ignore_index=ignore_index))(pred, label, valid=valid)
     return confusion_matrix(pred, label, num_classes, ignore_index, valid=valid)
 
 
@@ -397,16 +402,17 @@ class Evaluator:
                    progress_seconds=config.eval.get("progress_seconds", 30.0),
                    **protocol_options(config))
 
-    def _step(self, apply_fn: ApplyFn) -> Callable:
-        if apply_fn not in self._steps:
+    def _step(self, apply_fn: ApplyFn, per_example: bool = False) -> Callable:
+        key = (apply_fn, per_example)
+        if key not in self._steps:
             def step(variables, batch):
                 return confusion_for_batch(
                     functools.partial(apply_fn, variables), batch, self.num_classes,
-                    **self.protocol,
+                    per_example=per_example, **self.protocol,
                 )
 
-            self._steps[apply_fn] = jax.jit(step)
-        return self._steps[apply_fn]
+            self._steps[key] = jax.jit(step)
+        return self._steps[key]
 
     def confusion(self, apply_fn: ApplyFn, variables: Any,
                   batches: Iterable[Mapping[str, Any]], *, label: str = "eval",
@@ -460,6 +466,39 @@ class Evaluator:
 
             self._label_steps[apply_fn] = jax.jit(step)
         return np.asarray(self._label_steps[apply_fn](variables, image, valid))
+
+    def per_example(self, apply_fn: ApplyFn, variables: Any,
+                    batches: Iterable[Mapping[str, Any]]) -> np.ndarray:
+        """np.int64 (N, C, C): one confusion matrix per example of the global stream of
+        `batches`, in order (an image's pixels always fit int32); filler examples of the last
+        batch count nothing."""
+        step = self._step(apply_fn, per_example=True)
+        parts = []
+        for local in batches:
+            arrays = {k: local[k] for k in ("image", "valid", "label")}
+            if self.mesh is not None:
+                arrays = parallel.global_batch(arrays, self.mesh)
+            parts.append(step(variables, arrays))
+        if not parts:
+            raise DataError("evaluate: the eval split is empty")
+        return np.concatenate([np.asarray(jax.device_get(p), np.int64) for p in parts])
+
+
+def bootstrap_difference(per_example_a: np.ndarray, per_example_b: np.ndarray, *,
+                         samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """(mIoU(b) - mIoU(a), its bootstrap standard error) on paired per-example confusion
+    matrices (N, C, C): the examples are resampled with replacement, the same resample for both
+    networks, and the split-level mIoU recomputed from the summed matrices of each resample."""
+    a, b = np.asarray(per_example_a, np.int64), np.asarray(per_example_b, np.int64)
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"bootstrap_difference: shapes {a.shape} and {b.shape} differ or are "
+                         "not (N, C, C)")
+    n = a.shape[0]
+    draws = np.random.default_rng(seed).integers(0, n, (samples, n))
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws])  # (samples, N)
+    diffs = [scores(np.tensordot(w, b, 1))["miou"] - scores(np.tensordot(w, a, 1))["miou"]
+             for w in counts]
+    return scores(b.sum(0))["miou"] - scores(a.sum(0))["miou"], float(np.std(diffs, ddof=1))
 
 
 # ----------------------------------------------------------------------------------------------

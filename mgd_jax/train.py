@@ -56,7 +56,7 @@ def train_step(state: TrainState, frozen: Any, batch: dict, *, method, tx, sched
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-        return method.loss(params, state.batch_stats, frozen, batch, rng)
+        return method.loss(params, state.batch_stats, frozen, batch, rng, state.step)
 
     (loss, (batch_stats, step_metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params

@@ -161,7 +161,7 @@ class LabelSmoothing(base.StudentMethod):
     """A method the package does not know: the student on labeled images with label-smoothed
     cross-entropy. Everything but the loss comes from `base.StudentMethod`."""
 
-    def loss(self, params, batch_stats, frozen, batch, rng):
+    def loss(self, params, batch_stats, frozen, batch, rng, step=0):
         labeled = batch["labeled"]
         out, batch_stats = base.forward(self.eval_model, params, batch_stats,
                                         base.normalize(labeled))

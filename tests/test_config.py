@@ -26,6 +26,12 @@ def test_parse_arg_types_and_flags():
         config_lib.parse_arg("nope=1", method="mgd")
     with pytest.raises(ValueError, match="partition"):
         config_lib.parse_arg("partition", partition=8)
+    # a tuple default takes a list; its further items follow as bare values
+    c = config_lib.parse_arg("seeds=3,1,4,smoke", seeds=(0,), smoke=False)
+    assert (c.seeds, c.smoke) == ((3, 1, 4), True)
+    assert config_lib.parse_arg("", seeds=(0,)).seeds == (0,)
+    with pytest.raises(ValueError, match="seeds='x': expected a int"):
+        config_lib.parse_arg("seeds=1,x", seeds=(0,))
 
 
 @pytest.mark.parametrize(

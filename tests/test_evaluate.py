@@ -293,3 +293,25 @@ def test_format_table_percentages():
     assert "mIoU" in text
     with pytest.raises(ValueError, match="class names"):
         evaluate.format_table(evaluate.scores(hist), ["a"])
+
+
+def test_per_example_confusions_sum_to_the_total_and_bootstrap_matches_a_loop():
+    rng = np.random.default_rng(7)
+    batches = [{"image": _image(20 + i, 3, 8, 8), "valid": rng.random((3, 8, 8)) > 0.2,
+                "label": rng.integers(0, C, (3, 8, 8)).astype(np.int32)} for i in range(3)]
+    evaluator = evaluate.Evaluator(C)
+    net_a = lambda variables, x: jnp_net(x)  # noqa: E731
+    net_b = lambda variables, x: jnp_net(x[:, ::-1])[:, ::-1]  # noqa: E731  (another "network")
+    per_a = evaluator.per_example(net_a, {}, batches)
+    per_b = evaluator.per_example(net_b, {}, batches)
+    assert per_a.shape == (9, C, C)
+    np.testing.assert_array_equal(per_a.sum(0), evaluator.confusion(net_a, {}, batches))
+
+    gain, se = evaluate.bootstrap_difference(per_a, per_b, samples=300, seed=3)
+    assert gain == pytest.approx(evaluate.scores(per_b.sum(0))["miou"]
+                                 - evaluate.scores(per_a.sum(0))["miou"])
+    draws = np.random.default_rng(3).integers(0, 9, (300, 9))  # the same resamples, by loops
+    diffs = [evaluate.scores(sum(per_b[i] for i in d))["miou"]
+             - evaluate.scores(sum(per_a[i] for i in d))["miou"] for d in draws]
+    assert se == pytest.approx(np.std(diffs, ddof=1))
+    assert evaluate.bootstrap_difference(per_a, per_a, samples=50)[1] == 0.0

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from mgd_jax import export, methods, optim, parallel, train
-from mgd_jax.errors import ExportError
+from mgd_jax.errors import ConfigError, ExportError
 from mgd_jax.methods import base
 
 from conftest import Killed, killed_after_checkpoint
@@ -124,6 +124,24 @@ def test_mgd_loss_terms_and_teacher_isolation(tiny_config, tiny_teachers):
                               jax.random.PRNGKey(0))
     assert float(m2["loss_region"]) == 0 and float(m2["loss_image"]) == 0
     np.testing.assert_allclose(float(m2["loss_sup"]), float(metrics["loss_sup"]), rtol=1e-6)
+
+
+def test_cps_weight_ramps_up_over_the_configured_steps(tiny_config):
+    """cps.weight_rampup: the cross term's weight is exp(-5 (1 - t)^2) of cps.weight, then full;
+    the loss is the two supervised terms plus that weight times the cross term."""
+    config = tiny_config("cps", **{"cps.weight": 2.0, "cps.weight_rampup": 100})
+    method = methods.get(config)
+    variables = method.init_variables(jax.random.key(0, impl="rbg"))
+    batch = jax.tree.map(jnp.asarray, random_batch(1))
+    for step, factor in ((0, np.exp(-5.0)), (50, np.exp(-5.0 * 0.25)), (100, 1.0), (900, 1.0)):
+        loss, (_, m) = method.loss(variables["params"], variables["batch_stats"], None, batch,
+                                   jax.random.PRNGKey(0), jnp.asarray(step))
+        np.testing.assert_allclose(float(m["cps_weight"]), 2.0 * factor, rtol=1e-6)
+        want = m["loss_sup_branch1"] + m["loss_sup_branch2"] + m["cps_weight"] * m["loss_cps"]
+        np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    config.cps.weight_rampup = -1
+    with pytest.raises(ConfigError, match="cps.weight_rampup"):
+        methods.check_config(config)
 
 
 def test_student_bn_updated_four_times_per_mgd_step(tiny_config, tiny_teachers):

@@ -44,9 +44,11 @@ class Method(Protocol):
         architecture (benchmarks, no checkpoint needed)."""
 
     def loss(
-        self, params: Any, batch_stats: Any, frozen: Any, batch: dict, rng: jax.Array
+        self, params: Any, batch_stats: Any, frozen: Any, batch: dict, rng: jax.Array,
+        step: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
-        """(loss, (new batch_stats, scalar metrics)); differentiated w.r.t. `params` only."""
+        """(loss, (new batch_stats, scalar metrics)) at train `step` (0-based, as the lr
+        schedule's); differentiated w.r.t. `params` only."""
 
     def extra_evals(self, frozen: Any) -> dict[str, Network]:
         """Networks evaluated on val once before training, by report name."""

@@ -19,6 +19,16 @@ from mgd_jax.methods import base
 BRANCHES = ("branch1", "branch2")
 
 
+def rampup(step: jax.Array | int, steps: int) -> jax.Array:
+    """Sigmoid ramp-up of the cross term's weight, exp(-5 (1 - t)^2) for t = step / steps < 1,
+    then 1 (Laine & Aila 2017); `steps` = 0 gives 1 throughout (the official recipe, whose
+    networks start from ImageNet weights)."""
+    if steps <= 0:
+        return jnp.ones((), jnp.float32)
+    t = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
+    return jnp.exp(-5.0 * (1.0 - t) ** 2)
+
+
 class CPS(base.MethodBase):
     uses_unlabeled = True
     eval_path = ("branch1",)
@@ -38,6 +48,9 @@ class CPS(base.MethodBase):
         if models.canonical(config.cps.backbone) not in models.BACKBONES:
             raise ConfigError(f"config.cps.backbone: {config.cps.backbone!r} is not one of "
                               f"{models.BACKBONES + tuple(models.ALIASES)}")
+        if config.cps.weight_rampup < 0:
+            raise ConfigError(f"config.cps.weight_rampup: must be >= 0 (steps; 0 = off), got "
+                              f"{config.cps.weight_rampup}")
 
     def init_variables(self, rng: jax.Array) -> base.Variables:
         # Independent head initialisations, the same ImageNet backbone for both branches.
@@ -50,7 +63,7 @@ class CPS(base.MethodBase):
             for part in ("params", "batch_stats")
         }
 
-    def loss(self, params, batch_stats, frozen, batch, rng):
+    def loss(self, params, batch_stats, frozen, batch, rng, step=0):
         del frozen, rng
         x_l, labels, u0, u1, mask, u_mix = base.semi_supervised_inputs(batch)
         part = self._fused_branch if base.fused(self.config) else self._reference_branch
@@ -63,9 +76,11 @@ class CPS(base.MethodBase):
         loss_cps = losses.cross_entropy(mixed["branch1"], pseudo["branch2"]) + losses.cross_entropy(
             mixed["branch2"], pseudo["branch1"]
         )
-        loss = sup["branch1"] + sup["branch2"] + self.config.cps.weight * loss_cps
+        weight = self.config.cps.weight * rampup(step, self.config.cps.weight_rampup)
+        loss = sup["branch1"] + sup["branch2"] + weight * loss_cps
         metrics = {
             "loss": loss,
+            "cps_weight": weight,
             "loss_sup_branch1": sup["branch1"],
             "loss_sup_branch2": sup["branch2"],
             "loss_cps": loss_cps,

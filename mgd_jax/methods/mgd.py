@@ -100,8 +100,8 @@ class MGD(base.StudentMethod):
             return {}
         return {name: (self.teacher_models[name], frozen[name]) for name in TEACHERS}
 
-    def loss(self, params, batch_stats, frozen, batch, rng):
-        del rng
+    def loss(self, params, batch_stats, frozen, batch, rng, step=0):
+        del rng, step
         inputs = base.semi_supervised_inputs(batch)
         if base.fused(self.config):
             parts = self._fused_parts(params, batch_stats, frozen, inputs)

@@ -6,8 +6,8 @@ from mgd_jax.methods import base
 
 
 class Supervised(base.StudentMethod):
-    def loss(self, params, batch_stats, frozen, batch, rng):
-        del frozen, rng
+    def loss(self, params, batch_stats, frozen, batch, rng, step=0):
+        del frozen, rng, step
         labeled = batch["labeled"]
         out, batch_stats = base.forward(
             self.eval_model, params, batch_stats, base.normalize(labeled)
