@@ -36,26 +36,24 @@ def loss_and_grads(config, batch, variables=None):
     [
         ("supervised", "float64", {}),
         ("cps", "float64", {}),
-        ("mgd", "float64", {}),
-        ("mgd", "float32", {"remat": True}),
+        ("mgd", "float64", {"remat": True}),  # remat: the same values, recomputed
         # ghost-BN student, teachers on running statistics, OHEM, terms switched off
         ("mgd", "float64", {"student": "mobilenet_v2", "model.depths": "1,1,1,1,1,1,1",
                             "teacher_bn": "running", "loss.ohem": True,
                             "loss.ohem_min_kept": 300, "loss.consistency_labeled": False,
                             "loss.region": False, "student_nograd_bn_updates": False}),
     ],
-    ids=["supervised", "cps", "mgd", "mgd-float32-remat", "mgd-variant"],
+    ids=["supervised", "cps", "mgd-remat", "mgd-variant"],
 )
 def test_fused_step_equals_reference(method, dtype, overrides, tiny_config, tiny_teachers):
-    """Loss, every metric, the gradients and the new BN statistics agree: with float64 compute to
-    the rounding of the float32 parameters and gradients; with float32 compute to its rounding,
-    amplified by batch-statistics BN."""
+    """Loss, every metric, the gradients and the new BN statistics agree, with float64 compute, to
+    the rounding of the float32 parameters and gradients."""
     config = tiny_config(method, precision=dtype, **overrides)
     config.teacher_deep.checkpoint = tiny_teachers["teacher_deep"]
     config.teacher_wide.checkpoint = tiny_teachers["teacher_wide"]
     batch = jax.tree.map(jnp.asarray, random_batch(3, batch=4))
     # (parameters and their gradients are float32 even when the compute is float64)
-    tol = {"float64": dict(rtol=1e-5, atol=1e-6), "float32": dict(rtol=2e-3, atol=1e-4)}[dtype]
+    tol = dict(rtol=1e-5, atol=1e-6)
     with jax.enable_x64(dtype == "float64"):
         config.fused_step = False
         variables, reference = loss_and_grads(config, batch)

@@ -208,8 +208,9 @@ def run_main(args, cwd=ROOT, timeout=600):
     return proc
 
 
-def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
-    """`python -m mgd_jax.main` for CPS (teacher export), then supervised and MGD from it."""
+def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path, tiny_teachers):
+    """`python -m mgd_jax.main` for CPS (teacher export), then MGD from it (Sup.l through
+    `main`: tests/test_reliability.py)."""
     data_dir, name = synthetic_dir
     common_args = [
         f"--config.data_dir={data_dir}", f"--config.dataset={name}", "--config.num_classes=5",
@@ -220,17 +221,13 @@ def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
     stage = "configs/demo.py:stage={}"
     run_main([f"--config={stage.format('teacher_deep')}", f"--workdir={tmp_path}/td",
               *common_args])
-    run_main([f"--config={stage.format('teacher_wide')}", f"--workdir={tmp_path}/tw",
-              *common_args])
-    run_main([f"--config={stage.format('student_supervised')}", f"--workdir={tmp_path}/sup",
-              *common_args])
     proc = run_main([
         f"--config={stage.format('student_mgd')}", f"--workdir={tmp_path}/mgd", *common_args,
         f"--config.teacher_deep.checkpoint={tmp_path}/td/export",
-        f"--config.teacher_wide.checkpoint={tmp_path}/tw/export",
+        f"--config.teacher_wide.checkpoint={tiny_teachers['teacher_wide']}",
         "--config.evaluate_teachers=true",
     ])
-    for stage_dir in ("td", "tw", "sup", "mgd"):
+    for stage_dir in ("td", "mgd"):
         result = json.loads((tmp_path / stage_dir / "final_metrics.json").read_text())
         assert 0 <= result["miou"] <= 1 and result["steps"] == 2
         lines = (tmp_path / stage_dir / "metrics.jsonl").read_text().splitlines()
@@ -247,10 +244,10 @@ def test_main_runs_every_method_end_to_end(synthetic_dir, tmp_path):
     assert "== config ==" in log and "orbax" in log.lower() and "step 2/2" in log
     # Prediction panels of the final evaluation; MGD's add its two teachers' columns.
     widths = {}
-    for stage_dir in ("sup", "mgd"):
+    for stage_dir in ("td", "mgd"):
         (png,) = (tmp_path / stage_dir / "panels").glob("*.png")
         widths[stage_dir] = Image.open(png).size[0]
-    assert widths["mgd"] > widths["sup"] + 100
+    assert widths["mgd"] > widths["td"] + 100
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
