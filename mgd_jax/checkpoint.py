@@ -15,28 +15,38 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from mgd_jax import paths
 from mgd_jax.errors import ExportError
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 
 
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    # Multi-host: orbax names its barriers by step; two managers saving the same step (the latest
+    # and the best at an evaluation step) would join one barrier and hang without a prefix each.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
-        directory = os.path.abspath(directory)
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True):
+        """`directory`: a local path or a URL orbax writes natively (`gs://bucket/run/...`)."""
+        directory = paths.resolve(directory)
         self.directory = directory
         self._latest = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+                multiprocessing_options=_barriers("latest"),
             ),
             item_names=("state", "data_iter"),
         )
         self._best = ocp.CheckpointManager(
-            os.path.join(directory, BEST_DIR),
+            directory / BEST_DIR,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["miou"], best_mode="max",
                 enable_async_checkpointing=asynchronous, create=True,
+                multiprocessing_options=_barriers("best"),
             ),
             item_names=("state",),
         )

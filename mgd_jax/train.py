@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mgd_jax import config_lib, errors, logs, methods, models, optim, parallel, reporting
+from mgd_jax import config_lib, errors, logs, methods, models, optim, parallel, paths, reporting
 from mgd_jax.methods.base import eval_variables
 
 
@@ -82,25 +82,26 @@ def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabel
     return int(config.num_epochs) * per_epoch
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
+def _write_json(path: os.PathLike, value: Any) -> None:
+    paths.resolve(path).write_text(json.dumps(value, indent=2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
     """Trains `config.method` and evaluates it; returns the final / best val scores.
 
-    Everything the run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
+    `workdir`: a local folder or a cloud storage URL (`gs://bucket/run`; `paths`). Everything the
+    run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
     """
     config_lib.validate(config, device_count=jax.device_count())
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.resolve(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
-    with logs.log_file(workdir, enabled=is_main):
+    with logs.log_file(str(workdir), enabled=is_main):
         return _train_and_evaluate(config, workdir, is_main)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main: bool
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main: bool
                         ) -> dict[str, Any]:
     # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
     from clu import parameter_overview
@@ -116,14 +117,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     schedule = optim.poly_schedule(config.lr, steps, power=config.lr_power)
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
 
-    reporter = reporting.Reporter(workdir, total_steps=steps, is_main=is_main)
+    reporter = reporting.Reporter(str(workdir), total_steps=steps, is_main=is_main)
     # What a network of this run is: its build, its data and protocol (export.run_meta).
     network_meta = dict(method.export_meta,
                         **export.run_meta(config.dataset, data.info, config.eval))
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        _write_json(os.path.join(workdir, export.NETWORK_FILE),
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _write_json(workdir / export.NETWORK_FILE,
                     dict(network_meta, state_path=list(method.eval_path)))
     reporter.text("config", str(config), console=False)  # the log file and TensorBoard only
     reporter.text("data", data.description)
@@ -143,17 +143,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     eval_params = eval_variables(method, state.params, state.batch_stats)["params"]
     num_params = models.count_params(eval_params)
     reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters"
-                  f" (per-leaf overview in {os.path.join(workdir, 'parameters.txt')})")
+                  f" (per-leaf overview in {workdir / 'parameters.txt'})")
     if is_main:
-        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
-            f.write(parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
+        (workdir / "parameters.txt").write_text(
+            parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
 
     train_iter = parallel.DevicePrefetch(iter(data.train), mesh, config.get("prefetch", 2))
     ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, checkpoint.CHECKPOINTS_DIR), keep=config.keep_checkpoints
+        workdir / checkpoint.CHECKPOINTS_DIR, keep=config.keep_checkpoints
     )
     state, resumed = ckpt.restore_or_init(state, train_iter)
     start = int(jax.device_get(state.step))
+    reporter.restart_at(start)  # the rows of the steps this run repeats are replaced
     if resumed:
         reporter.text("resume", f"resumed from step {start}")
 
@@ -231,8 +232,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
         train_iter.close()
 
     def save_export(name: str, variables, step: int, miou: float) -> str:
-        directory = os.path.join(workdir, name)
-        meta = dict(network_meta, source=workdir, step=int(step), miou=float(miou))
+        directory = str(workdir / name)
+        meta = dict(network_meta, source=str(workdir), step=int(step), miou=float(miou))
         export.save_network(directory, jax.device_get(variables), meta, overwrite=True)
         return directory
 
@@ -265,7 +266,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
         "extra_evals": {k: float(v["miou"]) for k, v in extra_scores.items()},
     }
     if is_main:
-        _write_json(os.path.join(workdir, "final_metrics.json"), result)
+        _write_json(workdir / "final_metrics.json", result)
     reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
     reporter.close()
     return result

@@ -53,6 +53,7 @@ LAYERS = (
     ("models.layers",),
     ("parallel",),
     ("errors", "logs", "", "data"),  # "" = the package itself
+    ("paths",),
 )
 
 
