@@ -14,6 +14,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mgd_jax import paths
 from mgd_jax.errors import ExportError
@@ -114,7 +115,7 @@ def _is_not_read_only_notice(record: logging.LogRecord) -> bool:
     return "read only" not in message and "read_only=True" not in message
 
 
-def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
+def _read_only(where: epath.Path, **kwargs: Any) -> ocp.CheckpointManager:
     """A read-only manager, without orbax's warnings about it (reading a run is the point)."""
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(_is_not_read_only_notice)
@@ -125,8 +126,8 @@ def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
         absl_logger.removeFilter(_is_not_read_only_notice)
 
 
-def _saved_steps(where: str) -> list[int]:
-    if not os.path.isdir(where):
+def _saved_steps(where: epath.Path) -> list[int]:
+    if not where.is_dir():
         return []
     with _read_only(where) as manager:
         return sorted(manager.all_steps())
@@ -137,8 +138,8 @@ def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str
     `step` is "latest", "best" or a step number (of the latest ones, else of the best).
     Needs no template and works on any topology: for tools that read a run (also while it
     trains: a checkpoint still being written is not listed)."""
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_DIR)
-    best_dir = os.path.join(directory, BEST_DIR)
+    directory = paths.resolve(workdir) / CHECKPOINTS_DIR
+    best_dir = directory / BEST_DIR
     latest, best = _saved_steps(directory), _saved_steps(best_dir)
     if step == "best" or (step != "latest" and int(step) not in latest and int(step) in best):
         where, steps = best_dir, best

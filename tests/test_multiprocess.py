@@ -1,7 +1,7 @@
-"""Multi-process training: two `jax.distributed` processes on loopback (2 CPU devices each) against
-one process holding the same 4 devices: the same losses, parameters and mIoU, one set of
-checkpoints and one metrics file; then both processes are killed after a checkpoint and the run
-resumes across processes to the same end."""
+"""Multi-process training: two `jax.distributed` processes on loopback (2 CPU devices each),
+killed together after a checkpoint and resumed by the same command, end where one process
+holding the same 4 devices does: the same losses, parameters and mIoU, one set of checkpoints and
+one metrics file."""
 
 import json
 import os
@@ -22,9 +22,13 @@ def train_run(workdir: str, data_dir: str, dataset: str, teachers: dict[str, str
     checkpoint of that step is written (as a preemption without notice)."""
     import jax
 
-    from mgd_jax import checkpoint, train
+    from mgd_jax import checkpoint, models, train
 
-    config = make_tiny_config("mgd", (data_dir, dataset), num_train_steps=STEPS, log_every=1)
+    # float64 (JAX_ENABLE_X64 in the launch): not a user option, but the way to compare
+    # device layouts without float32 rounding (the models build it; test_train does the same)
+    models.PRECISIONS = (*models.PRECISIONS, "float64")
+    config = make_tiny_config("mgd", (data_dir, dataset), num_train_steps=STEPS, log_every=1,
+                              eval_every=STEPS, precision="float64")
     for name, path in teachers.items():
         config[name].checkpoint = path
     if kill_at:
@@ -63,47 +67,39 @@ def _launch(tmp_path, name, processes, data, teachers, kill_at=0, workdir=None):
         "test_multiprocess:train_run",
         dict(workdir=workdir, data_dir=data[0], dataset=data[1], teachers=teachers,
              kill_at=kill_at),
-        num_processes=processes, devices_per_process=4 // processes, timeout=400,
-        workdir=str(tmp_path / f"{name}_processes"))
+        num_processes=processes, devices_per_process=4 // processes, timeout=300,
+        workdir=str(tmp_path / f"{name}_processes_{kill_at}"), env={"JAX_ENABLE_X64": "1"})
     return workdir, results
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, synthetic_dir, tiny_teachers):
+def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path, synthetic_dir,
+                                                              tiny_teachers):
     one_dir, one = _launch(tmp_path, "one", 1, synthetic_dir, tiny_teachers)
     assert one[0].returncode == 0, multiprocess.describe(one)
-    two_dir, two = _launch(tmp_path, "two", 2, synthetic_dir, tiny_teachers)
+    assert one[0].value["devices"] == 4
+    # two processes, both killed right after the step-2 checkpoint; the same command resumes
+    two_dir, killed = _launch(tmp_path, "two", 2, synthetic_dir, tiny_teachers, kill_at=2)
+    assert [r.returncode for r in killed] == [-signal.SIGKILL] * 2, multiprocess.describe(killed)
+    _, two = _launch(tmp_path, "two", 2, synthetic_dir, tiny_teachers, workdir=two_dir)
     assert [r.returncode for r in two] == [0, 0], multiprocess.describe(two)
     assert [(r.value["process"], r.value["processes"], r.value["devices"]) for r in two] == [
         (0, 2, 4), (1, 2, 4)]
-    assert one[0].value["devices"] == 4
+    assert "resumed from step 2" in two[0].output
 
-    # the same losses, parameters and mIoU (float tolerance: the reductions group differently)
+    # the same losses, parameters and mIoU (float64: float32 rounding, amplified by batch-stat
+    # BN, would hide a real difference; see test_train.test_step_on_8_devices_equals_1_device)
     losses_one, losses_two = _losses(one_dir), _losses(two_dir)
     assert sorted(losses_two) == list(range(1, STEPS + 1))  # one metrics file, each step once
     np.testing.assert_allclose([losses_two[s] for s in sorted(losses_two)],
-                               [losses_one[s] for s in sorted(losses_one)], rtol=1e-4)
+                               [losses_one[s] for s in sorted(losses_one)], rtol=1e-6)
     params_one, params_two = _params(one_dir), _params(two_dir)
     assert params_one.keys() == params_two.keys()
     for key in params_one:
-        np.testing.assert_allclose(params_two[key], params_one[key], rtol=1e-4, atol=1e-5,
+        np.testing.assert_allclose(params_two[key], params_one[key], rtol=1e-5, atol=1e-7,
                                    err_msg=key)
-    assert two[0].value["miou"] == two[1].value["miou"]
-    assert two[0].value["miou"] == pytest.approx(one[0].value["miou"], abs=1e-6)
+    assert two[0].value["miou"] == two[1].value["miou"] == one[0].value["miou"]
     # one set of checkpoints (written together by both processes), not one per process
     steps = sorted(int(d) for d in os.listdir(os.path.join(two_dir, "checkpoints")) if d.isdigit())
     assert steps == [2, 4]
     assert sorted(os.listdir(two_dir)) == sorted(os.listdir(one_dir))
-
-    # both processes killed after the step-2 checkpoint, then the same command resumes
-    resumed_dir, killed = _launch(tmp_path, "resumed", 2, synthetic_dir, tiny_teachers,
-                                  kill_at=2)
-    assert [r.returncode for r in killed] == [-signal.SIGKILL] * 2, multiprocess.describe(killed)
-    _, again = _launch(tmp_path, "resumed", 2, synthetic_dir, tiny_teachers,
-                       workdir=resumed_dir)
-    assert [r.returncode for r in again] == [0, 0], multiprocess.describe(again)
-    assert "resumed from step 2" in again[0].output
-    assert _losses(resumed_dir) == _losses(two_dir)  # bit-identical resume, same topology
-    for key, value in _params(resumed_dir).items():
-        np.testing.assert_array_equal(value, params_two[key], err_msg=key)
-    assert again[0].value["miou"] == two[0].value["miou"]
