@@ -17,10 +17,10 @@ for arg in "$@"; do
   if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; else ARGS+=("$arg"); fi
 done
 # On the workers: the code (replaced by every sync) and the Python environment (kept: outside it).
-# shellcheck disable=SC2034,SC2088  # used by the scripts; ~ expands on the workers
-CODE_DIR='~/mgd_jax'
-# shellcheck disable=SC2034,SC2088
-ENV_DIR='~/mgd_jax_env'
+# shellcheck disable=SC2016,SC2034  # used by the scripts; $HOME expands on the workers
+CODE_DIR='$HOME/mgd_jax'
+# shellcheck disable=SC2016,SC2034
+ENV_DIR='$HOME/mgd_jax_env'
 
 run() {  # prints the command; runs it unless --dry-run
   printf '+'; printf ' %q' "$@"; printf '\n'

@@ -12,7 +12,6 @@ import os
 import pytest
 
 import multiprocess
-from conftest import Killed, killed_after_checkpoint
 
 BUCKET = "mgd-test-bucket"
 
