@@ -170,7 +170,8 @@ def test_stop_waits_for_the_checkpoint_and_kills_what_is_left(fake_cloud, tmp_pa
     trainer = tmp_path / "fake_trainer.py"
     trainer.write_text(FAKE_TRAINER)
     workers = sorted(os.listdir(homes))
-    procs = [subprocess.Popen([sys.executable, str(trainer), kind],
+    # each under a shell that reaps it, as worker_run.sh does (an unreaped exit stays "alive")
+    procs = [subprocess.Popen(["bash", "-c", f'{sys.executable} {trainer} {kind}; exit $?'],
                               env=dict(env, HOME=str(homes / w)))
              for w, kind in zip(workers, ("honest", "stubborn"), strict=True)]
     try:
@@ -183,7 +184,7 @@ def test_stop_waits_for_the_checkpoint_and_kills_what_is_left(fake_cloud, tmp_pa
         assert result.returncode == 0, result.stderr
         assert procs[0].wait(timeout=10) == 0
         assert (homes / workers[0] / "checkpoint").read_text() == "saved"
-        assert procs[1].wait(timeout=10) == -signal.SIGKILL
+        assert procs[1].wait(timeout=10) == 128 + signal.SIGKILL
         assert "stopped after its checkpoint" in result.stdout
         assert "killed after 3s" in result.stdout
         assert time.monotonic() - started >= 3
