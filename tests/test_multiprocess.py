@@ -25,7 +25,7 @@ def train_run(workdir: str, data_dir: str, dataset: str, teachers: dict[str, str
     from mgd_jax import checkpoint, train
 
     config = make_tiny_config("mgd", (data_dir, dataset), num_train_steps=STEPS, log_every=1,
-                              eval_every=STEPS, precision="float64")
+                              eval_every=STEPS)
     for name, path in teachers.items():
         config[name].checkpoint = path
     if kill_at:
