@@ -11,7 +11,7 @@ export RUNTIME_VERSION=tpu-ubuntu2204-base   # v2-alpha-tpuv5-lite for v5e, v2-a
 export SPOT=1        # 1: a spot VM (cheaper, can be preempted; rerun launch/run.sh to resume)
 export QUEUED=0      # 1: create through a queued resource (waits for capacity)
 export PYTHON_VERSION=3.11   # installed on the workers with uv (the image's python3 is 3.10)
-export JAX_EXTRA=tpu         # the extra of pyproject.toml installed on the workers
+export EXTRAS=tpu,gcs         # the extras of pyproject.toml installed on the workers
 export BUCKET=my-bucket
 # Workdirs straight on the bucket (orbax, logs, metrics and TensorBoard write gs:// natively).
 export RUNS_DIR=gs://$BUCKET/runs

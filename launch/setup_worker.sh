@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the environment on every worker (after launch/sync.sh); idempotent, rerun it after a
-# dependency change: uv, Python $PYTHON_VERSION, ~/mgd_jax_env with mgd_jax[$JAX_EXTRA], and the
+# dependency change: uv, Python $PYTHON_VERSION, ~/mgd_jax_env with mgd_jax[$EXTRAS], and the
 # gcsfuse mount of the bucket when MOUNT_BUCKET=1.
 #   launch/setup_worker.sh [--dry-run]
 source "$(dirname "$0")/_common.sh"
@@ -8,7 +8,7 @@ on_workers all "set -e; export PATH=\$HOME/.local/bin:\$PATH
   command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh
   uv python install $PYTHON_VERSION
   [ -x $ENV_DIR/bin/python ] || uv venv --python $PYTHON_VERSION $ENV_DIR
-  uv pip install --python $ENV_DIR/bin/python -e \"${CODE_DIR}[$JAX_EXTRA]\"
+  uv pip install --python $ENV_DIR/bin/python -e \"${CODE_DIR}[$EXTRAS]\"
   $ENV_DIR/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.devices()[0])'"
 if [[ "${MOUNT_BUCKET:-0}" == 1 ]]; then
   # --implicit-dirs: folders that exist only as object prefixes; --rename-dir-limit: folder

@@ -14,7 +14,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 WORKERS = 2
-SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith(".sh"))
+SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith((".sh", ".sbatch")))
 
 FAKE_GCLOUD = textwrap.dedent("""\
     #!/usr/bin/env python3
@@ -66,7 +66,7 @@ def fake_cloud(tmp_path):
     env_file.write_text(textwrap.dedent(f"""\
         export PROJECT=p ZONE=z TPU_NAME=mgd-v4-32 ACCELERATOR_TYPE=v4-32
         export RUNTIME_VERSION=tpu-ubuntu2204-base SPOT=1 QUEUED=0 PYTHON_VERSION=3.11
-        export JAX_EXTRA=tpu BUCKET=b RUNS_DIR={runs} MOUNT_BUCKET=0 DATA_DIR={tmp_path}/data
+        export EXTRAS=tpu,gcs BUCKET=b RUNS_DIR={runs} MOUNT_BUCKET=0 DATA_DIR={tmp_path}/data
         export SPLIT_DIR= STOP_GRACE=3 REPO_REF=HEAD
         """))
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -118,7 +118,7 @@ def test_setup_and_sync_twice_then_the_run_finds_its_environment(fake_cloud):
     # one environment per worker, created once: kept by the second setup and by every sync
     assert sum(c.startswith("uv venv") for c in uv_calls) == WORKERS, calls
     installs = [c for c in uv_calls if c.startswith("uv pip install")]
-    assert len(installs) == 2 * WORKERS and all("/mgd_jax[tpu]" in c and "~" not in c
+    assert len(installs) == 2 * WORKERS and all("/mgd_jax[tpu,gcs]" in c and "~" not in c
                                                 for c in installs), installs
     for worker in os.listdir(homes):
         home = homes / worker
