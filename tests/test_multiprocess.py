@@ -70,6 +70,7 @@ def _launch(tmp_path, name, processes, data, teachers, kill_at=0, workdir=None):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path, synthetic_dir,
                                                               tiny_teachers):
     one_dir, one = _launch(tmp_path, "one", 1, synthetic_dir, tiny_teachers)
