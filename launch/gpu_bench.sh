@@ -48,7 +48,7 @@ run mkdir -p "$OUT"
 if [[ $DRY == 1 || ! -x "$PY" ]]; then
   run python3 -m venv "$OUT/venv"
 fi
-run "$OUT/venv/bin/pip" install -q -e "$ROOT[torch]" "jax[$JAX_EXTRA]==$JAX_VERSION"
+run "$OUT/venv/bin/pip" install -q -e "${ROOT}[torch]" "jax[$JAX_EXTRA]==$JAX_VERSION"
 run "$PY" -c "import jax, torch; print(jax.devices(), torch.cuda.get_device_name(0))"
 export JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"
 for entry in "${RUNS[@]}"; do

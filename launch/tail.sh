@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
-# Shows the last lines of every worker's log.
+# The last lines of every worker's console.  launch/tail.sh [--dry-run] [N]
 source "$(dirname "$0")/_common.sh"
-all_workers "tail -n ${1:-20} ~/train.log"
+on_workers all "tail -n ${ARGS[0]:-20} ~/mgd_jax_run/console.txt"

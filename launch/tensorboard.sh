@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Port-forwards TensorBoard from worker 0 to localhost:6006.  launch/tensorboard.sh WORKDIR
+# TensorBoard of a run, on this machine (it reads gs:// workdirs directly).
+#   launch/tensorboard.sh [--dry-run] RUN_NAME
 source "$(dirname "$0")/_common.sh"
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --worker=0 \
-  -- -L 6006:localhost:6006 "cd ~/mgd_jax && .venv/bin/pip install -q tensorboard && \
-  .venv/bin/tensorboard --logdir=$1 --port=6006"
+run tensorboard --logdir="$RUNS_DIR/${ARGS[0]}" --port=6006

@@ -21,8 +21,9 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from mgd_jax import integrity, interrupts
+from mgd_jax import integrity, interrupts, paths
 from mgd_jax.errors import CheckpointError, ExportError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -30,22 +31,31 @@ BEST_DIR = "best"
 DAMAGED_DIR = "checkpoints_damaged"  # beside CHECKPOINTS_DIR: orbax must not list them
 
 
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    # Multi-host: orbax names its barriers by step; two managers saving the same step (the latest
+    # and the best at an evaluation step) would join one barrier and hang without a prefix each.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, asynchronous: bool = True):
-        directory = os.path.abspath(directory)
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, asynchronous: bool = True):
+        """`directory`: a local path or a URL orbax writes natively (`gs://bucket/run/...`)."""
+        directory = paths.resolve(directory)
         self.directory = directory
         self._latest = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True
+                max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+                multiprocessing_options=_barriers("latest"),
             ),
             item_names=("state", "data_iter"),
         )
         self._best = ocp.CheckpointManager(
-            os.path.join(directory, BEST_DIR),
+            directory / BEST_DIR,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, best_fn=lambda m: m["miou"], best_mode="max",
                 enable_async_checkpointing=asynchronous, create=True,
+                multiprocessing_options=_barriers("best"),
             ),
             item_names=("state",),
         )
@@ -212,7 +222,7 @@ def _is_not_read_only_notice(record: logging.LogRecord) -> bool:
     return "read only" not in message and "read_only=True" not in message
 
 
-def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
+def _read_only(where: epath.Path, **kwargs: Any) -> ocp.CheckpointManager:
     """A read-only manager, without orbax's warnings about it (reading a run is the point)."""
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(_is_not_read_only_notice)
@@ -223,8 +233,9 @@ def _read_only(where: str, **kwargs: Any) -> ocp.CheckpointManager:
         absl_logger.removeFilter(_is_not_read_only_notice)
 
 
-def saved_steps(where: str) -> list[int]:
-    if not os.path.isdir(where):
+def saved_steps(where: str | os.PathLike) -> list[int]:
+    where = paths.resolve(where)
+    if not where.is_dir():
         return []
     with _read_only(where) as manager:
         return sorted(manager.all_steps())
@@ -235,8 +246,8 @@ def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str
     `step` is "latest", "best" or a step number (of the latest ones, else of the best).
     Needs no template and works on any topology: for tools that read a run (also while it
     trains: a checkpoint still being written is not listed)."""
-    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS_DIR)
-    best_dir = os.path.join(directory, BEST_DIR)
+    directory = paths.resolve(workdir) / CHECKPOINTS_DIR
+    best_dir = directory / BEST_DIR
     latest, best = saved_steps(directory), saved_steps(best_dir)
     if step == "best" or (step != "latest" and int(step) not in latest and int(step) in best):
         where, steps = best_dir, best

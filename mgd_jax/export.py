@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from mgd_jax import checkpoint, integrity, models
+from mgd_jax import checkpoint, integrity, models, paths
 from mgd_jax.data import augment
 from mgd_jax.data.datasets import DatasetInfo
 from mgd_jax.errors import ExportError
@@ -268,7 +268,7 @@ def locate(path: str, step: int | str | None = None) -> tuple[epath.Path, int | 
     """(directory, step) of what `path` names: a network directory or a workdir as given, or,
     for a checkpoint folder inside a workdir (`checkpoints`, `checkpoints/<step>`,
     `checkpoints/best[/<step>]`), the workdir and that step."""
-    root = epath.Path(os.path.abspath(os.path.expanduser(path)))
+    root = paths.resolve(path)
     parts = [root.name, root.parent.name, root.parent.parent.name]
     if parts[0] == checkpoint.CHECKPOINTS_DIR:
         found: tuple[epath.Path, int | str | None] = (root.parent, step)

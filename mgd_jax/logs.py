@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
@@ -92,6 +93,7 @@ class LogFile(logging.Handler):
         self.remote = "://" in path if remote is None else remote
         self.sync_seconds = sync_seconds
         self._synced = time.monotonic()
+        self._owner = threading.get_ident()
         if self.remote:
             fd, self._local = tempfile.mkstemp(prefix="mgd_jax_log_", suffix=".txt")
             os.close(fd)
@@ -108,17 +110,30 @@ class LogFile(logging.Handler):
         try:
             self._file.write(self.format(record) + "\n")
             self._file.flush()
-            if self.remote and time.monotonic() - self._synced >= self.sync_seconds:
-                self.sync()
         except Exception:  # noqa: BLE001 - logging must never break the run
             self.handleError(record)
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        emitted = super().handle(record)
+        # The upload runs outside the handler's lock and only on the thread that opened the file:
+        # the storage client logs from its own I/O thread while it uploads, and that record
+        # needs the lock (inside it, or on that thread, the upload would wait for itself).
+        if (self.remote and threading.get_ident() == self._owner
+                and time.monotonic() - self._synced >= self.sync_seconds):
+            try:
+                self.sync()
+            except Exception:  # noqa: BLE001 - logging must never break the run
+                self.handleError(record)
+        return emitted
 
     def sync(self) -> None:
         """Writes the remote file whole (nothing to do for a local one)."""
         if self.remote and not self._file.closed:
-            self._file.flush()
-            with open(self._local) as f:
-                epath.Path(self.path).write_text(f.read())
+            with self.lock:  # a consistent copy; the upload itself outside the lock (`handle`)
+                self._file.flush()
+                with open(self._local) as f:
+                    text = f.read()
+            epath.Path(self.path).write_text(text)
             self._synced = time.monotonic()
 
     def close(self) -> None:

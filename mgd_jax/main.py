@@ -15,7 +15,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mgd_jax import cli, demo, train
+from mgd_jax import cli, demo, paths, train
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
@@ -29,15 +29,15 @@ flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
 def _train() -> None:
-    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    workdir = paths.resolve(_WORKDIR.value)  # a local folder or a URL (gs://bucket/run)
     # A persistent compilation cache (in the workdir unless JAX_COMPILATION_CACHE_DIR says
     # otherwise) makes reruns and resumed runs start fast.
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, ".jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", str(workdir / ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     config = _CONFIG.value
     if "stages" in config:
-        demo.run(config, workdir)
+        demo.run(config, str(workdir))
     else:
         train.train_and_evaluate(config, workdir)
 

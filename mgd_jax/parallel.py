@@ -111,10 +111,35 @@ def process_share(global_size: int, field: str = "batch_size", *,
     return global_size // processes
 
 
-def initialize_distributed() -> None:
-    """Multi-process start-up (TPU pods, multi-node GPU) where asked for with
-    MGD_JAX_DISTRIBUTED=1; a single process (Colab, one GPU, CPU) needs nothing."""
-    if os.environ.get("MGD_JAX_DISTRIBUTED", "0") == "1":
+COORDINATOR_ENV = "MGD_JAX_COORDINATOR_ADDRESS"  # host:port of process 0's coordinator
+NUM_PROCESSES_ENV = "MGD_JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "MGD_JAX_PROCESS_ID"
+
+
+def initialize_distributed(environ: dict[str, str] | None = None) -> None:
+    """Joins the multi-process runtime where asked for; a single process (Colab, one GPU, CPU)
+    needs nothing.
+
+    - MGD_JAX_COORDINATOR_ADDRESS=host:port with MGD_JAX_NUM_PROCESSES and MGD_JAX_PROCESS_ID:
+      explicit (local multi-process tests, clusters jax cannot detect);
+    - else MGD_JAX_DISTRIBUTED=1: `jax.distributed.initialize()` detects the cluster (Cloud TPU
+      VMs, Slurm, Open MPI).
+    """
+    env = os.environ if environ is None else environ
+    address = env.get(COORDINATOR_ENV, "")
+    if address:
+        try:
+            count, index = int(env[NUM_PROCESSES_ENV]), int(env[PROCESS_ID_ENV])
+        except (KeyError, ValueError):
+            raise ConfigError(
+                f"{COORDINATOR_ENV}={address} needs {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} "
+                "(integers: the number of processes and this one's index)") from None
+        if not 0 <= index < count:
+            raise ConfigError(f"{PROCESS_ID_ENV}={index} must be in [0, {NUM_PROCESSES_ENV}="
+                              f"{count})")
+        jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                                   process_id=index)
+    elif env.get("MGD_JAX_DISTRIBUTED", "0") == "1":
         jax.distributed.initialize()
 
 

@@ -1,10 +1,11 @@
 """Training reports: console lines (`logs.say`, so also in the run's log file),
-<workdir>/metrics.jsonl, prediction panels as PNG files and TensorBoard event files (scalars,
-texts, images).
+<workdir>/metrics.jsonl (`MetricsFile`), prediction panels as PNG files and TensorBoard event files
+(scalars, texts, images).
 
-TensorBoard files are written with tensorboardX (no TensorFlow). Only the main process (process 0)
-writes files; other processes log their lines at debug level. Values may be Python or JAX/numpy
-scalars.
+TensorBoard files are written with tensorboardX (no TensorFlow; on `gs://` through
+google-cloud-storage, the whole event file rewritten at each flush). Only the main process
+(process 0) writes files; other processes log their lines at debug level. Values may be Python or
+JAX/numpy scalars.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import datetime
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from mgd_jax import logs
+from mgd_jax import logs, paths
 
 PANELS_DIR = "panels"
+METRICS_FILE = "metrics.jsonl"
 
 
 def _to_float(value: Any) -> float:
@@ -63,11 +64,11 @@ class Reporter:
         self._jsonl = None
         self._tb = None
         if is_main:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
+            self._jsonl = MetricsFile(str(paths.resolve(workdir) / METRICS_FILE))
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=workdir)
+            self._tb = SummaryWriter(logdir=str(paths.resolve(workdir)))
 
     def _emit(self, line: str, console: bool = True) -> None:
         logs.say(line, console=console, primary=self.is_main)
@@ -90,8 +91,7 @@ class Reporter:
         if not self.is_main:
             return
         record = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in floats.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write(record)
         for k, v in floats.items():
             self._tb.add_scalar(k, v, global_step=step)
         self._tb.flush()
@@ -149,6 +149,11 @@ class Reporter:
         self._tb.flush()
         return str(path)
 
+    def restart_at(self, step: int) -> None:
+        """The run (re)starts at `step` (its checkpoint): see `MetricsFile.restart_at`."""
+        if self._jsonl is not None:
+            self._jsonl.restart_at(step)
+
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
         if self._jsonl is not None:
@@ -163,6 +168,85 @@ class Reporter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MetricsFile:
+    """`metrics.jsonl`: one JSON object per line, each with its "step".
+
+    One row per (step, names): a run restarted from a checkpoint repeats the steps after it, and
+    their rows replace the earlier ones (`restart_at` drops the rows after the checkpoint; a row
+    written again with the same step and names replaces its twin) instead of appearing twice.
+    A local file is appended to line by line (rewritten only when rows are dropped or replaced);
+    a remote one (`gs://...`, objects cannot be appended to) is rewritten whole every
+    `sync_seconds` and on close.
+    """
+
+    def __init__(self, path: str, *, sync_seconds: float = 30.0):
+        self.path = paths.resolve(path)
+        self.remote = paths.is_remote(path)
+        self.sync_seconds = sync_seconds
+        self._rows: dict[tuple, dict[str, Any]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self._rows[_row_key(row)] = row
+        self._dirty = False
+        self._synced = time.monotonic()
+        self._file = None if self.remote else open(self.path, "a")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        row = dict(row)
+        key = _row_key(row)
+        replaced = key in self._rows
+        if replaced:
+            del self._rows[key]  # re-inserted last: rows stay in the order they were written
+        self._rows[key] = row
+        if self.remote:
+            self._dirty = True
+            if time.monotonic() - self._synced >= self.sync_seconds:
+                self.sync()
+        elif replaced:
+            self._rewrite()
+        else:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def restart_at(self, step: int) -> None:
+        """Drops the rows of the steps after `step` (the restarted run logs them again)."""
+        kept = {k: r for k, r in self._rows.items() if r["step"] <= step}
+        if len(kept) != len(self._rows):
+            self._rows = kept
+            self._rewrite()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self._rows.values())
+
+    def sync(self) -> None:
+        """Writes a remote file whole (a local one is always up to date)."""
+        if self.remote and self._dirty:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self._rows.values())
+        if self.remote:
+            self.path.write_text(text)
+            self._dirty, self._synced = False, time.monotonic()
+        else:
+            self._file.close()
+            with open(self.path, "w") as f:
+                f.write(text)
+            self._file = open(self.path, "a")
+
+    def close(self) -> None:
+        if self.remote:
+            self.sync()
+        elif self._file is not None and not self._file.closed:
+            self._file.close()
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple:
+    return (row["step"], *sorted(k for k in row if k != "step"))
 
 
 class Progress:

@@ -33,6 +33,7 @@ from mgd_jax import (
     models,
     optim,
     parallel,
+    paths,
     reporting,
 )
 from mgd_jax.methods.base import eval_variables
@@ -107,12 +108,16 @@ def diverged_message(record: dict, config: ml_collections.ConfigDict, last_good:
             f"{config.lr:g}), or --config.skip_nonfinite=true to skip and count such steps")
 
 
-def check_workdir(workdir: str) -> None:
+def check_workdir(workdir: str | os.PathLike) -> None:
     """A clear error before training when `workdir` cannot be created or written (no space, no
-    permission, a file in the way)."""
-    probe = os.path.join(workdir, f".mgd_jax_write_test_{os.getpid()}")
+    permission, a file in the way, a bucket without access)."""
+    probe = paths.resolve(workdir) / f".mgd_jax_write_test_{os.getpid()}"
     try:
-        os.makedirs(workdir, exist_ok=True)
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        if paths.is_remote(workdir):  # an object store: one small object, no fsync
+            probe.write_bytes(b"\0")
+            probe.unlink()
+            return
         fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
         try:
             os.write(fd, b"\0" * 4096)
@@ -125,14 +130,14 @@ def check_workdir(workdir: str) -> None:
                                "free space or pick another folder") from None
 
 
-def check_resume_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> None:
+def check_resume_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                        resuming: bool) -> None:
     """Refuses to resume a run whose recorded `config.json` differs in a field that changes the
     run, unless `config.allow_config_change`."""
-    path = os.path.join(workdir, "config.json")
-    if not resuming or not os.path.isfile(path):
+    path = paths.resolve(workdir) / "config.json"
+    if not resuming or not path.is_file():
         return
-    with open(path) as f:
-        changes = config_lib.resume_changes(json.load(f), config)
+    changes = config_lib.resume_changes(json.loads(path.read_text()), config)
     if not changes:
         return
     listed = "; ".join(changes)
@@ -175,7 +180,7 @@ def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabel
 
 
 def _stopped(step: int, signals: interrupts.StopSignals, ckpt: Any, train_iter: Any,
-             reporter: reporting.Reporter, workdir: str) -> dict[str, Any]:
+             reporter: reporting.Reporter, workdir: Any) -> dict[str, Any]:
     """The end of a run stopped by a signal: its checkpoint written, the files closed."""
     ckpt.close()  # waits for the writes
     if hasattr(train_iter, "close"):
@@ -184,28 +189,29 @@ def _stopped(step: int, signals: interrupts.StopSignals, ckpt: Any, train_iter: 
     reporter.line(f"stopped by {name} after step {step}: checkpoint written to "
                   f"{ckpt.directory}/{step}; rerun the same command to continue")
     reporter.close()
-    return {"stopped": True, "step": step, "workdir": workdir}
+    return {"stopped": True, "step": step, "workdir": str(workdir)}
 
 
-def _write_json(path: str, value: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2)
+def _write_json(path: os.PathLike, value: Any) -> None:
+    paths.resolve(path).write_text(json.dumps(value, indent=2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
     """Trains `config.method` and evaluates it; returns the final / best val scores.
 
-    Everything the run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
+    `workdir`: a local folder or a cloud storage URL (`gs://bucket/run`; `paths`). Everything the
+    run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
     """
     config_lib.validate(config, device_count=jax.device_count())
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = paths.resolve(workdir)
     check_workdir(workdir)
     is_main = jax.process_index() == 0
-    with logs.log_file(workdir, enabled=is_main):
+    with logs.log_file(str(workdir), enabled=is_main):
         return _train_and_evaluate(config, workdir, is_main)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main: bool
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main: bool
                         ) -> dict[str, Any]:
     # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
     from clu import parameter_overview
@@ -213,7 +219,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     from mgd_jax import checkpoint, evaluate, export, panels
     from mgd_jax.data import input_pipeline
 
-    checkpoints_dir = os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+    checkpoints_dir = workdir / checkpoint.CHECKPOINTS_DIR
     check_resume_config(config, workdir, bool(checkpoint.saved_steps(checkpoints_dir)))
     mesh = parallel.make_mesh()
 
@@ -223,14 +229,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     schedule = optim.poly_schedule(config.lr, steps, power=config.lr_power)
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
 
-    reporter = reporting.Reporter(workdir, total_steps=steps, is_main=is_main)
+    reporter = reporting.Reporter(str(workdir), total_steps=steps, is_main=is_main)
     # What a network of this run is: its build, its data and protocol (export.run_meta).
     network_meta = dict(method.export_meta,
                         **export.run_meta(config.dataset, data.info, config.eval))
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        _write_json(os.path.join(workdir, export.NETWORK_FILE),
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _write_json(workdir / export.NETWORK_FILE,
                     dict(network_meta, state_path=list(method.eval_path)))
     reporter.text("config", str(config), console=False)  # the log file and TensorBoard only
     reporter.text("data", data.description)
@@ -250,15 +255,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
     eval_params = eval_variables(method, state.params, state.batch_stats)["params"]
     num_params = models.count_params(eval_params)
     reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters"
-                  f" (per-leaf overview in {os.path.join(workdir, 'parameters.txt')})")
+                  f" (per-leaf overview in {workdir / 'parameters.txt'})")
     if is_main:
-        with open(os.path.join(workdir, "parameters.txt"), "w") as f:
-            f.write(parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
+        (workdir / "parameters.txt").write_text(
+            parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
 
     train_iter = parallel.DevicePrefetch(iter(data.train), mesh, config.get("prefetch", 2))
     ckpt = checkpoint.Checkpointer(checkpoints_dir, keep=config.keep_checkpoints)
     state, resumed = ckpt.restore_or_init(state, train_iter)
     start = int(jax.device_get(state.step))
+    reporter.restart_at(start)  # the rows of the steps this run repeats are replaced
     if resumed:
         reporter.text("resume", f"resumed from step {start}")
 
@@ -371,8 +377,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
         train_iter.close()
 
     def save_export(name: str, variables, step: int, miou: float) -> str:
-        directory = os.path.join(workdir, name)
-        meta = dict(network_meta, source=workdir, step=int(step), miou=float(miou))
+        directory = str(workdir / name)
+        meta = dict(network_meta, source=str(workdir), step=int(step), miou=float(miou))
         export.save_network(directory, jax.device_get(variables), meta, overwrite=True)
         return directory
 
@@ -405,7 +411,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, is_main
         "extra_evals": {k: float(v["miou"]) for k, v in extra_scores.items()},
     }
     if is_main:
-        _write_json(os.path.join(workdir, "final_metrics.json"), result)
+        _write_json(workdir / "final_metrics.json", result)
     reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
     reporter.close()
     return result

@@ -54,6 +54,7 @@ LAYERS = (
     ("parallel",),
     ("integrity", "interrupts"),
     ("errors", "logs", "", "data"),  # "" = the package itself
+    ("paths",),
 )
 
 
