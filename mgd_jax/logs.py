@@ -52,6 +52,13 @@ class _Console(logging.StreamHandler):
         self.setLevel(logging.WARNING)
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
+    def format(self, record: logging.LogRecord) -> str:
+        # One line per record: a library's traceback or multi-line message goes to the log file
+        # only (an orbax write failure would otherwise print dozens of lines before our error).
+        lines = record.getMessage().splitlines() or [""]
+        more = " (more in the run's log.txt)" if record.exc_info or len(lines) > 1 else ""
+        return f"{record.levelname} {record.name}: {lines[0]}{more}"
+
     @property
     def stream(self):  # type: ignore[override]
         return sys.stderr

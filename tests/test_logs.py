@@ -23,6 +23,10 @@ def test_console_and_log_file(tmp_path, capsys):
             absl_logging.info("orbax chatter")
             logging.getLogger("some.library").info("more chatter")
             logging.getLogger("some.library").warning("a real problem")
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                logging.getLogger("some.library").exception("save failed\nsecond line")
             logs.say("from another process", primary=False)
         logs.say("after the run")
     finally:
@@ -30,9 +34,12 @@ def test_console_and_log_file(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == "step 1/2: loss=0.5\nafter the run\n"
     assert "chatter" not in err and "a real problem" in err
+    # A library's error with a traceback: one console line; the traceback in the log file.
+    assert "ERROR some.library: save failed (more in the run's log.txt)\n" in err
+    assert "Traceback" not in err and "second line" not in err
     text = (tmp_path / logs.LOG_FILE).read_text()
     for line in ("step 1/2: loss=0.5", "batch_size: 8", "orbax chatter", "more chatter",
-                 "a real problem"):
+                 "a real problem", "second line", "Traceback", "No space left on device"):
         assert line in text
     assert "after the run" not in text and "another process" not in text
     assert text.splitlines()[0].split(" ")[2] == "I"  # time, level, logger: message
