@@ -83,6 +83,7 @@ class Checkpointer:
                         ),
                     )
                 except Exception as e:  # a missing or unreadable file (orbax, tensorstore)
+                    logging.info("restoring step %d failed", step, exc_info=True)  # to log.txt
                     problem = f"{_step_dir(self._latest, step)} cannot be read ({_first_line(e)})"
             if problem is None:
                 self._set_aside(damaged, step)

@@ -104,14 +104,13 @@ def test_mgd_loss_terms_and_teacher_isolation(tiny_config, tiny_teachers):
     batch = jax.tree.map(jnp.asarray, random_batch(1))
 
     def loss_wrt_teachers(frozen_vars):
-        loss, _ = method.loss(variables["params"], variables["batch_stats"], frozen_vars, batch,
-                              jax.random.PRNGKey(0))
-        return loss
+        loss, aux = method.loss(variables["params"], variables["batch_stats"], frozen_vars, batch,
+                                jax.random.PRNGKey(0))
+        return loss, aux
 
-    grads = jax.grad(loss_wrt_teachers)(frozen)
+    # (jitted: op by op, the three networks' forward and backward take minutes on a CPU)
+    grads, (_, metrics) = jax.jit(jax.grad(loss_wrt_teachers, has_aux=True))(frozen)
     assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
-    _, (stats, metrics) = method.loss(variables["params"], variables["batch_stats"], frozen,
-                                      batch, jax.random.PRNGKey(0))
     for name in ("loss_sup", "loss_consistency_unlabeled", "loss_consistency_labeled",
                  "loss_image", "loss_region"):
         assert np.isfinite(float(metrics[name])) and float(metrics[name]) > 0, name
@@ -120,8 +119,8 @@ def test_mgd_loss_terms_and_teacher_isolation(tiny_config, tiny_teachers):
     config.loss.image = False
     ablated = methods.get(config)
     ablated.frozen_variables()
-    _, (_, m2) = ablated.loss(variables["params"], variables["batch_stats"], frozen, batch,
-                              jax.random.PRNGKey(0))
+    _, (_, m2) = jax.jit(ablated.loss)(variables["params"], variables["batch_stats"], frozen,
+                                       batch, jax.random.PRNGKey(0))
     assert float(m2["loss_region"]) == 0 and float(m2["loss_image"]) == 0
     np.testing.assert_allclose(float(m2["loss_sup"]), float(metrics["loss_sup"]), rtol=1e-6)
 
@@ -133,9 +132,10 @@ def test_cps_weight_ramps_up_over_the_configured_steps(tiny_config):
     method = methods.get(config)
     variables = method.init_variables(jax.random.key(0, impl="rbg"))
     batch = jax.tree.map(jnp.asarray, random_batch(1))
+    loss_fn = jax.jit(method.loss)
     for step, factor in ((0, np.exp(-5.0)), (50, np.exp(-5.0 * 0.25)), (100, 1.0), (900, 1.0)):
-        loss, (_, m) = method.loss(variables["params"], variables["batch_stats"], None, batch,
-                                   jax.random.PRNGKey(0), jnp.asarray(step))
+        loss, (_, m) = loss_fn(variables["params"], variables["batch_stats"], None, batch,
+                               jax.random.PRNGKey(0), jnp.asarray(step))
         np.testing.assert_allclose(float(m["cps_weight"]), 2.0 * factor, rtol=1e-6)
         want = m["loss_sup_branch1"] + m["loss_sup_branch2"] + m["cps_weight"] * m["loss_cps"]
         np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
@@ -152,8 +152,8 @@ def test_student_bn_updated_four_times_per_mgd_step(tiny_config, tiny_teachers):
     method = methods.get(config)
     v = method.init_variables(jax.random.key(0, impl="rbg"))
     batch = jax.tree.map(jnp.asarray, random_batch(2))
-    _, (stats, _) = method.loss(v["params"], v["batch_stats"], method.frozen_variables(), batch,
-                                jax.random.PRNGKey(0))
+    _, (stats, _) = jax.jit(method.loss)(v["params"], v["batch_stats"],
+                                         method.frozen_variables(), batch, jax.random.PRNGKey(0))
     expected = v["batch_stats"]
     u0, u1 = base.normalize(batch["unlabeled_0"]), base.normalize(batch["unlabeled_1"])
     for images in (u0, u1, base.mix(u0, u1, batch["mask"]),
@@ -163,7 +163,7 @@ def test_student_bn_updated_four_times_per_mgd_step(tiny_config, tiny_teachers):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     config.student_nograd_bn_updates = False
     without = methods.get(config)
-    _, (stats2, _) = without.loss(
+    _, (stats2, _) = jax.jit(without.loss)(
         v["params"], v["batch_stats"], without.frozen_variables(), batch, jax.random.PRNGKey(0))
     assert not np.allclose(jax.tree.leaves(stats2)[0], jax.tree.leaves(stats)[0])
 

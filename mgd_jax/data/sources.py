@@ -190,8 +190,13 @@ class PreparedSplit:
         self.split = split
         self.info = info
         self._keys = list(keys)
-        self._ds = None  # opened lazily; never pickled
+        self._ds = None  # never pickled: each worker process opens its own
         self._index: dict[str, int] | None = None
+        # Opened here, in the constructing thread: tfds imports its modules under etils'
+        # lazy_imports, which swaps `builtins.__import__` for the whole process; done first in a
+        # prefetch thread it raced orbax's restore (a resumed run failed with "'LazyModule' object
+        # is not callable").
+        self._data()
 
     @property
     def keys(self) -> list[str]:
