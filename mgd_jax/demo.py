@@ -10,21 +10,34 @@ error over the val images, printed and written to `<workdir>/results.json`, and 
 stage's predictions on the same val images written to `<workdir>/panels.png` (per seed folder when
 there are several). `demo.seeds` runs the whole demo for several seeds and adds the mean +- std of
 the gain.
+
+On a CPU, `demo.parallel_stages` stages run at once, each in a process of its own (the teachers
+together, then the students; MGD starts once both teachers are exported): one training process
+keeps about 1.5 of 2 cores busy, two keep both. The numbers are the same as one after another (each
+stage is the same deterministic program). The stages' console lines are prefixed with the stage
+name; SIGTERM / SIGINT to the demo reach every running stage, which stop with a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 
 from mgd_jax import logs
-from mgd_jax.errors import ConfigError
+from mgd_jax.errors import ConfigError, UserError
 
 STAGES = ("teacher_deep", "teacher_wide", "student_supervised", "student_mgd")
 RESULT_NAMES = {
@@ -54,6 +67,8 @@ def _plain_copy(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     with c.unlocked():
         del c["stages"]
         del c.demo["seeds"]
+        if "parallel_stages" in c.demo:  # how the demo runs, not what a stage trains
+            del c.demo["parallel_stages"]
     return c
 
 
@@ -140,24 +155,166 @@ def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[floa
 def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any] | None:
     """Every stage of one seed; the four results and the students' gain with its SE (None when
     a stage was stopped by a signal)."""
-    from mgd_jax import train
-
-    networks: dict[str, dict[str, Any]] = {}
-    for stage in [s for s in config.stages.split(",") if s]:
-        stage_dir = os.path.join(seed_dir, stage)
-        logs.say(f"== seed {config.seed}: stage {stage} -> {stage_dir}")
-        result = train.train_and_evaluate(
-            stage_config(config, stage, seed_dir), stage_dir
-        )
-        if result.get("stopped"):
-            return None
-        networks[RESULT_NAMES[stage]] = {
-            "miou": float(result["miou"]),
-            "params": int(result["params"]),
-            "arch": _arch_of(config, stage),
-        }
+    stages = [s for s in config.stages.split(",") if s]
+    width = parallel_width(config)
+    results = (_run_stages_at_once(config, stages, seed_dir, width) if width > 1
+               else _run_stages_in_turn(config, stages, seed_dir))
+    if results is None:
+        return None
+    networks = {RESULT_NAMES[stage]: {
+        "miou": float(results[stage]["miou"]),
+        "params": int(results[stage]["params"]),
+        "arch": _arch_of(config, stage),
+    } for stage in stages}
     gain, gain_se = student_gain(config, seed_dir)
     return {"networks": networks, "gain": gain, "gain_se": gain_se}
+
+
+def parallel_width(config: ml_collections.ConfigDict) -> int:
+    """How many stages run at once: `demo.parallel_stages` on a single-process CPU run, else 1
+    (an accelerator is not shared between processes; a multi-host run is one program)."""
+    import jax
+
+    wanted = int(config.demo.get("parallel_stages", 1))
+    if wanted < 1:
+        raise ConfigError(f"config.demo.parallel_stages: must be >= 1, got {wanted}")
+    if jax.process_count() > 1 or jax.default_backend() != "cpu":
+        return 1
+    return wanted
+
+
+def _run_stages_in_turn(config: ml_collections.ConfigDict, stages: Sequence[str],
+                        seed_dir: str) -> dict[str, dict[str, Any]] | None:
+    from mgd_jax import train
+
+    results = {}
+    for stage in stages:
+        stage_dir = os.path.join(seed_dir, stage)
+        logs.say(f"== seed {config.seed}: stage {stage} -> {stage_dir}")
+        results[stage] = train.train_and_evaluate(stage_config(config, stage, seed_dir),
+                                                  stage_dir)
+        if results[stage].get("stopped"):
+            return None
+    return results
+
+
+# The exit status of a stage process stopped by a signal (with its checkpoint written).
+STOPPED_EXIT = 75
+STAGE_CONFIG_FILE = "stage_config.pkl"  # what the parent hands a stage process
+
+
+def _needs(stage: str, stages: Sequence[str]) -> set[str]:
+    return {"teacher_deep", "teacher_wide"} & set(stages) if stage == "student_mgd" else set()
+
+
+def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str], seed_dir: str,
+                        width: int) -> dict[str, dict[str, Any]] | None:
+    """The stages, up to `width` at once, each `python -m mgd_jax.demo` in a session of its own
+    (signals reach it only through here); a stage starts once the stages it needs finished."""
+    pending, running, results = list(stages), {}, {}
+    failed: tuple[str, int] | None = None
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        del frame
+        received.append(signum)
+        for proc, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while pending or running:
+            if received or failed:
+                pending.clear()
+            for stage in [s for s in pending if _needs(s, stages) <= results.keys()]:
+                if len(running) < width:
+                    pending.remove(stage)
+                    running[stage] = _start_stage(config, stage, seed_dir)
+            time.sleep(0.2)
+            for stage, (proc, printer) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                printer.join()
+                del running[stage]
+                if code == 0:
+                    with open(os.path.join(seed_dir, stage, "final_metrics.json")) as f:
+                        results[stage] = json.load(f)
+                elif code != STOPPED_EXIT and not received and failed is None:
+                    failed = (stage, code)
+                    forward(signal.SIGTERM, None)  # the others stop with a checkpoint
+                    received.clear()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        stage, code = failed
+        raise UserError(f"demo stage {stage} failed (exit status {code}); its log: "
+                        f"{os.path.join(seed_dir, stage, logs.LOG_FILE)}")
+    return None if len(results) < len(stages) else results
+
+
+def _start_stage(config: ml_collections.ConfigDict, stage: str,
+                 seed_dir: str) -> tuple[subprocess.Popen, threading.Thread]:
+    """One stage in a process of its own; its output is printed here line by line, prefixed."""
+    import jax
+
+    stage_dir = os.path.join(seed_dir, stage)
+    os.makedirs(stage_dir, exist_ok=True)
+    logs.say(f"== seed {config.seed}: stage {stage} -> {stage_dir} (a process of its own)")
+    with open(os.path.join(stage_dir, STAGE_CONFIG_FILE), "wb") as f:
+        pickle.dump(stage_config(config, stage, seed_dir), f)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+    proc = subprocess.Popen(
+        stage_command(stage_dir), env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=_stop_with_parent,
+    )
+    printer = threading.Thread(target=_print_prefixed, args=(proc.stdout, stage), daemon=True)
+    printer.start()
+    return proc, printer
+
+
+def stage_command(stage_dir: str) -> list[str]:
+    return [sys.executable, "-m", "mgd_jax.demo", f"--stage_dir={stage_dir}"]
+
+
+def _print_prefixed(stream: Any, stage: str) -> None:
+    for line in stream:
+        print(f"[{stage}] {line}", end="", flush=True)
+
+
+def _stop_with_parent() -> None:
+    """In the stage process before it starts (Linux): SIGTERM when the demo process dies, so a
+    killed demo leaves no stage training on (it stops with a checkpoint)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stage_main(argv: Sequence[str]) -> int:
+    """A stage process: the stage's training run (exit 0), stopped by a signal (`STOPPED_EXIT`),
+    or a user error (one `error:` line, exit 2)."""
+    from absl import flags
+
+    from mgd_jax import cli, train
+
+    flag_values = flags.FlagValues()
+    stage_dir = flags.DEFINE_string("stage_dir", None, "The stage's workdir.",
+                                    flag_values=flag_values)
+
+    def body() -> int:
+        with open(os.path.join(stage_dir.value, STAGE_CONFIG_FILE), "rb") as f:
+            config = pickle.load(f)
+        result = train.train_and_evaluate(config, stage_dir.value)
+        return STOPPED_EXIT if result.get("stopped") else 0
+
+    return cli.run(flag_values, argv, body)
 
 
 def save_panels(config: ml_collections.ConfigDict, seed_dir: str) -> None:
@@ -245,3 +402,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     return results
+
+
+if __name__ == "__main__":
+    sys.exit(_stage_main(sys.argv))

@@ -6,12 +6,17 @@ noise. The slower multiseed check holds the demo to its target: >= 3 points at s
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+from PIL import Image
 
 from mgd_jax import demo
+from mgd_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +66,22 @@ def test_demo_mgd_beats_supervised(tmp_path):
     mgd = json.loads((tmp_path / "student_mgd" / "final_metrics.json").read_text())
     assert mgd["extra_evals"]["teacher_deep"] == networks["teacher_resnet101"]["miou"]
     assert (tmp_path / "teacher_wide" / "export" / "meta.json").is_file()
+    # Every method through `python -m mgd_jax.main` (stages in processes of their own, two at a
+    # time, their lines prefixed): metrics files, the console's own lines only (the full config
+    # and the libraries' INFO lines, orbax's via absl, in each stage's log file).
+    console = proc.stdout + proc.stderr
+    for stage in demo.STAGES:
+        lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
+        assert any("train/loss" in line for line in lines), stage
+        assert f"[{stage}] == data ==" in console, stage
+    assert "[student_mgd] step 1500/1500" in console and "teacher_deep_eval" in console
+    assert "== config ==" not in console and "orbax" not in console.lower()
+    log = (tmp_path / "student_mgd" / "log.txt").read_text()
+    assert "== config ==" in log and "orbax" in log.lower() and "step 1500/1500" in log
+    # Prediction panels of the final evaluation; MGD's add its two teachers' columns.
+    widths = {stage: Image.open(next((tmp_path / stage / "panels").glob("*.png"))).size[0]
+              for stage in ("teacher_deep", "student_mgd")}
+    assert widths["student_mgd"] > widths["teacher_deep"] + 100
     # MGD beats Sup.l by more than twice the evaluation noise (bootstrap SE over the val images,
     # itself under one point). The issue's target, >= 3 points at every seed, is the slower
     # multiseed check below; at seed 0 this machine measured +1.97 (SE 0.70).
@@ -84,3 +105,67 @@ def test_demo_claim_holds_for_five_seeds(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert sorted(results["seeds"]) == ["0", "1", "2", "3", "4"]
     assert all(r["gain"] >= 0.03 for r in results["seeds"].values()), results
+
+
+# A stand-in for a stage process (`demo.stage_command`): notes when it ran, writes its result
+# after `seconds`, exits with `code`; on SIGTERM it stops at once "with a checkpoint" (exit 75).
+FAKE_STAGE = """
+import json, os, signal, sys, time
+stage_dir, seconds, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+def stop(*_):
+    open(os.path.join(stage_dir, "stopped"), "w").close()
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+start = time.time()
+print("training", flush=True)
+time.sleep(seconds)
+json.dump({"miou": 0.5, "params": 1, "start": start, "end": time.time()},
+          open(os.path.join(stage_dir, "final_metrics.json"), "w"))
+sys.exit(code)
+"""
+
+
+def fake_stages(monkeypatch, behaviour):
+    """`behaviour`: stage -> (seconds, exit status)."""
+    def command(stage_dir):
+        seconds, code = behaviour[os.path.basename(stage_dir)]
+        return [sys.executable, "-c", FAKE_STAGE, stage_dir, str(seconds), str(code)]
+
+    monkeypatch.setattr(demo, "stage_command", command)
+
+
+def test_stages_at_once_respect_dependencies_and_width(monkeypatch, tmp_path, capsys):
+    fake_stages(monkeypatch, {stage: (1.0, 0) for stage in demo.STAGES})
+    results = demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2)
+    assert set(results) == set(demo.STAGES)
+    spans = {stage: (r["start"], r["end"]) for stage, r in results.items()}
+    # never more than two at once; MGD only after both teachers; Sup.l fills the free slot
+    for start, _ in spans.values():
+        assert sum(s <= start < e for s, e in spans.values()) <= 2, spans
+    assert spans["student_mgd"][0] >= max(spans["teacher_deep"][1], spans["teacher_wide"][1])
+    assert spans["student_supervised"][0] < spans["teacher_wide"][1] + 0.5
+    out = capsys.readouterr().out
+    assert "[teacher_deep] training" in out and "[student_mgd] training" in out
+    assert os.path.isfile(tmp_path / "student_mgd" / demo.STAGE_CONFIG_FILE)
+
+
+def test_stages_at_once_stop_together_on_a_signal(monkeypatch, tmp_path):
+    fake_stages(monkeypatch, {stage: (60.0, 0) for stage in demo.STAGES})
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    assert demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2) is None
+    assert time.monotonic() - started < 30
+    # the running teachers got the signal; the students never started
+    assert sorted(os.listdir(tmp_path)) == ["teacher_deep", "teacher_wide"]
+    for stage in ("teacher_deep", "teacher_wide"):
+        assert os.path.isfile(tmp_path / stage / "stopped")
+
+
+def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path):
+    fake_stages(monkeypatch, {"teacher_deep": (0.5, 3), "teacher_wide": (60.0, 0),
+                              "student_supervised": (60.0, 0), "student_mgd": (60.0, 0)})
+    with pytest.raises(UserError, match="demo stage teacher_deep failed \\(exit status 3\\); "
+                                        f"its log: {tmp_path}/teacher_deep/log.txt"):
+        demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2)
+    assert os.path.isfile(tmp_path / "teacher_wide" / "stopped")
+    assert not os.path.exists(tmp_path / "student_mgd")
