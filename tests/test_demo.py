@@ -1,5 +1,5 @@
-"""The embedded default as shipped, through the README's own command (it is CI-sized: about six
-minutes on 2 cores): every stage end to end, the table, results.json, and that the MGD student
+"""The embedded default as shipped, through the README's own command (about 14 minutes on 2
+cores, two stages at a time): every stage end to end, the table, results.json, and that the MGD student
 beats the Sup.l student (same architecture, steps, labeled subset and seed) beyond the evaluation
 noise. The slower multiseed check holds the demo to its target: >= 3 points at seeds 0-4."""
 
