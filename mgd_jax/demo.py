@@ -209,8 +209,9 @@ def _needs(stage: str, stages: Sequence[str]) -> set[str]:
 
 def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str], seed_dir: str,
                         width: int) -> dict[str, dict[str, Any]] | None:
-    """The stages, up to `width` at once, each `python -m mgd_jax.demo` in a session of its own
-    (signals reach it only through here); a stage starts once the stages it needs finished."""
+    """The stages, up to `width` at once, each `python -m mgd_jax.demo_stage_main` in a session
+    of its own (signals reach it only through here); a stage starts once the stages it needs
+    finished."""
     pending, running, results = list(stages), {}, {}
     failed: tuple[str, int] | None = None
     received: list[int] = []
@@ -280,7 +281,7 @@ def _start_stage(config: ml_collections.ConfigDict, stage: str,
 
 
 def stage_command(stage_dir: str) -> list[str]:
-    return [sys.executable, "-m", "mgd_jax.demo", f"--stage_dir={stage_dir}"]
+    return [sys.executable, "-m", "mgd_jax.demo_stage_main", f"--stage_dir={stage_dir}"]
 
 
 def _print_prefixed(stream: Any, stage: str) -> None:
@@ -295,26 +296,6 @@ def _stop_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _stage_main(argv: Sequence[str]) -> int:
-    """A stage process: the stage's training run (exit 0), stopped by a signal (`STOPPED_EXIT`),
-    or a user error (one `error:` line, exit 2)."""
-    from absl import flags
-
-    from mgd_jax import cli, train
-
-    flag_values = flags.FlagValues()
-    stage_dir = flags.DEFINE_string("stage_dir", None, "The stage's workdir.",
-                                    flag_values=flag_values)
-
-    def body() -> int:
-        with open(os.path.join(stage_dir.value, STAGE_CONFIG_FILE), "rb") as f:
-            config = pickle.load(f)
-        result = train.train_and_evaluate(config, stage_dir.value)
-        return STOPPED_EXIT if result.get("stopped") else 0
-
-    return cli.run(flag_values, argv, body)
 
 
 def save_panels(config: ml_collections.ConfigDict, seed_dir: str) -> None:
@@ -402,7 +383,3 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     return results
-
-
-if __name__ == "__main__":
-    sys.exit(_stage_main(sys.argv))

@@ -23,7 +23,7 @@ PACKAGE = ROOT / "mgd_jax"
 LAYERS = (
     # command-line tools: flags and printing, over importable functions
     ("main", "eval_main", "predict_main", "export_main", "import_main", "prepare_main",
-     "bench_main", "grid_main"),
+     "bench_main", "grid_main", "demo_stage_main"),
     ("cli",),
     # a run: the loop and what it is made of
     ("demo", "bench", "grid"),

@@ -1,7 +1,8 @@
 """The embedded default as shipped, through the README's own command (about 14 minutes on 2
-cores, two stages at a time): every stage end to end, the table, results.json, and that the MGD student
-beats the Sup.l student (same architecture, steps, labeled subset and seed) beyond the evaluation
-noise. The slower multiseed check holds the demo to its target: >= 3 points at seeds 0-4."""
+cores, two stages at a time): every stage end to end, the table, results.json, and that the MGD
+student beats the Sup.l student (same architecture, steps, labeled subset and seed) beyond the
+evaluation noise. The slower multiseed check holds the demo to its target: >= 3 points at
+seeds 0-4."""
 
 import importlib.util
 import json
