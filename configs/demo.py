@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
     c.demo = ml_collections.ConfigDict()
     d = c.demo
     d.seeds = ",".join(map(str, a.seeds))  # seeds=0,1,2: the whole demo per seed, gain mean+-std
-    d.parallel_stages = 2  # on a CPU, two stages train at once (same numbers, ~1.4x sooner)
+    d.parallel_stages = 2  # on a CPU, two stages train at once (same numbers, sooner)
     d.synthetic = ml_collections.ConfigDict({
         # 1,024 val images: the bootstrap SE of the students' gain is ~0.7 points (2.5 with 96)
         "num_train": 2048, "num_val": 1024, "image_size": 48, "num_classes": 3,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import pickle
@@ -216,12 +217,15 @@ def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str]
     failed: tuple[str, int] | None = None
     received: list[int] = []
 
-    def forward(signum: int, frame: Any) -> None:
-        del frame
-        received.append(signum)
+    def signal_running(signum: int) -> None:
         for proc, _ in running.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signum)
+
+    def forward(signum: int, frame: Any) -> None:
+        del frame
+        received.append(signum)
+        signal_running(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -244,8 +248,7 @@ def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str]
                         results[stage] = json.load(f)
                 elif code != STOPPED_EXIT and not received and failed is None:
                     failed = (stage, code)
-                    forward(signal.SIGTERM, None)  # the others stop with a checkpoint
-                    received.clear()
+                    signal_running(signal.SIGTERM)  # the others stop with a checkpoint
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -273,7 +276,7 @@ def _start_stage(config: ml_collections.ConfigDict, stage: str,
     proc = subprocess.Popen(
         stage_command(stage_dir), env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=_stop_with_parent,
+        preexec_fn=_stop_with_parent(),
     )
     printer = threading.Thread(target=_print_prefixed, args=(proc.stdout, stage), daemon=True)
     printer.start()
@@ -289,13 +292,15 @@ def _print_prefixed(stream: Any, stage: str) -> None:
         print(f"[{stage}] {line}", end="", flush=True)
 
 
-def _stop_with_parent() -> None:
-    """In the stage process before it starts (Linux): SIGTERM when the demo process dies, so a
-    killed demo leaves no stage training on (it stops with a checkpoint)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _stop_with_parent() -> Any:
+    """What the stage process runs before it starts (Linux; else None): SIGTERM when the demo
+    process dies, so a killed demo leaves no stage training on (it stops with a checkpoint).
+    Looked up here, in the demo's process: between fork and exec only the call itself runs."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return functools.partial(ctypes.CDLL(None).prctl, 1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def save_panels(config: ml_collections.ConfigDict, seed_dir: str) -> None:
