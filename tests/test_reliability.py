@@ -185,10 +185,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(reference, tm
     with caplog.at_level("WARNING"):
         state, resumed = ckpt.restore_or_init(template, position)
     assert resumed and int(state.step) == 6 and position.state
-    # One warning (as a set: once an earlier test configured the console, the same line can
-    # arrive through two loggers)
-    # (matched on its start: the test's tmp path holds "damaged" too, so library lines naming
-    # the folder would match a looser filter)
+    # One warning, matched on its start (the tmp path holds "damaged" too) and as a set (once an
+    # earlier test configured the console, the same line can arrive through two loggers).
     (warning,) = {r.getMessage() for r in caplog.records
                   if r.getMessage().startswith("checkpoint of step 8 is damaged")}
     assert str(latest) in warning and str(workdir / "checkpoints" / "6") in warning
