@@ -118,8 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr_power = 0.9  # poly power, per iteration, no warmup (§4.1)
 
     # ---- networks -------------------------------------------------------------------------
+    # The network `supervised` / `mgd` train: the official students are resnet18 and
+    # mobilenet_v2; a teacher backbone also trains (the demo pre-trains its teachers this way).
     c.student = "resnet18"
-    c.student_init = ""  # network directory of the ImageNet backbone ("" = random)
+    # A network directory whose backbone starts the student: an imported ImageNet backbone or a
+    # trained network of the architecture ("" = random)
+    c.student_init = ""
     c.model = ml_collections.ConfigDict()
     c.model.width = 1.0  # channel multiplier (1.0 = the official networks)
     c.model.depths = ""  # e.g. "1,1,1,1" blocks per stage ("" = the official depths)
@@ -141,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.cps = ml_collections.ConfigDict()  # the teacher stage
     c.cps.backbone = "resnet101"
-    c.cps.init = ""  # ImageNet backbone checkpoint for both branches
+    c.cps.init = ""  # the backbone for both branches (as student_init)
     c.cps.weight = 1.0  # cps_weight (VOC 1, Cityscapes 5; §2.4)
     # Steps of a sigmoid ramp-up of cps.weight; 0 = the official full weight from step 0 (its
     # networks start from ImageNet weights: from random weights the early pseudo-labels are noise)

@@ -408,6 +408,24 @@ def test_synthetic_class_design():
     assert synthetic.SyntheticSpec(num_train=7).cli_args() == "--num_train=7"
     with pytest.raises(ValueError, match="num_classes"):
         synthetic.SyntheticSpec(num_classes=1)
+    with pytest.raises(ValueError, match="first_class"):
+        synthetic.SyntheticSpec(first_class=-1)
+
+
+def test_synthetic_source_task_shares_nothing_with_the_target():
+    """`first_class`: the demo's pre-training task has none of the target's classes, not even as
+    a distractor object."""
+    target = set(synthetic.class_pairs(3))
+    source = synthetic.SyntheticSpec(5, 32, 10, 4, seed=1, first_class=2)
+    assert not target & set(synthetic.class_pairs(5, 2))
+    assert synthetic.dataset_info(source).class_names == (
+        "background", "triangle+stripes", "triangle+dots", "disc+checker", "triangle+checker")
+    rng = np.random.default_rng(0)
+    drawn = {(shape, fill) for _ in range(400)
+             for _, shape, fill in synthetic.object_kinds(source, rng)}
+    assert not drawn & target and len(drawn) > 20
+    assert synthetic.SyntheticSpec.from_config_name(source.config_name) == source
+    assert source.cli_args().endswith("--first_class=2")
 
 
 def test_synthetic_difficulty_knobs():

@@ -207,6 +207,30 @@ def test_bad_config_fails_before_compiling(tmp_path):
     assert "config.teacher_deep.checkpoint" in proc.stderr
 
 
+def test_init_from_a_trained_network_takes_its_backbone_only(tmp_path, tiny_config):
+    """cps.init / student_init may name a trained network of the architecture with other classes
+    (the demo's pre-trained teachers): its backbone loads, the head keeps its fresh init."""
+    source = tiny_config("supervised", num_classes=5)
+    model = base.build("resnet18", source, base.student_options(source))
+    trained = base.init_network(jax.random.key(1, impl="rbg"), model, source)
+    export.save_network(str(tmp_path / "net"), trained, {"backbone": "resnet18",
+                                                          "num_classes": 5})
+    config = tiny_config("supervised")
+    model = base.build("resnet18", config, base.student_options(config))
+    fresh = base.init_network(jax.random.key(0, impl="rbg"), model, config)
+    loaded = base.init_network(jax.random.key(0, impl="rbg"), model, config,
+                               str(tmp_path / "net"))
+    for part in ("params", "batch_stats"):
+        jax.tree.map(np.testing.assert_array_equal, loaded[part]["backbone"],
+                     trained[part]["backbone"])
+    jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"],
+                 fresh["params"]["head"])
+    with pytest.raises(ExportError, match="no backbone"):
+        export.save_network(str(tmp_path / "head"), {"params": {"head": trained["params"]["head"]}},
+                            {"backbone": "resnet18", "num_classes": 5})
+        base.init_network(jax.random.key(0, impl="rbg"), model, config, str(tmp_path / "head"))
+
+
 def test_imagenet_init_merges_a_backbone_checkpoint(tmp_path, tiny_config):
     """config.student_init: a torchvision ResNet-18 imported with --backbone_only loads into the
     deep-stem student the official way (bn1, layer1-4 loaded; the deep stem keeps its init)."""

@@ -42,9 +42,16 @@ class SyntheticSpec:
     boundary_ignore: bool = True  # 1-px 255 band along label boundaries
     max_distractors: int = 2  # non-class objects per image: 0..max_distractors
     object_size: int = 20  # mean object radius, % of the image size (radius ±30%)
+    # Classes start at this pair of the class grid (`class_pairs`); the pairs before it never
+    # appear, not even as distractors: a source task that shares no class with the default one
+    # (the demo's stand-in for ImageNet pre-training).
+    first_class: int = 0
 
     def __post_init__(self):
-        max_classes = 1 + len(SHAPES) * len(TEXTURES) - 1  # keep >= 1 distractor pair
+        if self.first_class < 0:
+            raise ValueError(f"first_class={self.first_class}: expected >= 0")
+        # keep >= 1 distractor pair
+        max_classes = 1 + len(SHAPES) * len(TEXTURES) - 1 - self.first_class
         if not 2 <= self.num_classes <= max_classes:
             raise ValueError(f"num_classes={self.num_classes}: expected 2..{max_classes}")
         if self.image_size < 24:
@@ -67,6 +74,8 @@ class SyntheticSpec:
             name += f"_d{self.max_distractors}"
         if self.object_size != 20:
             name += f"_o{self.object_size}"
+        if self.first_class:
+            name += f"_f{self.first_class}"
         return name if self.boundary_ignore else name + "_nb"
 
     @classmethod
@@ -75,42 +84,53 @@ class SyntheticSpec:
         if name == "default":
             return cls()
         m = re.fullmatch(
-            r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(?:_d(\d+))?(?:_o(\d+))?(_nb)?", name
+            r"c(\d+)_s(\d+)_n(\d+)_v(\d+)_seed(\d+)(?:_d(\d+))?(?:_o(\d+))?(?:_f(\d+))?(_nb)?",
+            name,
         )
         if m is None:
             raise ValueError(f"{name!r} is not a synthetic config name")
         c, s, n, v, seed = (int(g) for g in m.groups()[:5])
-        return cls(c, s, n, v, seed, boundary_ignore=m.group(8) is None,
-                   max_distractors=int(m.group(6) or 2), object_size=int(m.group(7) or 20))
+        return cls(c, s, n, v, seed, boundary_ignore=m.group(9) is None,
+                   max_distractors=int(m.group(6) or 2), object_size=int(m.group(7) or 20),
+                   first_class=int(m.group(8) or 0))
 
     def cli_args(self) -> str:
         """The ``prepare synthetic`` options that build this spec."""
         default = SyntheticSpec()
-        names = [f.name for f in dataclasses.fields(self) if f.name != "boundary_ignore"]
-        args = [f"--{n}={getattr(self, n)}" for n in names
-                if getattr(self, n) != getattr(default, n)]
-        return " ".join(args + ([] if self.boundary_ignore else ["--noboundary_ignore"]))
+        args = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value == getattr(default, field.name):
+                continue
+            if isinstance(value, bool):  # absl boolean flags: --name / --noname
+                args.append(f"--{'' if value else 'no'}{field.name}")
+            else:
+                args.append(f"--{field.name}={value}")
+        return " ".join(args)
 
     @property
     def split_sizes(self) -> dict[str, int]:
         return {"train": self.num_train, "val": self.num_val}
 
 
-def class_pairs(num_classes: int) -> list[tuple[str, str]]:
-    """(shape, texture) of classes 1..num_classes-1.
-
-    Pairs are taken in growing "square shells" of the shape x texture grid ((0,0); then (0,1),
-    (1,0), (1,1); ...), so with 3+ classes each shape and each texture is shared by 2 classes.
-    """
+def class_grid() -> list[tuple[str, str]]:
+    """Every (shape, texture) pair in the order classes are taken: growing "square shells" of the
+    shape x texture grid ((0,0); then (0,1), (1,0), (1,1); ...), so with 3+ classes each shape and
+    each texture is shared by 2 classes."""
     grid = sorted(
         itertools.product(range(len(SHAPES)), range(len(TEXTURES))),
         key=lambda st: (max(st), st),
     )
-    return [(SHAPES[s], TEXTURES[t]) for s, t in grid[: num_classes - 1]]
+    return [(SHAPES[s], TEXTURES[t]) for s, t in grid]
 
 
-def class_names(num_classes: int) -> tuple[str, ...]:
-    return ("background",) + tuple(f"{s}+{t}" for s, t in class_pairs(num_classes))
+def class_pairs(num_classes: int, first_class: int = 0) -> list[tuple[str, str]]:
+    """(shape, texture) of classes 1..num_classes-1."""
+    return class_grid()[first_class: first_class + num_classes - 1]
+
+
+def class_names(num_classes: int, first_class: int = 0) -> tuple[str, ...]:
+    return ("background",) + tuple(f"{s}+{t}" for s, t in class_pairs(num_classes, first_class))
 
 
 def dataset_info(spec: SyntheticSpec) -> DatasetInfo:
@@ -118,7 +138,7 @@ def dataset_info(spec: SyntheticSpec) -> DatasetInfo:
     return dataclasses.replace(
         DATASETS["synthetic"],
         num_classes=spec.num_classes,
-        class_names=class_names(spec.num_classes),
+        class_names=class_names(spec.num_classes, spec.first_class),
         palette=voc_colormap(spec.num_classes),
         split_sizes=spec.split_sizes,
         config=spec.config_name,
@@ -191,6 +211,23 @@ def _value_noise(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.asarray(coarse.resize((size, size), Image.BILINEAR), np.float64)
 
 
+def object_kinds(spec: SyntheticSpec, rng: np.random.Generator) -> list[tuple[int, str, str]]:
+    """(label, shape, fill) of one image's objects: 1-3 of classes, then 0..max_distractors
+    distractors (label 0); the pairs before `spec.first_class` are never drawn."""
+    pairs = class_pairs(spec.num_classes, spec.first_class)
+    absent = set(class_grid()[: spec.first_class])
+    distractor_pairs = [
+        (s, t) for s in SHAPES for t in TEXTURES + DISTRACTOR_FILLS
+        if (s, t) not in pairs and (s, t) not in absent
+    ]
+    objects = [(int(c), *pairs[c - 1]) for c in rng.integers(1, spec.num_classes,
+                                                             int(rng.integers(1, 4)))]
+    n_distractors = int(rng.integers(0, spec.max_distractors + 1))
+    for j in rng.integers(0, len(distractor_pairs), n_distractors):
+        objects.append((0, *distractor_pairs[j]))
+    return objects
+
+
 def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Example ``index`` of ``split``: (image uint8 (S, S, 3), label uint8 (S, S))."""
     if split not in SPLIT_CODES:
@@ -210,16 +247,8 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, np.
     image = image + rng.normal(0.0, rng.uniform(3, 10), image.shape)
     label = np.zeros((size, size), np.uint8)
 
-    # Objects: 1-3 of classes, 0-2 distractors, drawn in random order (later ones occlude).
-    pairs = class_pairs(spec.num_classes)
-    distractor_pairs = [
-        (s, t) for s in SHAPES for t in TEXTURES + DISTRACTOR_FILLS if (s, t) not in pairs
-    ]
-    objects = [(int(c), *pairs[c - 1]) for c in rng.integers(1, spec.num_classes,
-                                                             int(rng.integers(1, 4)))]
-    n_distractors = int(rng.integers(0, spec.max_distractors + 1))
-    for j in rng.integers(0, len(distractor_pairs), n_distractors):
-        objects.append((0, *distractor_pairs[j]))
+    # Objects drawn in random order (later ones occlude).
+    objects = object_kinds(spec, rng)
     for k in rng.permutation(len(objects)):
         cls, shape, fill = objects[k]
         r = rng.uniform(0.7, 1.3) * spec.object_size / 100 * size

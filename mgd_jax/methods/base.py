@@ -81,9 +81,9 @@ class StudentMethod(MethodBase):
 
     @staticmethod
     def check_config(config: ml_collections.ConfigDict) -> None:
-        if config.student not in models.STUDENTS:
+        if config.student not in models.BACKBONES:
             raise ConfigError(f"config.student: {config.student!r} is not one of "
-                              f"{models.STUDENTS}")
+                              f"{models.BACKBONES}")
 
     def init_variables(self, rng: jax.Array) -> Variables:
         return init_network(rng, self.eval_model, self.config, self.config.student_init)
@@ -155,10 +155,11 @@ def network_meta(backbone: str, config: ml_collections.ConfigDict, options: dict
 def init_network(
     rng: jax.Array, model: Any, config: ml_collections.ConfigDict, init_dir: str = ""
 ) -> Variables:
-    """Fresh variables (official init), with an ImageNet backbone merged in when given.
+    """Fresh variables (official init), with a pre-trained backbone merged in when given.
 
-    `init_dir` is a network directory holding a backbone (`python -m mgd_jax.import_main
-    --backbone_only`); its leaves replace the fresh ones
+    `init_dir` is a network directory: an imported ImageNet backbone (`python -m
+    mgd_jax.import_main --backbone_only`) or any trained network of the same architecture, whose
+    head (trained for other classes) is left out. Its backbone leaves replace the fresh ones
     (the official partial-load semantics: e.g. torchvision ResNet-18 leaves the deep stem at its
     initial values).
     """
@@ -171,6 +172,10 @@ def init_network(
         from mgd_jax import export  # local: orbax only when a checkpoint is read
 
         loaded, meta = export.load_variables(init_dir)
+        loaded = {part: {"backbone": tree["backbone"]} for part, tree in loaded.items()
+                  if "backbone" in tree}
+        if "params" not in loaded:
+            raise export.ExportError(f"{init_dir}: holds no backbone parameters to start from")
         variables, kept = export.merge_variables(variables, loaded, source=init_dir)
         logging.info(
             "initialised from %s (%s); %d leaves keep their fresh initialisation: %s",
