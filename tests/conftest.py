@@ -28,6 +28,18 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Work units of the two xdist workers (`--dist loadgroup`): each test file is one (its module
+    fixtures are built once), except the tests marked `xdist_group("processes")`, which start
+    processes of their own and share one unit: run at the same time on two cores they starve
+    each other (the multi-process test's gloo connections then time out)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 NUM_CLASSES = 5
 TINY = {"width": 0.125, "depths": (1, 1, 1, 1)}  # official layouts, tiny widths and depths
 TEACHER_BACKBONES = {"teacher_deep": "resnet101", "teacher_wide": "wide_resnet50_2"}

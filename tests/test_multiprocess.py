@@ -69,6 +69,7 @@ def _launch(tmp_path, name, processes, data, teachers, kill_at=0, workdir=None):
     return workdir, results
 
 
+@pytest.mark.xdist_group("processes")  # see tests/conftest.py
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_train_like_one_and_resume_after_a_kill(tmp_path, synthetic_dir,
