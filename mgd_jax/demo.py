@@ -1,10 +1,21 @@
 """The embedded default: the whole method on the synthetic dataset, no input files.
 
 Stages, each an ordinary `train_and_evaluate` run in its own sub-workdir (rerun or inspect any):
-  teacher_deep        CPS on two depth/width-reduced ResNet-101s  -> export/ = T_D checkpoint
-  teacher_wide        CPS on two reduced Wide-ResNet-50-2s        -> export/ = T_W checkpoint
-  student_supervised  Sup.l: the student on the labeled subset only
+  pretrain_deep       a reduced ResNet-101 trained on the source task (below)
+  pretrain_wide       a reduced Wide-ResNet-50-2 trained on the source task
+  teacher_deep        CPS on two reduced ResNet-101s, backbones from pretrain_deep -> T_D
+  teacher_wide        CPS on two reduced Wide-ResNet-50-2s, from pretrain_wide     -> T_W
+  student_supervised  Sup.l: the student (from scratch) on the labeled subset only
   student_mgd         the same student, steps, labeled subset and seed, distilled with MGD
+
+The pre-training stages stand in for the teachers' ImageNet initialisation (`demo.pretrain`): a
+synthetic source task whose classes are other (shape, texture) pairs (triangle+stripes,
+triangle+dots, disc+checker, triangle+checker), with every image labeled, in which no object is a
+class of the target task (no disc with stripes or dots, not even as a distractor). As ImageNet does
+for VOC, it gives the teachers features (shapes, textures) but no label of the target task; the
+teachers see the same labeled subset as the students. The students start from scratch, so the
+teachers are stronger by construction, which is the method's premise (in the official recipe:
+ImageNet-initialised ResNet-101 / WRN teachers trained with CPS, against a ResNet-18 student).
 then the table (mIoU, parameters) and the students' gain MGD - Sup.l with its bootstrap standard
 error over the val images, printed and written to `<workdir>/results.json`, and the panel of every
 stage's predictions on the same val images written to `<workdir>/panels.png` (per seed folder when
@@ -31,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +52,10 @@ import numpy as np
 from mgd_jax import logs
 from mgd_jax.errors import ConfigError, UserError
 
-STAGES = ("teacher_deep", "teacher_wide", "student_supervised", "student_mgd")
+STAGES = ("pretrain_deep", "pretrain_wide", "teacher_deep", "teacher_wide",
+          "student_supervised", "student_mgd")
+NEEDS = {"teacher_deep": {"pretrain_deep"}, "teacher_wide": {"pretrain_wide"},
+         "student_mgd": {"teacher_deep", "teacher_wide"}}  # stages that must finish first
 RESULT_NAMES = {
     "teacher_deep": "teacher_resnet101",
     "teacher_wide": "teacher_wide_resnet50_2",
@@ -56,11 +71,26 @@ def _arch(backbone: str, width: float, depths: str) -> str:
     return f"{backbone} (reduced: {', '.join(parts)})"
 
 
+def _role(stage: str) -> str:
+    """The network a stage trains: "teacher_deep", "teacher_wide" or "student"."""
+    if stage.startswith("pretrain_"):
+        return "teacher_" + stage.removeprefix("pretrain_")
+    return stage if stage.startswith("teacher") else "student"
+
+
 def _architecture(d: ml_collections.ConfigDict, role: str) -> tuple[str, float, str]:
     """(backbone, width, depths) of a demo role."""
     if role == "student":
         return d.student, d.student_width, d.student_depths
     return d[role].backbone, d[role].width, d[role].depths
+
+
+def source_sizes(demo: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The synthetic spec of the pre-training source task: the target's sizes with
+    `demo.pretrain.synthetic` on top; the target's classes are left out of its images
+    (`SyntheticSpec.first_class`), so no object in it is a target class."""
+    return {**demo.demo.synthetic.to_dict(), **demo.demo.pretrain.synthetic.to_dict(),
+            "first_class": demo.num_classes - 1}
 
 
 def _plain_copy(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -84,13 +114,26 @@ def stage_config(
         raise ConfigError(f"demo stage {stage!r} is not one of {STAGES}")
     c = _plain_copy(demo)
     d = c.demo
-    role = stage if stage.startswith("teacher") else "student"
-    backbone, c.model.width, c.model.depths = _architecture(d, role)
-    if stage.startswith("teacher"):
+    backbone, c.model.width, c.model.depths = _architecture(d, _role(stage))
+    if stage.startswith("pretrain"):  # supervised on every image of the source task
+        from mgd_jax.data import prepare
+
+        sizes = source_sizes(demo)
+        c.method = "supervised"
+        c.student = backbone
+        c.dataset = prepare.synthetic_name(**sizes)
+        c.num_classes = sizes["num_classes"]
+        c.labeled_count = sizes["num_train"]
+        c.num_train_steps = d.pretrain.steps
+        c.lr = d.pretrain.lr
+    elif stage.startswith("teacher"):
         c.method = "cps"
         c.cps.backbone = backbone
         c.num_train_steps = d.teacher_steps
         c.lr = d.teacher_lr
+        pretrain = "pretrain_" + stage.removeprefix("teacher_")
+        if workdir is not None and pretrain in demo.stages.split(","):
+            c.cps.init = os.path.join(workdir, pretrain, "export")
     else:
         c.method = "supervised" if stage == "student_supervised" else "mgd"
         c.student = backbone
@@ -106,16 +149,17 @@ def stage_config(
 
 
 def _arch_of(config: ml_collections.ConfigDict, stage: str) -> str:
-    d = config.demo
-    if stage.startswith("teacher"):
-        return _arch(d[stage].backbone, d[stage].width, d[stage].depths)
-    return _arch(d.student, d.student_width, d.student_depths)
+    return _arch(*_architecture(config.demo, _role(stage)))
 
 
-def format_results(results: dict[str, dict[str, Any]]) -> str:
+def format_results(results: dict[str, dict[str, Any]],
+                   source_miou: dict[str, float] | None = None) -> str:
     lines = [f"{'network':<24} {'mIoU %':>7} {'params':>10}  architecture", "-" * 80]
     for name, r in results.items():
         lines.append(f"{name:<24} {100 * r['miou']:>7.2f} {r['params']:>10,}  {r['arch']}")
+    if source_miou:
+        cells = ", ".join(f"{stage} {100 * m:.2f}" for stage, m in source_miou.items())
+        lines.append(f"(pre-training, mIoU % on the source task's val: {cells})")
     return "\n".join(lines)
 
 
@@ -154,8 +198,9 @@ def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[floa
 
 
 def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any] | None:
-    """Every stage of one seed; the four results and the students' gain with its SE (None when
-    a stage was stopped by a signal)."""
+    """Every stage of one seed: the four networks' results (the pre-trained ones' mIoU on the
+    source task apart) and the students' gain with its SE (None when a stage was stopped by a
+    signal)."""
     stages = [s for s in config.stages.split(",") if s]
     width = parallel_width(config)
     results = (_run_stages_at_once(config, stages, seed_dir, width) if width > 1
@@ -166,9 +211,12 @@ def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any]
         "miou": float(results[stage]["miou"]),
         "params": int(results[stage]["params"]),
         "arch": _arch_of(config, stage),
-    } for stage in stages}
+    } for stage in stages if stage in RESULT_NAMES}
+    source_miou = {stage: float(results[stage]["miou"]) for stage in stages
+                   if stage.startswith("pretrain")}
     gain, gain_se = student_gain(config, seed_dir)
-    return {"networks": networks, "gain": gain, "gain_se": gain_se}
+    return {"networks": networks, "pretraining_source_miou": source_miou, "gain": gain,
+            "gain_se": gain_se}
 
 
 def parallel_width(config: ml_collections.ConfigDict) -> int:
@@ -205,7 +253,7 @@ STAGE_CONFIG_FILE = "stage_config.pkl"  # what the parent hands a stage process
 
 
 def _needs(stage: str, stages: Sequence[str]) -> set[str]:
-    return {"teacher_deep", "teacher_wide"} & set(stages) if stage == "student_mgd" else set()
+    return NEEDS.get(stage, set()) & set(stages)
 
 
 def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str], seed_dir: str,
@@ -273,11 +321,15 @@ def _start_stage(config: ml_collections.ConfigDict, stage: str,
     cache = jax.config.jax_compilation_cache_dir
     if cache:
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
-    proc = subprocess.Popen(
-        stage_command(stage_dir), env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=_stop_with_parent(),
-    )
+    with warnings.catch_warnings():
+        # JAX warns on every fork; the child here only sets PDEATHSIG and execs a new Python.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                                category=RuntimeWarning)
+        proc = subprocess.Popen(
+            stage_command(stage_dir), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            preexec_fn=_stop_with_parent(),
+        )
     printer = threading.Thread(target=_print_prefixed, args=(proc.stdout, stage), daemon=True)
     printer.start()
     return proc, printer
@@ -307,7 +359,7 @@ def save_panels(config: ml_collections.ConfigDict, seed_dir: str) -> None:
     """`<seed_dir>/panels.png`: every stage's predictions on the same val images."""
     from mgd_jax import export, panels
 
-    stages = [s for s in config.stages.split(",") if s]
+    stages = [s for s in config.stages.split(",") if s in PANEL_TITLES]
     networks = {PANEL_TITLES[stage]: export.load_network(
         os.path.join(seed_dir, stage, "export"), precision=config.precision)
         for stage in sorted(stages, key=list(PANEL_TITLES).index)}
@@ -361,6 +413,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         primary=primary,
     )
     config.dataset = prepare.ensure_synthetic(config.data_dir, **sizes)
+    if any(s.startswith("pretrain") for s in config.stages.split(",")):
+        prepare.ensure_synthetic(config.data_dir, **source_sizes(config))
     seeds = seeds_of(config)
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
@@ -371,7 +425,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
             return {"stopped": True}
         per_seed[seed] = result
         if len(seeds) == 1:
-            logs.say("\n" + format_results(per_seed[seed]["networks"]), primary=primary)
+            logs.say("\n" + format_results(per_seed[seed]["networks"],
+                                            per_seed[seed]["pretraining_source_miou"]),
+                     primary=primary)
         if primary and config.eval.panels > 0:
             save_panels(config, seed_dir)
     logs.say("\n" + format_seeds(per_seed), primary=primary)

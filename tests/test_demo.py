@@ -1,4 +1,4 @@
-"""The embedded default as shipped, through the README's own command (about 14 minutes on 2
+"""The embedded default as shipped, through the README's own command (about 8 minutes on 2
 cores, two stages at a time): every stage end to end, the table, results.json, and that the MGD
 student beats the Sup.l student (same architecture, steps, labeled subset and seed) beyond the
 evaluation noise. The slower multiseed check holds the demo to its target: >= 3 points at
@@ -40,9 +40,21 @@ def test_stage_configs_share_the_student_setting():
     assert (sup.method, mgd.method) == ("supervised", "mgd")
     assert mgd.teacher_deep.checkpoint == "/w/teacher_deep/export"
     assert demo_config("stage=teacher_wide").cps.backbone == "wide_resnet50_2"
+    # The teachers start from their architecture pre-trained on the source task (every image
+    # labeled, none of the target's classes); the students from scratch.
+    for role in ("deep", "wide"):
+        pre = demo.stage_config(c, f"pretrain_{role}", "/w")
+        teacher = demo.stage_config(c, f"teacher_{role}", "/w")
+        assert teacher.cps.init == f"/w/pretrain_{role}/export"
+        assert (pre.student, pre.model.depths) == (teacher.cps.backbone, teacher.model.depths)
+        assert pre.method == "supervised" and pre.labeled_count == c.demo.synthetic.num_train
+        assert pre.dataset.endswith("_f2") and pre.num_classes == 5
+        assert teacher.labeled_count == sup.labeled_count
+    assert sup.student_init == mgd.student_init == ""
     assert demo.seeds_of(demo_config("seeds=3,1,4")) == [3, 1, 4]
 
 
+@pytest.mark.xdist_group("processes")  # see tests/conftest.py
 def test_demo_mgd_beats_supervised(tmp_path):
     # A subprocess on one CPU device, exactly as a user runs it (the test session simulates 8).
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
@@ -59,6 +71,7 @@ def test_demo_mgd_beats_supervised(tmp_path):
     networks = seed["networks"]
     assert set(networks) == {"teacher_resnet101", "teacher_wide_resnet50_2",
                              "student_supervised", "student_mgd"}
+    assert set(seed["pretraining_source_miou"]) == {"pretrain_deep", "pretrain_wide"}
     for r in networks.values():
         assert 0 <= r["miou"] <= 1 and r["params"] > 0 and r["arch"]
     assert networks["student_supervised"]["params"] == networks["student_mgd"]["params"]
@@ -67,6 +80,7 @@ def test_demo_mgd_beats_supervised(tmp_path):
     mgd = json.loads((tmp_path / "student_mgd" / "final_metrics.json").read_text())
     assert mgd["extra_evals"]["teacher_deep"] == networks["teacher_resnet101"]["miou"]
     assert (tmp_path / "teacher_wide" / "export" / "meta.json").is_file()
+    assert "initialised from" in (tmp_path / "teacher_wide" / "log.txt").read_text()
     # Every method through `python -m mgd_jax.main` (stages in processes of their own, two at a
     # time, their lines prefixed): metrics files, the console's own lines only (the full config
     # and the libraries' INFO lines, orbax's via absl, in each stage's log file).
@@ -75,17 +89,17 @@ def test_demo_mgd_beats_supervised(tmp_path):
         lines = (tmp_path / stage / "metrics.jsonl").read_text().splitlines()
         assert any("train/loss" in line for line in lines), stage
         assert f"[{stage}] == data ==" in console, stage
-    assert "[student_mgd] step 1500/1500" in console and "teacher_deep_eval" in console
+    assert "[student_mgd] step 1000/1000" in console and "teacher_deep_eval" in console
     assert "== config ==" not in console and "orbax" not in console.lower()
     log = (tmp_path / "student_mgd" / "log.txt").read_text()
-    assert "== config ==" in log and "orbax" in log.lower() and "step 1500/1500" in log
+    assert "== config ==" in log and "orbax" in log.lower() and "step 1000/1000" in log
     # Prediction panels of the final evaluation; MGD's add its two teachers' columns.
     widths = {stage: Image.open(next((tmp_path / stage / "panels").glob("*.png"))).size[0]
               for stage in ("teacher_deep", "student_mgd")}
     assert widths["student_mgd"] > widths["teacher_deep"] + 100
     # MGD beats Sup.l by more than twice the evaluation noise (bootstrap SE over the val images,
     # itself under one point). The issue's target, >= 3 points at every seed, is the slower
-    # multiseed check below; at seed 0 this machine measured +1.97 (SE 0.70).
+    # multiseed check below; at seed 0 this machine measured +5.62 (SE 0.70).
     gain = networks["student_mgd"]["miou"] - networks["student_supervised"]["miou"]
     assert seed["gain"] == pytest.approx(gain)
     assert seed["gain_se"] < 0.01, results
@@ -140,9 +154,12 @@ def test_stages_at_once_respect_dependencies_and_width(monkeypatch, tmp_path, ca
     results = demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2)
     assert set(results) == set(demo.STAGES)
     spans = {stage: (r["start"], r["end"]) for stage, r in results.items()}
-    # never more than two at once; MGD only after both teachers; Sup.l fills the free slot
+    # never more than two at once; each teacher after its pre-training, MGD after both
+    # teachers; Sup.l fills the free slot
     for start, _ in spans.values():
         assert sum(s <= start < e for s, e in spans.values()) <= 2, spans
+    for role in ("deep", "wide"):
+        assert spans[f"teacher_{role}"][0] >= spans[f"pretrain_{role}"][1]
     assert spans["student_mgd"][0] >= max(spans["teacher_deep"][1], spans["teacher_wide"][1])
     assert spans["student_supervised"][0] < spans["teacher_wide"][1] + 0.5
     out = capsys.readouterr().out
@@ -156,17 +173,17 @@ def test_stages_at_once_stop_together_on_a_signal(monkeypatch, tmp_path):
     started = time.monotonic()
     assert demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2) is None
     assert time.monotonic() - started < 30
-    # the running teachers got the signal; the students never started
-    assert sorted(os.listdir(tmp_path)) == ["teacher_deep", "teacher_wide"]
-    for stage in ("teacher_deep", "teacher_wide"):
+    # the running pre-training stages got the signal; the later stages never started
+    assert sorted(os.listdir(tmp_path)) == ["pretrain_deep", "pretrain_wide"]
+    for stage in ("pretrain_deep", "pretrain_wide"):
         assert os.path.isfile(tmp_path / stage / "stopped")
 
 
 def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path):
-    fake_stages(monkeypatch, {"teacher_deep": (0.5, 3), "teacher_wide": (60.0, 0),
-                              "student_supervised": (60.0, 0), "student_mgd": (60.0, 0)})
-    with pytest.raises(UserError, match="demo stage teacher_deep failed \\(exit status 3\\); "
-                                        f"its log: {tmp_path}/teacher_deep/log.txt"):
+    fake_stages(monkeypatch, {stage: (0.5, 3) if stage == "pretrain_deep" else (60.0, 0)
+                              for stage in demo.STAGES})
+    with pytest.raises(UserError, match="demo stage pretrain_deep failed \\(exit status 3\\); "
+                                        f"its log: {tmp_path}/pretrain_deep/log.txt"):
         demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2)
-    assert os.path.isfile(tmp_path / "teacher_wide" / "stopped")
-    assert not os.path.exists(tmp_path / "student_mgd")
+    assert os.path.isfile(tmp_path / "pretrain_wide" / "stopped")
+    assert not os.path.exists(tmp_path / "teacher_deep")
