@@ -14,8 +14,9 @@ triangle+dots, disc+checker, triangle+checker), with every image labeled, in whi
 class of the target task (no disc with stripes or dots, not even as a distractor). As ImageNet does
 for VOC, it gives the teachers features (shapes, textures) but no label of the target task; the
 teachers see the same labeled subset as the students. The students start from scratch, so the
-teachers are stronger by construction, which is the method's premise (in the official recipe:
-ImageNet-initialised ResNet-101 / WRN teachers trained with CPS, against a ResNet-18 student).
+teachers start ahead, which is the method's premise (in the official recipe: ImageNet-initialised
+ResNet-101 / WRN teachers trained with CPS, against a ResNet-18 student); how far ahead they end,
+per seed, is in docs/reproducing.md.
 then the table (mIoU, parameters) and the students' gain MGD - Sup.l with its bootstrap standard
 error over the val images, printed and written to `<workdir>/results.json`, and the panel of every
 stage's predictions on the same val images written to `<workdir>/panels.png` (per seed folder when
