@@ -9,14 +9,15 @@ Stages, each an ordinary `train_and_evaluate` run in its own sub-workdir (rerun 
   student_mgd         the same student, steps, labeled subset and seed, distilled with MGD
 
 The pre-training stages stand in for the teachers' ImageNet initialisation (`demo.pretrain`): a
-synthetic source task whose classes are other (shape, texture) pairs (triangle+stripes,
-triangle+dots, disc+checker, triangle+checker), with every image labeled, in which no object is a
-class of the target task (no disc with stripes or dots, not even as a distractor). As ImageNet does
-for VOC, it gives the teachers features (shapes, textures) but no label of the target task; the
-teachers see the same labeled subset as the students. The students start from scratch, so the
-teachers start ahead, which is the method's premise (in the official recipe: ImageNet-initialised
-ResNet-101 / WRN teachers trained with CPS, against a ResNet-18 student); how far ahead they end,
-per seed, is in docs/reproducing.md.
+synthetic source task whose classes are the target's two textures on another shape
+(square+stripes, square+dots), with every image labeled, in which no object is a class of the
+target task (no disc with stripes or dots, not even as a distractor). As ImageNet does for VOC, it
+gives the teachers the features the target needs (telling stripes from dots is what a 32-label
+student from scratch does not learn) but no label of the target task; each teacher pre-trains until
+about 70% mIoU on the source task, and the teachers see the same labeled subset as the students.
+The students start from scratch, so the teachers start ahead, which is the method's premise (in
+the official recipe: ImageNet-initialised ResNet-101 / WRN teachers trained with CPS, against a
+ResNet-18 student); how far ahead they end, per seed, is in docs/reproducing.md.
 then the table (mIoU, parameters) and the students' gain MGD - Sup.l with its bootstrap standard
 error over the val images, printed and written to `<workdir>/results.json`, and the panel of every
 stage's predictions on the same val images written to `<workdir>/panels.png` (per seed folder when
@@ -88,10 +89,16 @@ def _architecture(d: ml_collections.ConfigDict, role: str) -> tuple[str, float, 
 
 def source_sizes(demo: ml_collections.ConfigDict) -> dict[str, Any]:
     """The synthetic spec of the pre-training source task: the target's sizes with
-    `demo.pretrain.synthetic` on top; the target's classes are left out of its images
-    (`SyntheticSpec.first_class`), so no object in it is a target class."""
-    return {**demo.demo.synthetic.to_dict(), **demo.demo.pretrain.synthetic.to_dict(),
-            "first_class": demo.num_classes - 1}
+    `demo.pretrain.synthetic` on top. Its classes start after the target's in the class grid
+    (`SyntheticSpec.first_class`, by default right after them), and the pairs before them are
+    never drawn, so no object in it is a target class."""
+    sizes = {**demo.demo.synthetic.to_dict(), "first_class": demo.num_classes - 1,
+             **demo.demo.pretrain.synthetic.to_dict()}
+    if sizes["first_class"] < demo.num_classes - 1:
+        raise ConfigError(
+            f"config.demo.pretrain.synthetic.first_class={sizes['first_class']}: the source "
+            f"task would draw target classes; expected >= {demo.num_classes - 1}")
+    return sizes
 
 
 def _plain_copy(demo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -125,7 +132,7 @@ def stage_config(
         c.dataset = prepare.synthetic_name(**sizes)
         c.num_classes = sizes["num_classes"]
         c.labeled_count = sizes["num_train"]
-        c.num_train_steps = d.pretrain.steps
+        c.num_train_steps = d[_role(stage)].pretrain_steps
         c.lr = d.pretrain.lr
     elif stage.startswith("teacher"):
         c.method = "cps"

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from mgd_jax import demo
-from mgd_jax.errors import UserError
+from mgd_jax.data import synthetic
+from mgd_jax.errors import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,9 +49,20 @@ def test_stage_configs_share_the_student_setting():
         assert teacher.cps.init == f"/w/pretrain_{role}/export"
         assert (pre.student, pre.model.depths) == (teacher.cps.backbone, teacher.model.depths)
         assert pre.method == "supervised" and pre.labeled_count == c.demo.synthetic.num_train
-        assert pre.dataset.endswith("_f2") and pre.num_classes == 5
+        assert pre.dataset.endswith("_f6") and pre.num_classes == 3
         assert teacher.labeled_count == sup.labeled_count
     assert sup.student_init == mgd.student_init == ""
+    assert demo.stage_config(c, "pretrain_wide").num_train_steps == 4000
+    # The source task's classes: the target's textures on squares, no target class in its images.
+    source = synthetic.SyntheticSpec(**demo.source_sizes(c))
+    assert synthetic.class_names(source.num_classes, source.first_class) == (
+        "background", "square+stripes", "square+dots")
+    assert set(synthetic.class_names(c.num_classes)[1:]).isdisjoint(
+        f"{s}+{t}" for s, t in synthetic.class_grid()[source.first_class:])
+    c.demo.pretrain.synthetic.first_class = 1
+    with pytest.raises(ConfigError, match="pretrain.synthetic.first_class=1: the source task "
+                                          "would draw target classes; expected >= 2"):
+        demo.source_sizes(c)
     assert demo.seeds_of(demo_config("seeds=3,1,4")) == [3, 1, 4]
 
 
