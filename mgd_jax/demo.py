@@ -12,9 +12,10 @@ The pre-training stages stand in for the teachers' ImageNet initialisation (`dem
 synthetic source task whose classes are the target's two textures on another shape
 (square+stripes, square+dots), with every image labeled, in which no object is a class of the
 target task (no disc with stripes or dots, not even as a distractor). As ImageNet does for VOC, it
-gives the teachers the features the target needs (telling stripes from dots is what a 32-label
-student from scratch does not learn) but no label of the target task; each teacher pre-trains until
-about 70% mIoU on the source task, and the teachers see the same labeled subset as the students.
+gives the teachers the features the target needs (telling stripes from dots, which a 32-label
+student from scratch rarely learns) but no label of the target task; each teacher pre-trains until
+it has learned them (`pretrain_steps`), and the teachers see the same labeled subset as the
+students.
 The students start from scratch, so the teachers start ahead, which is the method's premise (in
 the official recipe: ImageNet-initialised ResNet-101 / WRN teachers trained with CPS, against a
 ResNet-18 student); how far ahead they end, per seed, is in docs/reproducing.md.
