@@ -109,13 +109,13 @@ def test_demo_mgd_beats_supervised(tmp_path):
     widths = {stage: Image.open(next((tmp_path / stage / "panels").glob("*.png"))).size[0]
               for stage in ("teacher_deep", "student_mgd")}
     assert widths["student_mgd"] > widths["teacher_deep"] + 100
-    # MGD beats Sup.l by more than twice the evaluation noise (bootstrap SE over the val images,
-    # itself under one point). The target, >= 3 points at every seed, is the slower
-    # multiseed check below; at seed 0 this machine measured +5.62 (SE 0.70).
+    # The demo's claim at the shipped seed: MGD beats Sup.l by at least 3 points, and by more than
+    # twice the evaluation noise (bootstrap SE over the val images, itself under one point). The
+    # multiseed check below holds seeds 0-4 to the same 3 points.
     gain = networks["student_mgd"]["miou"] - networks["student_supervised"]["miou"]
     assert seed["gain"] == pytest.approx(gain)
     assert seed["gain_se"] < 0.01, results
-    assert gain > 2 * seed["gain_se"], results
+    assert gain >= 0.03 and gain > 2 * seed["gain_se"], results
 
 
 @pytest.mark.multiseed
