@@ -10,13 +10,14 @@ The networks are depth/width-reduced members of the official families; the Sup.l
 share architecture, steps, labeled subset, initialisation and seed, so any gain comes from the
 method alone. Departures from the official recipe, all for a CPU in minutes: 48 px images, the
 teachers' ImageNet start replaced by pre-training on a synthetic source task that shares no class
-with the target (mgd_jax/demo.py says why), students from scratch, teacher BN in running
+with the target (mgd_jax/workflows/demo.py says why), students from scratch, teacher BN in running
 statistics, L_R's weight scaled for 48 px (below), fewer steps.
 """
 
 import ml_collections
 
-from mgd_jax import config_lib, demo
+from mgd_jax import config_lib
+from mgd_jax.workflows import demo
 
 
 def get_config(arg: str | None = None):

@@ -21,7 +21,7 @@ import os
 
 from mgd_jax import config_lib
 from mgd_jax.data import prepare, sources
-from mgd_jax.errors import ConfigError
+from mgd_jax.runtime.errors import ConfigError
 
 
 def _voc_config(arg: str):

@@ -55,7 +55,7 @@ for entry in "${RUNS[@]}"; do
   name="${entry%%|*}"
   config="${entry#*|}"
   if [[ -n "$ONLY" && "$ONLY" != "$name" ]]; then continue; fi
-  (cd "$ROOT" && run "$PY" -m mgd_jax.bench_main --mode=step --config="$config" --batch=8 \
+  (cd "$ROOT" && run "$PY" -m mgd_jax.tools.bench --mode=step --config="$config" --batch=8 \
     --steps="$STEPS" --warmup=3 --compare="$COMPARE" --torch_precisions=fp32,bf16 \
     --json="$OUT/$name.json")
 done

@@ -16,8 +16,9 @@ from typing import Any
 
 import ml_collections
 
-from mgd_jax import methods, models, parallel
-from mgd_jax.errors import ConfigError
+from mgd_jax import methods, models
+from mgd_jax.runtime import parallel
+from mgd_jax.runtime.errors import ConfigError
 
 # CPS per-partition epochs (TorchSemiSeg docs/getting_started.md); the 1/8 values equal MGD's
 # own configs (docs/method.md §4.2). Partitions other than 1/8 are our documented choice.
@@ -289,9 +290,9 @@ def load_workdir_config(path: str) -> ml_collections.ConfigDict:
     """The config a training run recorded: `<path>/config.json`, or the one beside a network
     directory inside a workdir (`<workdir>/export`), or of the workdir of a checkpoint folder
     (`<workdir>/checkpoints/<step>`)."""
-    from mgd_jax import export  # local: see `validate`
+    from mgd_jax import network_dir  # local: see `validate`
 
-    root = str(export.locate(path)[0])  # a checkpoint folder inside a workdir: the workdir
+    root = str(network_dir.locate(path)[0])  # a checkpoint folder inside a workdir: the workdir
     for candidate in (root, os.path.dirname(root)):
         file = os.path.join(candidate, "config.json")
         if os.path.isfile(file):
@@ -308,8 +309,8 @@ def _fail(field: str, message: str) -> None:
 def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     """Checks the config before any data is read or anything compiles."""
     # Local: the step benchmark reads configs on machines without the data stack (grain, cv2).
-    from mgd_jax import evaluate
     from mgd_jax.data import input_pipeline, splits
+    from mgd_jax.evaluation import evaluate
 
     def one_of(field: str, value: Any, options: tuple[str, ...]) -> None:
         if value not in options:

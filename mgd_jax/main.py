@@ -15,7 +15,10 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mgd_jax import cli, demo, paths, train
+from mgd_jax import train
+from mgd_jax.runtime import paths
+from mgd_jax.tools import cli
+from mgd_jax.workflows import demo
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(

@@ -24,19 +24,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from mgd_jax import (
-    config_lib,
-    errors,
-    interrupts,
-    logs,
-    methods,
-    models,
-    optim,
-    parallel,
-    paths,
-    reporting,
-)
+from mgd_jax import config_lib, methods, models, optim
 from mgd_jax.methods.base import eval_variables
+from mgd_jax.runtime import errors, interrupts, logs, parallel, paths, reporting
 
 
 @flax.struct.dataclass
@@ -216,8 +206,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main
     # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
     from clu import parameter_overview
 
-    from mgd_jax import checkpoint, evaluate, export, panels
+    from mgd_jax import network_dir
     from mgd_jax.data import input_pipeline
+    from mgd_jax.evaluation import evaluate, panels
+    from mgd_jax.runtime import checkpoint
 
     checkpoints_dir = workdir / checkpoint.CHECKPOINTS_DIR
     check_resume_config(config, workdir, bool(checkpoint.saved_steps(checkpoints_dir)))
@@ -230,12 +222,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
 
     reporter = reporting.Reporter(str(workdir), total_steps=steps, is_main=is_main)
-    # What a network of this run is: its build, its data and protocol (export.run_meta).
+    # What a network of this run is: its build, its data and protocol (network_dir.run_meta).
     network_meta = dict(method.export_meta,
-                        **export.run_meta(config.dataset, data.info, config.eval))
+                        **network_dir.run_meta(config.dataset, data.info, config.eval))
     if is_main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        _write_json(workdir / export.NETWORK_FILE,
+        _write_json(workdir / network_dir.NETWORK_FILE,
                     dict(network_meta, state_path=list(method.eval_path)))
     reporter.text("config", str(config), console=False)  # the log file and TensorBoard only
     reporter.text("data", data.description)
@@ -379,7 +371,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main
     def save_export(name: str, variables, step: int, miou: float) -> str:
         directory = str(workdir / name)
         meta = dict(network_meta, source=str(workdir), step=int(step), miou=float(miou))
-        export.save_network(directory, jax.device_get(variables), meta, overwrite=True)
+        network_dir.save_network(directory, jax.device_get(variables), meta, overwrite=True)
         return directory
 
     export_dir = save_export("export", final, steps, scores["miou"])

@@ -87,7 +87,7 @@ def make_tiny_config(method, data=None, **overrides):
 def save_tiny_network(directory, *, backbone="resnet18", num_classes=NUM_CLASSES, seed=0):
     """Writes a tiny random network directory (no compile: shapes by tracing, numpy values with
     He-like scales and non-trivial BN statistics); returns (model, variables)."""
-    from mgd_jax import export, models
+    from mgd_jax import models, network_dir
 
     model = models.build(backbone, num_classes, **TINY)
     shapes = jax.eval_shape(
@@ -108,7 +108,7 @@ def save_tiny_network(directory, *, backbone="resnet18", num_classes=NUM_CLASSES
 
     variables = {c: jax.tree_util.tree_map_with_path(fill, shapes[c])
                  for c in ("params", "batch_stats")}
-    export.save_network(
+    network_dir.save_network(
         str(directory), variables,
         {"backbone": backbone, "num_classes": num_classes, "build_options": TINY},
     )
@@ -122,7 +122,7 @@ class Killed(Exception):
 @contextlib.contextmanager
 def killed_after_checkpoint(step):
     """Within the block, a training run dies right after writing its checkpoint at `step`."""
-    from mgd_jax import checkpoint
+    from mgd_jax.runtime import checkpoint
 
     original = checkpoint.Checkpointer.save
 

@@ -113,7 +113,7 @@ def _worker(target: str, args: str, result_file: str) -> None:
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain / orbax read absl flags
-    from mgd_jax import parallel
+    from mgd_jax.runtime import parallel
 
     parallel.initialize_distributed()
     module, _, name = target.partition(":")

@@ -10,8 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgd_jax import eval_main, export, export_main, predict, predict_main, train
-from mgd_jax.errors import ExportError
+from mgd_jax import network_dir, train
+from mgd_jax.runtime.errors import ExportError
+from mgd_jax.serving import predict
+from mgd_jax.tools import evaluate as eval_main
+from mgd_jax.tools import export as export_main
+from mgd_jax.tools import predict as predict_main
 
 from conftest import Killed, killed_after_checkpoint, make_tiny_config, save_tiny_network
 
@@ -39,18 +43,18 @@ def _logged_miou(workdir, step):
 
 
 def test_every_path_to_a_checkpoint(killed_run):
-    latest = export.load_network(str(killed_run))
+    latest = network_dir.load_network(str(killed_run))
     assert latest.step == 4 and latest.meta["eval"]["crop"] == 32
-    at_2 = export.load_network(str(killed_run), step=2)
+    at_2 = network_dir.load_network(str(killed_run), step=2)
     assert at_2.step == 2 and not _leaves_equal(at_2.variables, latest.variables)
-    folder = export.load_network(str(killed_run / "checkpoints" / "2"))
+    folder = network_dir.load_network(str(killed_run / "checkpoints" / "2"))
     assert folder.step == 2 and _leaves_equal(folder.variables, at_2.variables)
-    best = export.load_network(str(killed_run / "checkpoints" / "best"))
+    best = network_dir.load_network(str(killed_run / "checkpoints" / "best"))
     assert best.step == (2 if _logged_miou(killed_run, 2) > _logged_miou(killed_run, 4) else 4)
     with pytest.raises(ExportError, match="names step 2, but step=4"):
-        export.load_network(str(killed_run / "checkpoints" / "2"), step=4)
+        network_dir.load_network(str(killed_run / "checkpoints" / "2"), step=4)
     with pytest.raises(ExportError, match="saved steps: \\[2, 4\\]"):
-        export.load_network(str(killed_run), step=6)
+        network_dir.load_network(str(killed_run), step=6)
 
 
 def test_eval_main_on_a_killed_run_reproduces_the_logged_score(killed_run, tmp_path):
@@ -65,15 +69,16 @@ def test_export_and_predict_use_the_recorded_protocol(killed_run, tmp_path, synt
     out = tmp_path / "net"
     assert export_main.main(["export_main", f"--checkpoint={killed_run}", "--step=2",
                              f"--output={out}"]) == 0
-    meta = json.loads((out / export.META_FILE).read_text())
-    assert meta["version"] == export.FORMAT_VERSION == 2 and meta["step"] == 2
+    meta = json.loads((out / network_dir.META_FILE).read_text())
+    assert meta["version"] == network_dir.FORMAT_VERSION == 2 and meta["step"] == 2
     assert meta["dataset"]["name"] == synthetic_dir[1]
     assert len(meta["dataset"]["class_names"]) == len(meta["dataset"]["palette"]) == 5
     assert meta["eval"] == {"mode": "whole", "crop": 32, "pad_to": [32, 32],
                             "stride_rate": pytest.approx(2 / 3)}
     assert meta["input"]["channel_order"] == "RGB" and len(meta["input"]["mean"]) == 3
-    network = export.load_network(str(out))
-    assert _leaves_equal(network.variables, export.load_network(str(killed_run), step=2).variables)
+    network = network_dir.load_network(str(out))
+    killed = network_dir.load_network(str(killed_run), step=2)
+    assert _leaves_equal(network.variables, killed.variables)
 
     images = tmp_path / "in"
     images.mkdir()
@@ -104,8 +109,9 @@ def test_previous_format_still_loads(tmp_path):
     model, variables = save_tiny_network(tmp_path / "old")
     old_meta = {"format": "mgd_jax.variables", "version": 1, "backbone": "resnet18",
                 "num_classes": 5, "build_options": {"depths": [1, 1, 1, 1], "width": 0.125}}
-    (tmp_path / "old" / export.META_FILE).write_text(json.dumps(old_meta))  # as version 1 wrote
-    network = export.load_network(str(tmp_path / "old"))
+    # as version 1 wrote it
+    (tmp_path / "old" / network_dir.META_FILE).write_text(json.dumps(old_meta))
+    network = network_dir.load_network(str(tmp_path / "old"))
     assert network.meta["version"] == 1 and _leaves_equal(network.variables, variables)
     assert predict.protocol(network) == {"mode": "sliding", "crop": 512, "stride_rate": 2 / 3,
                                          "pad_to": None}
@@ -113,6 +119,6 @@ def test_previous_format_still_loads(tmp_path):
     image = np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8)
     assert predict.Predictor(network, crop=32)([image])[0].shape == (24, 40)
 
-    (tmp_path / "old" / export.META_FILE).write_text(json.dumps(dict(old_meta, version=3)))
+    (tmp_path / "old" / network_dir.META_FILE).write_text(json.dumps(dict(old_meta, version=3)))
     with pytest.raises(ExportError, match="format version 3"):
-        export.load_network(str(tmp_path / "old"))
+        network_dir.load_network(str(tmp_path / "old"))

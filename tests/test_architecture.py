@@ -13,31 +13,51 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mgd_jax import losses, methods, train
-from mgd_jax.methods import base
+from mgd_jax import methods, train
+from mgd_jax.methods import base, losses
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mgd_jax"
 
-# Top to bottom. A module may import only modules of the layers below its own.
+# The folders, top to bottom: a folder imports only folders below it (and the root modules).
+FOLDERS = ("tools", "workflows", "methods", "serving", "pytorch", "evaluation", "data", "models",
+           "runtime")
+
+# Modules, top to bottom. A module may import only modules of the layers below its own. Each
+# folder's modules are one block, in the order of FOLDERS; the root modules sit between them.
 LAYERS = (
-    # command-line tools: flags and printing, over importable functions
-    ("main", "eval_main", "predict_main", "export_main", "import_main", "prepare_main",
-     "bench_main", "grid_main", "demo_stage_main"),
-    ("cli",),
-    # a run: the loop and what it is made of
-    ("demo", "bench", "grid"),
-    ("train", "torch_step"),
+    ("main",),
+    # tools/: command-line entry points (flags and printing over importable functions)
+    ("tools.evaluate", "tools.predict", "tools.export", "tools.import_weights", "tools.prepare",
+     "tools.bench", "tools.grid", "tools.demo_stage"),
+    ("tools.cli",),
+    ("tools",),
+    # workflows/: runs made of runs
+    ("workflows.demo", "workflows.bench", "workflows.grid"),
+    ("workflows",),
+    # the trainer and the config
+    ("train",),
     ("config_lib",),
+    # methods/: the training methods and their losses
     ("methods",),
     ("methods.cps", "methods.mgd", "methods.supervised"),
     ("methods.base",),
-    ("deploy",),
-    ("panels", "predict", "torch_import", "models.summary", "torch_nets"),
-    ("evaluate",),
-    ("export", "reporting", "optim", "losses", "weight_files", "onnx_export"),
-    ("checkpoint",),
-    # data: from files to batches
+    ("methods.losses",),
+    # serving/: trained networks used
+    ("serving.deploy",),
+    ("serving.predict", "serving.onnx_export"),
+    ("serving",),
+    # pytorch/: PyTorch interop
+    ("pytorch.importer", "pytorch.step"),
+    ("pytorch.nets", "pytorch.weight_files"),
+    ("pytorch",),
+    # evaluation/
+    ("evaluation.panels",),
+    ("evaluation.evaluate",),
+    ("evaluation",),
+    # root: the network-directory format and the optimiser
+    ("network_dir", "optim"),
+    # data/: from files to batches
     ("data.prepare", "data.bench"),
     ("data.input_pipeline", "data.builders"),
     ("data.builders.cityscapes", "data.builders.folder", "data.builders.synthetic",
@@ -46,16 +66,22 @@ LAYERS = (
     ("data.sources", "data.splits"),
     ("data.synthetic", "data.augment", "data.cutmix"),
     ("data.datasets",),
-    # networks and the runtime
+    ("data",),
+    # models/: the networks
+    ("models.summary",),
     ("models",),
     ("models.deeplabv3plus",),
     ("models.mobilenet_v2", "models.resnet"),
     ("models.layers",),
-    ("parallel",),
-    ("integrity", "interrupts"),
-    ("errors", "logs", "", "data"),  # "" = the package itself
-    ("paths",),
+    # runtime/: what every run stands on
+    ("runtime.checkpoint",),
+    ("runtime.reporting", "runtime.parallel"),
+    ("runtime.integrity", "runtime.interrupts", "runtime.logs", "runtime.paths",
+     "runtime.errors"),
+    ("runtime", ""),  # "" = the package itself
 )
+
+ROOT_MODULES_AT_MOST = 6
 
 
 def _modules() -> dict[str, Path]:
@@ -114,6 +140,24 @@ def test_import_graph_points_down_the_layers_without_circles():
 
     for name in graph:
         visit(name)
+
+
+def test_the_folders_are_the_layers():
+    """Few modules at the package root; each folder one block of LAYERS, in FOLDERS' order; no
+    folder imports a folder above it."""
+    modules = _modules()
+    root = sorted(n for n in modules if n and "." not in n and n not in FOLDERS)
+    assert len(root) <= ROOT_MODULES_AT_MOST, f"modules at the package root: {root}"
+    folder_of = {n: n.split(".")[0] for n in modules if n.split(".")[0] in FOLDERS}
+    assert set(folder_of.values()) == set(FOLDERS), "FOLDERS and the package's folders differ"
+    blocks = [folder_of.get(n) for group in LAYERS for n in group]
+    blocks = [f for i, f in enumerate(blocks) if f and (i == 0 or blocks[i - 1] != f)]
+    assert blocks == list(FOLDERS), f"folder blocks in LAYERS: {blocks}"
+    upward = sorted(f"{name} -> {target}"
+                    for name, path in modules.items() if name in folder_of
+                    for target in _imports(path, modules) if target in folder_of
+                    and FOLDERS.index(folder_of[target]) < FOLDERS.index(folder_of[name]))
+    assert not upward, "imports from a folder above: " + ", ".join(upward)
 
 
 def _import_each_first(names: list[str]) -> str:

@@ -16,9 +16,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mgd_jax import config_lib, main, predict, torch_import, weight_files
+from mgd_jax import config_lib, main
 from mgd_jax.data import sources, splits
-from mgd_jax.errors import ConfigError, DataError, WeightImportError
+from mgd_jax.pytorch import importer, weight_files
+from mgd_jax.runtime.errors import ConfigError, DataError, WeightImportError
+from mgd_jax.serving import predict
 
 from conftest import TINY
 
@@ -164,7 +166,7 @@ def test_damaged_weight_files_raise_weight_import_errors(suffix, cut, flips, gar
 def test_state_dicts_of_the_wrong_shapes_raise_weight_import_errors(shapes):
     state_dict = {k: np.zeros(shape, np.float32) for k, shape in shapes.items()}
     with pytest.raises(WeightImportError):
-        torch_import.from_torch(state_dict, "resnet18", 5, **TINY)
+        importer.from_torch(state_dict, "resnet18", 5, **TINY)
 
 
 # Images: each form a PNG / JPEG can take, with the RGB a reader must give (numpy, not PIL).
@@ -235,5 +237,5 @@ def test_damaged_prepared_data_names_the_file_and_the_rebuild_command(synthetic_
         split[len(split) // 2]
     message = str(error.value)
     assert str(record_file.parent) in message and record_file.name in message
-    assert (f"rebuild them with python -m mgd_jax.prepare_main --dataset=synthetic "
+    assert (f"rebuild them with python -m mgd_jax.tools.prepare --dataset=synthetic "
             f"--data_dir={copy}") in message and message.endswith("--overwrite")

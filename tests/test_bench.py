@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import bench, config_lib, methods
+from mgd_jax import config_lib, methods
+from mgd_jax.workflows import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NETS = ("model", "teacher_deep", "teacher_wide")
@@ -116,7 +117,7 @@ def test_step_bench_runs_without_the_data_and_checkpoint_stacks():
 
 @pytest.mark.parametrize("method", ["supervised", "cps", "mgd"])
 def test_torch_step_runs(method):
-    from mgd_jax import torch_step
+    from mgd_jax.pytorch import step as torch_step
 
     row = torch_step.run(tiny(method), batch_size=2, steps=1, warmup=1, device="cpu")
     assert row["finite"] and row["ms_per_step"] > 0

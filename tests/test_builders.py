@@ -11,12 +11,12 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from mgd_jax import prepare_main
 from mgd_jax.data import prepare, synthetic
 from mgd_jax.data.builders import common
 from mgd_jax.data.datasets import DATASETS, voc_colormap
 from mgd_jax.data.sources import dataset_dir, open_split
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
+from mgd_jax.tools import prepare as prepare_main
 
 # ----------------------------------------------------------------------------- fake VOC trees
 

@@ -4,7 +4,7 @@ import pytest
 
 from mgd_jax.data import synthetic
 from mgd_jax.data.datasets import DATASETS, DatasetInfo, palette_for, resolve
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 
 def test_dataset_table():

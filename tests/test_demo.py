@@ -16,9 +16,9 @@ import time
 import pytest
 from PIL import Image
 
-from mgd_jax import demo
 from mgd_jax.data import synthetic
-from mgd_jax.errors import ConfigError, UserError
+from mgd_jax.runtime.errors import ConfigError, UserError
+from mgd_jax.workflows import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,6 +1,6 @@
-"""Deployable exports (mgd_jax.deploy, export_main --format=jax,onnx): the serialized StableHLO
-runs in a second process that never imports mgd_jax, the ONNX graph runs in onnxruntime, and
-both give the Flax network's logits, for any batch size, at each exported size."""
+"""Deployable exports (mgd_jax.serving.deploy, `mgd-export --format=jax,onnx`): the serialized
+StableHLO runs in a second process that never imports mgd_jax, the ONNX graph runs in onnxruntime,
+and both give the Flax network's logits, for any batch size, at each exported size."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from mgd_jax import deploy, export, export_main, models, onnx_export
+from mgd_jax import models, network_dir
 from mgd_jax.data.augment import normalize
-from mgd_jax.errors import ExportError
-from mgd_jax.predict import pad_centered
+from mgd_jax.runtime.errors import ExportError
+from mgd_jax.serving import deploy, onnx_export
+from mgd_jax.serving.predict import pad_centered
+from mgd_jax.tools import export as export_main
 
 from conftest import NUM_CLASSES
 
@@ -83,7 +85,7 @@ def test_jax_export_runs_without_the_project(tiny_network, tmp_path, capsys):
     with pytest.raises(ExportError, match="fits none of the exported sizes"):
         runner.logits(np.zeros((50, 20, 3), np.uint8))
     with pytest.raises(ExportError, match="already exists"):
-        deploy.export_deployable(export.load_network(str(directory)), out, sizes=[(32, 32)])
+        deploy.export_deployable(network_dir.load_network(str(directory)), out, sizes=[(32, 32)])
 
 
 def _random_network(backbone, **options):
@@ -102,7 +104,7 @@ def _random_network(backbone, **options):
 
     variables = jax.tree_util.tree_map_with_path(
         lambda p, s: fill(p, s).astype(np.float32), shapes)
-    return export.Network(model, variables, {"backbone": backbone}, "<test>")
+    return network_dir.Network(model, variables, {"backbone": backbone}, "<test>")
 
 
 @pytest.mark.parametrize("backbone, options", [

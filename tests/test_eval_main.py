@@ -1,5 +1,5 @@
 """A saved network evaluated with the config's protocol (`evaluate.evaluate_checkpoint`, on an
-in-memory source) and, end to end, `python -m mgd_jax.eval_main` on a tiny prepared dataset."""
+in-memory source) and, end to end, `python -m mgd_jax.tools.evaluate` on a tiny prepared dataset."""
 
 import json
 import os
@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import config_lib, evaluate
+from mgd_jax import config_lib
 from mgd_jax.data import augment, datasets, sources
-from mgd_jax.errors import ConfigError, ExportError
+from mgd_jax.evaluation import evaluate
+from mgd_jax.runtime.errors import ConfigError, ExportError
 
 from conftest import NUM_CLASSES
 
@@ -116,7 +117,7 @@ def test_cli_end_to_end_on_synthetic_data(tiny, tmp_path):
     name = prepare.ensure_synthetic(str(data_dir), num_train=2, num_val=5, image_size=32)
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "mgd_jax.eval_main", f"--checkpoint={tiny[0]}",
+        sys.executable, "-m", "mgd_jax.tools.evaluate", f"--checkpoint={tiny[0]}",
         "--config=configs/demo.py:stage=student_supervised", f"--config.data_dir={data_dir}",
         f"--config.dataset={name}", f"--config.num_classes={NUM_CLASSES}",
         "--config.eval.pad_to=(32, 32)", "--config.eval.crop=32",

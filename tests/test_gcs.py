@@ -45,7 +45,7 @@ def _objects(prefix: str) -> list[str]:
 
 
 def test_metrics_file_keeps_one_row_per_step_across_restarts(gcs, tmp_path):
-    from mgd_jax import reporting
+    from mgd_jax.runtime import reporting
 
     for where in (str(tmp_path / "metrics.jsonl"), f"{gcs}/metrics_test/metrics.jsonl"):
         first = reporting.MetricsFile(where, sync_seconds=1e9)  # remote: written on close only
@@ -79,7 +79,7 @@ def test_workdir_writers_reach_the_bucket(gcs, tmp_path, monkeypatch):
     import numpy as np
     from etils import epath
 
-    from mgd_jax import logs, paths, reporting
+    from mgd_jax.runtime import logs, paths, reporting
 
     monkeypatch.chdir(tmp_path)  # a gs:// path turned into a local folder would land here
     workdir = f"{gcs}/runs/writers"

@@ -11,8 +11,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mgd_jax import config_lib, grid, grid_main, main
-from mgd_jax.errors import ConfigError
+from mgd_jax import config_lib, main
+from mgd_jax.runtime.errors import ConfigError
+from mgd_jax.tools import grid as grid_main
+from mgd_jax.workflows import grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # config_flags loads config files with a deprecated importlib call.

@@ -7,7 +7,7 @@ import sys
 
 from absl import logging as absl_logging
 
-from mgd_jax import logs
+from mgd_jax.runtime import logs
 
 
 def test_console_and_log_file(tmp_path, capsys):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import losses
+from mgd_jax.methods import losses
 from mgd_jax.models import layers
 from mgd_jax.models.layers import adaptive_avg_pool2d
 

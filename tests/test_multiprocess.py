@@ -22,7 +22,8 @@ def train_run(workdir: str, data_dir: str, dataset: str, teachers: dict[str, str
     checkpoint of that step is written (as a preemption without notice)."""
     import jax
 
-    from mgd_jax import checkpoint, train
+    from mgd_jax import train
+    from mgd_jax.runtime import checkpoint
 
     config = make_tiny_config("mgd", (data_dir, dataset), num_train_steps=STEPS, log_every=1,
                               eval_every=STEPS)
@@ -51,9 +52,9 @@ def _losses(workdir) -> dict[int, float]:
 def _params(workdir) -> dict[str, np.ndarray]:
     import jax
 
-    from mgd_jax import export
+    from mgd_jax import network_dir
 
-    variables, _ = export.load_variables(os.path.join(workdir, "export"))
+    variables, _ = network_dir.load_variables(os.path.join(workdir, "export"))
     return {jax.tree_util.keystr(k): np.asarray(v)
             for k, v in jax.tree_util.tree_leaves_with_path(variables)}
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgd_jax import prepare_main
 from mgd_jax.data import prepare, sources, splits
 from mgd_jax.data.datasets import custom_name
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
+from mgd_jax.tools import prepare as prepare_main
 
 from conftest import NUM_CLASSES
 
@@ -138,8 +138,9 @@ def test_configs_read_it_by_name(tmp_path, tiny_config):
     """configs/own.py and `config.dataset=<name>` give the trainer its data: the class count and
     names, a seeded partition, train batches and eval passes. (A full `python -m mgd_jax.main`
     run on it takes minutes on CI's CPUs; the loop itself is tested on synthetic data.)"""
-    from mgd_jax import config_lib, evaluate
+    from mgd_jax import config_lib
     from mgd_jax.data import input_pipeline
+    from mgd_jax.evaluation import evaluate
 
     _make_folder(tmp_path, n=24)
     data_dir = str(tmp_path / "data")

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import evaluate, panels
 from mgd_jax.data import augment, datasets
+from mgd_jax.evaluation import evaluate, panels
 
 PALETTE = datasets.lookup_table(datasets.voc_colormap(3))
 THRESHOLD = 255 * augment.MEAN[0]  # a normalised red channel > 0 <=> red > this

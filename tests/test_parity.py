@@ -2,7 +2,7 @@
 
 The references are torchvision / timm backbones (dilated in torch like the official
 `_nostride_dilate`) with the spec-written head of `torch_heads.py`; random weights, random BN
-affine parameters and running statistics. Their state dicts go through `torch_import.from_torch`, so
+affine parameters and running statistics. Their state dicts go through `importer.from_torch`, so
 the importer is proven by the same numbers. Checked:
 
 * eval-mode BN, float32: backbone features, decoder feature, logits, max|d| / max|ref| <= 1e-4;
@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mgd_jax import models, torch_import
+from mgd_jax import models
+from mgd_jax.pytorch import importer
 
 import torch_heads as th
 from torch_reference import timm, torch, torchvision
@@ -133,7 +134,7 @@ def case(request):
         hidden=c.hidden,
     )
     th.randomize_(net, seed=1).eval()
-    variables = torch_import.from_torch(net.state_dict(), c.backbone, NUM_CLASSES, **c.options)
+    variables = importer.from_torch(net.state_dict(), c.backbone, NUM_CLASSES, **c.options)
     return c, net, variables
 
 
@@ -178,7 +179,7 @@ def test_train_float64_and_running_stats(case):
 
     # torch's updated running_mean / running_var, through the importer.
     want = traverse_util.flatten_dict(
-        torch_import.from_torch(ref_net.state_dict(), c.backbone, NUM_CLASSES, **c.options)[
+        importer.from_torch(ref_net.state_dict(), c.backbone, NUM_CLASSES, **c.options)[
             "batch_stats"
         ]
     )

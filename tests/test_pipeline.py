@@ -11,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mgd_jax import parallel
 from mgd_jax.data import input_pipeline, sources
+from mgd_jax.runtime import parallel
 
 CROP = 16
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgd_jax import export, predict, predict_main
+from mgd_jax import network_dir
 from mgd_jax.data import augment, datasets
-from mgd_jax.errors import DataError, ExportError
+from mgd_jax.runtime.errors import DataError, ExportError
+from mgd_jax.serving import predict
+from mgd_jax.tools import predict as predict_main
 
 from conftest import NUM_CLASSES
 
@@ -49,10 +51,10 @@ def test_palettes():
 
 def test_load_network_resolves_and_errors(tmp_path, tiny):
     ckpt = tiny[0]
-    assert export.load_network(str(ckpt.parent)).directory == str(ckpt)  # a workdir -> export/
+    assert network_dir.load_network(str(ckpt.parent)).directory == str(ckpt)  # a workdir -> export/
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ExportError, match="training workdir"):
-        export.load_network(str(tmp_path))
+        network_dir.load_network(str(tmp_path))
 
 
 def test_predict_files_writes_palette_pngs_and_reports_corrupt(tmp_path, tiny):
@@ -69,7 +71,7 @@ def test_predict_files_writes_palette_pngs_and_reports_corrupt(tmp_path, tiny):
     good = (inputs / "small.png").read_bytes()
     (inputs / "truncated.png").write_bytes(good[: len(good) // 2])
 
-    network = export.load_network(str(ckpt), precision="float32")
+    network = network_dir.load_network(str(ckpt), precision="float32")
     out = tmp_path / "out"
     report = predict.predict_files(network, [str(inputs)], out, crop=32, bucket=16, batch_size=2)
 

@@ -15,8 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import checkpoint, config_lib, export, integrity, interrupts, main, train
-from mgd_jax.errors import CheckpointError, ConfigError, DivergedError, ExportError, UserError
+from mgd_jax import config_lib, main, network_dir, train
+from mgd_jax.runtime import checkpoint, integrity, interrupts
+from mgd_jax.runtime.errors import (
+    CheckpointError,
+    ConfigError,
+    DivergedError,
+    ExportError,
+    UserError,
+)
 
 from conftest import make_tiny_config
 
@@ -91,7 +98,7 @@ def signal_after(proc, signum, pattern="step "):
 
 
 def variables_of(workdir):
-    return jax.tree.leaves(export.load_variables(os.path.join(workdir, "export"))[0])
+    return jax.tree.leaves(network_dir.load_variables(os.path.join(workdir, "export"))[0])
 
 
 @pytest.fixture(scope="module")
@@ -219,10 +226,10 @@ def test_unreadable_checkpoints_and_networks_are_refused_by_path(reference, tmp_
     assert checkpoint.saved_steps(str(workdir / "checkpoints")) == [4, 6, 8]
     # A network directory with a flipped byte is refused, naming the file.
     network = workdir / "export"
-    export.load_network(str(network))
-    flip_byte(largest_file(network / export.VARIABLES_DIR))
+    network_dir.load_network(str(network))
+    flip_byte(largest_file(network / network_dir.VARIABLES_DIR))
     with pytest.raises(ExportError, match=f"{network}: damaged network directory: {network}"):
-        export.load_network(str(network))
+        network_dir.load_network(str(network))
 
 
 def test_sigint_stops_in_process_and_a_changed_config_is_refused(synthetic_dir, config_file,

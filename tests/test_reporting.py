@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import reporting
+from mgd_jax.runtime import reporting
 
 
 class FakeClock:

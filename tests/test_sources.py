@@ -8,7 +8,7 @@ import pytest
 
 from mgd_jax.data import prepare
 from mgd_jax.data.sources import SIDECAR, dataset_dir, keys_to_indices, open_split
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 SIZES = dict(num_classes=3, image_size=32, num_train=10, num_val=4, seed=5)
 
@@ -68,7 +68,7 @@ def test_keys_to_indices(data_dir):
 
 
 def test_not_prepared_errors(tmp_path, data_dir):
-    with pytest.raises(DataError, match=r"not prepared.*python -m mgd_jax.prepare_main "
+    with pytest.raises(DataError, match=r"not prepared.*python -m mgd_jax.tools.prepare "
                                         r"--dataset=voc --manual_dir="):
         open_split("voc", "val", tmp_path)
     with pytest.raises(DataError, match=r"Prepared variants found .*c3_s32_n10_v4_seed5"):

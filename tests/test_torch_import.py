@@ -1,5 +1,5 @@
-"""mgd_jax.torch_import: key mapping, official checkpoint layouts, partial imports, errors, the
-network directory it writes (mgd_jax.export) and `python -m mgd_jax.import_main`. (Numerical
+"""mgd_jax.pytorch.importer: key mapping, official checkpoint layouts, partial imports, errors, the
+network directory it writes (mgd_jax.network_dir) and the `mgd-import` tool. (Numerical
 parity lives in test_parity.py.)
 
 Only `jax.eval_shape` runs on the JAX side here: nothing is compiled.
@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mgd_jax import export, import_main, torch_import
-from mgd_jax.errors import ExportError, WeightImportError
+from mgd_jax import network_dir
+from mgd_jax.pytorch import importer
+from mgd_jax.runtime.errors import ExportError, WeightImportError
+from mgd_jax.tools import import_weights as import_main
 
 import torch_heads as th
 from torch_reference import timm, torch, torchvision
@@ -49,7 +51,7 @@ def _fake_init(backbone: str, num_classes: int = NUM_CLASSES, **options):
     rng = np.random.default_rng(123)
     flat = {
         p: rng.random(s.shape, dtype=np.float32).astype(s.dtype)
-        for p, s in torch_import.abstract_variables(backbone, num_classes, **options).items()
+        for p, s in importer.abstract_variables(backbone, num_classes, **options).items()
     }
     return traverse_util.unflatten_dict(flat)
 
@@ -78,22 +80,22 @@ def _assert_same(a, b):
     ],
 )
 def test_naming_rule(key, path):
-    assert torch_import.flax_path(key) == path
+    assert importer.flax_path(key) == path
     leaf = {"weight": "kernel", "bias": "bias", "running_var": "var"}[path[1]]
     collection = "batch_stats" if leaf == "var" else "params"
-    assert torch_import.torch_key((collection, *path[0], leaf)) == key
+    assert importer.torch_key((collection, *path[0], leaf)) == key
 
 
 def test_every_model_leaf_has_a_torch_key():
     """The inverse rule is a bijection on each model's leaves (error messages rely on it)."""
     for backbone in ("resnet18", "resnet101", "wide_resnet50_2", "mobilenet_v2"):
-        leaves = torch_import.abstract_variables(backbone, NUM_CLASSES)
-        keys = {torch_import.torch_key(p) for p in leaves}
+        leaves = importer.abstract_variables(backbone, NUM_CLASSES)
+        keys = {importer.torch_key(p) for p in leaves}
         assert len(keys) == len(leaves), backbone
 
 
 def test_full_model_values_and_layout(small_sd):
-    v = torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL)
+    v = importer.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL)
     assert set(v) == {"params", "batch_stats"}
     p, s = v["params"], v["batch_stats"]
     w = small_sd["backbone.conv1.0.weight"].numpy()
@@ -108,7 +110,7 @@ def test_full_model_values_and_layout(small_sd):
     np.testing.assert_array_equal(p["classifier"]["bias"], small_sd["classifier.bias"].numpy())
     assert p["head"]["aspp"]["map_convs_3"]["kernel"].shape == (3, 3, 128, 64)
     # numpy input gives the same as torch tensors
-    _assert_same(torch_import.from_torch({k: t.numpy() for k, t in small_sd.items()}, "resnet18",
+    _assert_same(importer.from_torch({k: t.numpy() for k, t in small_sd.items()}, "resnet18",
                                     NUM_CLASSES, **SMALL), v)
 
 
@@ -119,26 +121,26 @@ def test_official_multi_network_checkpoint(small_sd):
     model |= {f"branch2.{k}": t for k, t in other.items()}
     model |= {f"branch3.{k}": t for k, t in other.items()}
     ckpt = {"model": model, "optimizer_l": {"state": {}}, "epoch": 33, "iteration": 100}
-    want = torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL)
+    want = importer.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL)
     for prefix in ("branch1", "branch1."):
-        got, report = torch_import.from_torch(ckpt, "resnet18", NUM_CLASSES, prefix=prefix,
+        got, report = importer.from_torch(ckpt, "resnet18", NUM_CLASSES, prefix=prefix,
                                          return_report=True, **SMALL)
         _assert_same(got, want)
         assert report.ignored == 2 * len(other)
     # DistributedDataParallel "module." prefix, and a bare state dict
     ddp = {"model": {f"module.{k}": t for k, t in model.items()}}
-    _assert_same(torch_import.from_torch(ddp, "resnet18", NUM_CLASSES, prefix="branch1", **SMALL),
+    _assert_same(importer.from_torch(ddp, "resnet18", NUM_CLASSES, prefix="branch1", **SMALL),
                  want)
-    _assert_same(torch_import.from_torch(model, "resnet18", NUM_CLASSES, prefix="branch1", **SMALL),
+    _assert_same(importer.from_torch(model, "resnet18", NUM_CLASSES, prefix="branch1", **SMALL),
                  want)
     with pytest.raises(WeightImportError, match="several networks.*prefix"):
-        torch_import.from_torch(ckpt, "resnet18", NUM_CLASSES, **SMALL)
+        importer.from_torch(ckpt, "resnet18", NUM_CLASSES, **SMALL)
     with pytest.raises(WeightImportError, match="branch4.*branch1"):
-        torch_import.from_torch(ckpt, "resnet18", NUM_CLASSES, prefix="branch4", **SMALL)
+        importer.from_torch(ckpt, "resnet18", NUM_CLASSES, prefix="branch4", **SMALL)
     # the backbone of a full checkpoint only (part="backbone"), merged into fresh variables
     into = _fake_init("resnet18", **SMALL)
-    got, report = torch_import.from_torch(ckpt, "resnet18", NUM_CLASSES, prefix="branch1",
-                                          into=into, part="backbone", return_report=True, **SMALL)
+    got, report = importer.from_torch(ckpt, "resnet18", NUM_CLASSES, prefix="branch1",
+                                      into=into, part="backbone", return_report=True, **SMALL)
     _assert_same(got["params"]["backbone"], want["params"]["backbone"])
     _assert_same(got["params"]["head"], into["params"]["head"])
     assert {leaf.split("/")[1] for leaf in report.initialised} == {"head", "classifier"}
@@ -149,7 +151,7 @@ def test_torchvision_resnet18_into_deep_stem_student():
     conv1.weight (7x7) and fc.* are skipped, the deep stem stays initialised."""
     sd = torchvision.models.resnet18().state_dict()
     into = _fake_init("resnet18")
-    v, report = torch_import.from_torch(sd, "resnet18", NUM_CLASSES, into=into, return_report=True)
+    v, report = importer.from_torch(sd, "resnet18", NUM_CLASSES, into=into, return_report=True)
     assert report.part == "backbone"
     unused = {k for k in report.skipped if not k.endswith("num_batches_tracked")}
     assert unused == {"backbone.conv1.weight", "backbone.fc.weight", "backbone.fc.bias"}
@@ -171,14 +173,14 @@ def test_torchvision_resnet18_into_deep_stem_student():
     assert "deep stem" in report.summary()
     # without into= the stem is missing: an explicit error naming the stem keys
     with pytest.raises(WeightImportError, match="into="):
-        torch_import.from_torch(sd, "resnet18", NUM_CLASSES)
+        importer.from_torch(sd, "resnet18", NUM_CLASSES)
 
 
 def test_torchvision_mobilenet_v2_backbone():
     sd = torchvision.models.mobilenet_v2().state_dict()
     into = _fake_init("mobilenet_v2")
-    v, report = torch_import.from_torch(sd, "mobilenet_v2", NUM_CLASSES, into=into,
-                                        return_report=True)
+    v, report = importer.from_torch(sd, "mobilenet_v2", NUM_CLASSES, into=into,
+                                    return_report=True)
     unused = {k for k in report.skipped if not k.endswith("num_batches_tracked")}
     assert unused == {
         "backbone.features.18.0.weight", "backbone.features.18.1.weight",
@@ -200,7 +202,7 @@ def test_official_mobilenet_student_checkpoint_skips_imagenet_classifier():
     net = th.SegNet(th.dilate_mobilenet(torchvision.models.mobilenet_v2()), "mobilenet",
                     NUM_CLASSES, in_ch=320, low_ch=24, reduce_ch=24)
     sd = {k: t for k, t in net.state_dict().items() if not k.startswith("backbone.features.18.")}
-    v, report = torch_import.from_torch(sd, "mobilenet_v2", NUM_CLASSES, return_report=True)
+    v, report = importer.from_torch(sd, "mobilenet_v2", NUM_CLASSES, return_report=True)
     assert {"backbone.classifier.1.weight", "backbone.classifier.1.bias"} <= set(report.skipped)
     assert "classifier.weight" in report.loaded
     np.testing.assert_array_equal(v["params"]["classifier"]["bias"], sd["classifier.bias"].numpy())
@@ -222,7 +224,7 @@ def test_imagenet_teacher_backbones():
         ).state_dict(),
     }
     for backbone, ckpt in files.items():
-        v, report = torch_import.from_torch(ckpt, backbone, NUM_CLASSES, into=_fake_init(backbone),
+        v, report = importer.from_torch(ckpt, backbone, NUM_CLASSES, into=_fake_init(backbone),
                                        return_report=True)
         unused = {k for k in report.skipped if not k.endswith("num_batches_tracked")}
         assert unused == {"backbone.fc.weight", "backbone.fc.bias"}, backbone
@@ -237,19 +239,19 @@ def test_imagenet_teacher_backbones():
 def test_wrong_backbone(small_sd):
     sd = torchvision.models.resnet18().state_dict()
     with pytest.raises(WeightImportError) as e:
-        torch_import.from_torch(sd, "resnet101", NUM_CLASSES, into=_fake_init("resnet101"))
+        importer.from_torch(sd, "resnet101", NUM_CLASSES, into=_fake_init("resnet101"))
     msg = str(e.value)
     # a mis-shaped key with both shapes, and the backbone it does fit
     assert "backbone.layer1.0.conv1.weight: checkpoint shape (64, 64, 3, 3), model expects " \
            "(64, 128, 1, 1)" in msg
     assert "fit backbone 'resnet18'" in msg
     with pytest.raises(WeightImportError, match="unexpected keys"):
-        torch_import.from_torch(small_sd, "mobilenet_v2", NUM_CLASSES, **SMALL)
+        importer.from_torch(small_sd, "mobilenet_v2", NUM_CLASSES, **SMALL)
 
 
 def test_wrong_num_classes(small_sd):
     with pytest.raises(WeightImportError) as e:
-        torch_import.from_torch(small_sd, "resnet18", 19, **SMALL)
+        importer.from_torch(small_sd, "resnet18", 19, **SMALL)
     msg = str(e.value)
     assert "classifier.weight: checkpoint shape (21, 64, 1, 1), model expects (19, 64, 1, 1)" in msg
     assert "21 classes" in msg and "num_classes=19" in msg
@@ -258,13 +260,13 @@ def test_wrong_num_classes(small_sd):
 def test_unexpected_and_missing_keys(small_sd):
     extra = dict(small_sd, **{"head.extra.weight": torch.zeros(3)})
     with pytest.raises(WeightImportError, match=r"1 unexpected keys:\n  head.extra.weight"):
-        torch_import.from_torch(extra, "resnet18", NUM_CLASSES, **SMALL)
+        importer.from_torch(extra, "resnet18", NUM_CLASSES, **SMALL)
     missing = {k: t for k, t in small_sd.items() if k != "head.aspp.red_bn.running_var"}
     with pytest.raises(WeightImportError, match=r"missing keys:\n  head.aspp.red_bn.running_var"):
-        torch_import.from_torch(missing, "resnet18", NUM_CLASSES, **SMALL)
+        importer.from_torch(missing, "resnet18", NUM_CLASSES, **SMALL)
     # with into= the missing leaf stays initialised and is reported
     into = _fake_init("resnet18", **SMALL)
-    v, report = torch_import.from_torch(missing, "resnet18", NUM_CLASSES, into=into,
+    v, report = importer.from_torch(missing, "resnet18", NUM_CLASSES, into=into,
                                    return_report=True, **SMALL)
     assert report.initialised == ["batch_stats/head/aspp/red_bn/var"]
     np.testing.assert_array_equal(v["batch_stats"]["head"]["aspp"]["red_bn"]["var"],
@@ -273,37 +275,37 @@ def test_unexpected_and_missing_keys(small_sd):
     bad = dict(small_sd, **{"backbone.bn1.running_mean": torch.zeros(5)})
     with pytest.raises(WeightImportError, match=r"backbone.bn1.running_mean: checkpoint shape "
                                                 r"\(5,\), model expects \(16,\)"):
-        torch_import.from_torch(bad, "resnet18", NUM_CLASSES, into=into, **SMALL)
+        importer.from_torch(bad, "resnet18", NUM_CLASSES, into=into, **SMALL)
 
 
 def test_bad_arguments(small_sd):
     with pytest.raises(WeightImportError, match="into="):
-        torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, part="backbone", **SMALL)
+        importer.from_torch(small_sd, "resnet18", NUM_CLASSES, part="backbone", **SMALL)
     with pytest.raises(WeightImportError, match="into= is not the variables of resnet18"):
-        torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, into=_fake_init("resnet18"),
+        importer.from_torch(small_sd, "resnet18", NUM_CLASSES, into=_fake_init("resnet18"),
                            **SMALL)
     with pytest.raises(WeightImportError, match="not a state dict"):
-        torch_import.from_torch({"epoch": 3, "optimizer": {}}, "resnet18", NUM_CLASSES)
+        importer.from_torch({"epoch": 3, "optimizer": {}}, "resnet18", NUM_CLASSES)
 
 
 def test_torch_file_errors(tmp_path, small_sd):
     good = tmp_path / "ok.pth"
     torch.save({"model": small_sd}, good)
-    loaded = torch_import.load_torch_file(str(good))
+    loaded = importer.load_torch_file(str(good))
     assert loaded["model"].keys() == small_sd.keys()
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(WeightImportError, match=r"truncated\.pth: cannot read the PyTorch file"):
-        torch_import.load_torch_file(str(truncated))
+        importer.load_torch_file(str(truncated))
     with pytest.raises(WeightImportError, match=r"nope\.pth: no such file"):
-        torch_import.load_torch_file(str(tmp_path / "nope.pth"))
+        importer.load_torch_file(str(tmp_path / "nope.pth"))
     # from_torch takes a path too; errors name the file
-    _assert_same(torch_import.from_torch(good, "resnet18", NUM_CLASSES, **SMALL),
-                 torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL))
+    _assert_same(importer.from_torch(good, "resnet18", NUM_CLASSES, **SMALL),
+                 importer.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL))
     with pytest.raises(WeightImportError, match=r"truncated\.pth: cannot read"):
-        torch_import.from_torch(truncated, "resnet18", NUM_CLASSES, **SMALL)
+        importer.from_torch(truncated, "resnet18", NUM_CLASSES, **SMALL)
     with pytest.raises(WeightImportError, match=r"ok\.pth.*19"):
-        torch_import.from_torch(good, "resnet18", 19, **SMALL)
+        importer.from_torch(good, "resnet18", 19, **SMALL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,25 +313,25 @@ def test_torch_file_errors(tmp_path, small_sd):
 
 
 def test_save_load_roundtrip(tmp_path, small_sd):
-    v = torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL)
+    v = importer.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL)
     meta = {"backbone": "resnet18", "num_classes": NUM_CLASSES,
             "build_options": {"width": 0.25, "depths": (2, 2, 2, 2)}, "source": "x.pth"}
-    export.save_network(str(tmp_path / "ck"), v, meta)
-    got, got_meta = export.load_variables(str(tmp_path / "ck"))
+    network_dir.save_network(str(tmp_path / "ck"), v, meta)
+    got, got_meta = network_dir.load_variables(str(tmp_path / "ck"))
     _assert_same(got, v)
     assert got_meta["backbone"] == "resnet18" and got_meta["num_classes"] == NUM_CLASSES
     assert got_meta["build_options"] == {"width": 0.25, "depths": [2, 2, 2, 2]}
-    assert got_meta["format"] == export.FORMAT
+    assert got_meta["format"] == network_dir.FORMAT
     with pytest.raises(ExportError, match="already exists"):
-        export.save_network(str(tmp_path / "ck"), v, meta)
-    export.save_network(str(tmp_path / "ck"), v, meta, overwrite=True)
+        network_dir.save_network(str(tmp_path / "ck"), v, meta)
+    network_dir.save_network(str(tmp_path / "ck"), v, meta, overwrite=True)
     with pytest.raises(ExportError, match="needs 'num_classes'"):
-        export.save_network(str(tmp_path / "ck2"), v, {"backbone": "resnet18"})
+        network_dir.save_network(str(tmp_path / "ck2"), v, {"backbone": "resnet18"})
     with pytest.raises(ExportError, match="no such directory"):
-        export.load_variables(str(tmp_path / "missing"))
+        network_dir.load_variables(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="not a network directory"):
-        export.load_variables(str(tmp_path / "empty"))
+        network_dir.load_variables(str(tmp_path / "empty"))
 
 
 def test_cli_full_checkpoint(tmp_path, capsys, small_sd):
@@ -341,8 +343,8 @@ def test_cli_full_checkpoint(tmp_path, capsys, small_sd):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "loaded 146 tensors" in printed and "backbone.fc.weight" in printed
-    v, meta = export.load_variables(str(out))
-    _assert_same(v, torch_import.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL))
+    v, meta = network_dir.load_variables(str(out))
+    _assert_same(v, importer.from_torch(small_sd, "resnet18", NUM_CLASSES, **SMALL))
     assert meta["prefix"] == "branch1" and meta["part"] == "model"
     assert meta["build_options"] == {"width": 0.25}
     json.dumps(meta)
@@ -364,13 +366,13 @@ def test_cli_backbone_only(tmp_path, capsys):
                              "--backbone_only", f"--out={out}"]) == 0
     printed = capsys.readouterr().out
     assert "backbone.conv1.weight: 7x7 stem conv" in printed and "conv1_0" in printed
-    v, meta = export.load_variables(str(out))
+    v, meta = network_dir.load_variables(str(out))
     assert set(v["params"]) == {"backbone"} and meta["part"] == "backbone"
     assert meta["num_classes"] is None
     assert "params/backbone/conv1_0/kernel" in meta["missing"]
     # what the trainer does with it: merge into fresh variables
     into = _fake_init("resnet18")
-    merged, initialised = export.merge_variables(into, v)
+    merged, initialised = network_dir.merge_variables(into, v)
     np.testing.assert_array_equal(merged["params"]["backbone"]["layer1_0"]["conv1"]["kernel"],
                                   sd["layer1.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
     assert "params/backbone/conv1_0/kernel" in initialised

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgd_jax import export, methods, optim, parallel, train
-from mgd_jax.errors import ConfigError, ExportError
+from mgd_jax import methods, network_dir, optim, train
 from mgd_jax.methods import base
+from mgd_jax.runtime import parallel
+from mgd_jax.runtime.errors import ConfigError, ExportError
 
 from conftest import Killed, killed_after_checkpoint
 
@@ -175,8 +176,8 @@ def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_con
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
-    a, _ = export.load_variables(straight["export"])
-    b, _ = export.load_variables(resumed["export"])
+    a, _ = network_dir.load_variables(straight["export"])
+    b, _ = network_dir.load_variables(resumed["export"])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     assert straight["miou"] == resumed["miou"]
@@ -185,15 +186,15 @@ def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_con
     # the CPS state), an earlier one differs.
     workdir = str(tmp_path / "straight")
     for step in (4, "latest", "best"):
-        network = export.load_network(workdir, step=step)
+        network = network_dir.load_network(workdir, step=step)
         assert network.step == 4
         for x, y in zip(jax.tree.leaves(network.variables), jax.tree.leaves(a), strict=True):
             np.testing.assert_array_equal(x, y)
-    earlier = export.load_network(workdir, step=2).variables
+    earlier = network_dir.load_network(workdir, step=2).variables
     assert not all(np.array_equal(x, y) for x, y in
                    zip(jax.tree.leaves(earlier), jax.tree.leaves(a), strict=True))
     with pytest.raises(ExportError, match="saved steps: \\[2, 4\\]"):
-        export.load_network(workdir, step=3)
+        network_dir.load_network(workdir, step=3)
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
@@ -213,8 +214,8 @@ def test_init_from_a_trained_network_takes_its_backbone_only(tmp_path, tiny_conf
     source = tiny_config("supervised", num_classes=5)
     model = base.build("resnet18", source, base.student_options(source))
     trained = base.init_network(jax.random.key(1, impl="rbg"), model, source)
-    export.save_network(str(tmp_path / "net"), trained, {"backbone": "resnet18",
-                                                          "num_classes": 5})
+    network_dir.save_network(str(tmp_path / "net"), trained,
+                             {"backbone": "resnet18", "num_classes": 5})
     config = tiny_config("supervised")
     model = base.build("resnet18", config, base.student_options(config))
     fresh = base.init_network(jax.random.key(0, impl="rbg"), model, config)
@@ -225,8 +226,9 @@ def test_init_from_a_trained_network_takes_its_backbone_only(tmp_path, tiny_conf
                      trained[part]["backbone"])
     jax.tree.map(np.testing.assert_array_equal, loaded["params"]["head"],
                  fresh["params"]["head"])
-    export.save_network(str(tmp_path / "head"), {"params": {"head": trained["params"]["head"]}},
-                        {"backbone": "resnet18", "num_classes": 5})
+    network_dir.save_network(str(tmp_path / "head"),
+                             {"params": {"head": trained["params"]["head"]}},
+                             {"backbone": "resnet18", "num_classes": 5})
     with pytest.raises(ExportError, match="no backbone"):
         base.init_network(jax.random.key(0, impl="rbg"), model, config, str(tmp_path / "head"))
 
@@ -239,7 +241,7 @@ def test_imagenet_init_merges_a_backbone_checkpoint(tmp_path, tiny_config):
     reference = torchvision.models.resnet18()
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     subprocess.run(
-        [sys.executable, "-m", "mgd_jax.import_main", "--backbone=resnet18",
+        [sys.executable, "-m", "mgd_jax.tools.import_weights", "--backbone=resnet18",
          f"--torch={tmp_path / 'r18.pth'}", "--backbone_only", f"--out={tmp_path / 'ck'}"],
         check=True, capture_output=True, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""),
     )

@@ -1,4 +1,4 @@
-"""mgd_jax.weight_files: .pth (torch.save's zip format) and .safetensors read without torch,
+"""mgd_jax.pytorch.weight_files: .pth (torch.save's zip format) and .safetensors read without torch,
 checked against torch.load / safetensors.torch on files written by torch, the pickle allow-list
 (a malicious file is refused and nothing of it runs), and the import path with torch unavailable.
 Only `jax.eval_shape` runs on the JAX side: nothing is compiled."""
@@ -17,8 +17,9 @@ import pytest
 import safetensors.torch
 from flax import traverse_util
 
-from mgd_jax import import_main, torch_import, weight_files
-from mgd_jax.errors import WeightImportError
+from mgd_jax.pytorch import importer, weight_files
+from mgd_jax.runtime.errors import WeightImportError
+from mgd_jax.tools import import_weights as import_main
 
 from torch_reference import timm, torch
 
@@ -156,7 +157,7 @@ def test_malicious_pickles_are_refused(tmp_path, monkeypatch):
         weight_files.read(path)
     # through the importer: torch's weights_only loader refuses it too
     with pytest.raises(WeightImportError, match=r"(posix|os)\.system.*allow_pickle"):
-        torch_import.load_torch_file(str(path))
+        importer.load_torch_file(str(path))
 
     # other callables, and a tensor reaching past its storage
     for name, call in [("eval.pth", (eval, ("1+1",))), ("import.pth", (__import__, ("os",)))]:
@@ -171,7 +172,7 @@ def test_malicious_pickles_are_refused(tmp_path, monkeypatch):
         weight_files.read(tmp_path / "oob.pth")
     monkeypatch.setitem(sys.modules, "torch", None)  # as without the [torch] extra
     with pytest.raises(WeightImportError, match=r"system.*needs torch"):
-        torch_import.load_torch_file(str(path))
+        importer.load_torch_file(str(path))
     assert not marker.exists()
 
 
@@ -187,15 +188,15 @@ def test_import_without_torch_pth_and_safetensors(tmp_path, monkeypatch, capsys)
     variables and the report of the in-memory state dict (as torch holds it)."""
     sd = _small_resnet18()
     options = {"width": 0.25, "depths": (1, 1, 1, 1)}
-    reference, ref_report = torch_import.convert(sd, "resnet18", 21, part="backbone", **options)
+    reference, ref_report = importer.convert(sd, "resnet18", 21, part="backbone", **options)
     # the file stores bf16: the importer casts to the model's float32
     torch.save({"state_dict": {k: v.to(torch.bfloat16) if v.is_floating_point() else v
                                for k, v in sd.items()}}, tmp_path / "r18_bf16.pth")
     safetensors.torch.save_file(sd, tmp_path / "r18.safetensors")
     monkeypatch.setitem(sys.modules, "torch", None)
     for name in ("r18.safetensors", "r18_bf16.pth"):
-        variables, report = torch_import.convert(str(tmp_path / name), "resnet18", 21,
-                                                 part="backbone", **options)
+        variables, report = importer.convert(str(tmp_path / name), "resnet18", 21,
+                                             part="backbone", **options)
         assert report.loaded == ref_report.loaded and report.skipped == ref_report.skipped
         assert report.missing == ref_report.missing
         flat, ref_flat = (traverse_util.flatten_dict(v)
@@ -219,15 +220,15 @@ def test_what_only_torch_reads(tmp_path, monkeypatch):
     """The legacy format goes to torch when it is installed, else one clear error."""
     path = tmp_path / "legacy.pth"
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-    np.testing.assert_array_equal(torch_import.load_torch_file(str(path))["w"].numpy(), [1, 1])
+    np.testing.assert_array_equal(importer.load_torch_file(str(path))["w"].numpy(), [1, 1])
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(WeightImportError, match=r"legacy\.pth: not a zip archive.*"
                                                 r"needs torch \(pip install 'mgd_jax\[torch\]'\)"):
-        torch_import.load_torch_file(str(path))
+        importer.load_torch_file(str(path))
     with pytest.raises(WeightImportError, match="allow_pickle needs torch"):
-        torch_import.load_torch_file(str(path), allow_pickle=True)
+        importer.load_torch_file(str(path), allow_pickle=True)
     buf = io.BytesIO()
     np.savez(buf, w=np.ones(3, np.float32))
     (tmp_path / "w.npz").write_bytes(buf.getvalue())
-    np.testing.assert_array_equal(torch_import.load_torch_file(str(tmp_path / "w.npz"))["w"],
+    np.testing.assert_array_equal(importer.load_torch_file(str(tmp_path / "w.npz"))["w"],
                                   np.ones(3))

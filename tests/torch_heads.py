@@ -1,7 +1,7 @@
 """The PyTorch reference networks of the parity tests: they live in the package
-(`mgd_jax.torch_nets`, also the PyTorch side of the step benchmark)."""
+(`mgd_jax.pytorch.nets`, also the PyTorch side of the step benchmark)."""
 
-from mgd_jax.torch_nets import (  # noqa: F401
+from mgd_jax.pytorch.nets import (  # noqa: F401
     ASPP,
     Head,
     SegNet,

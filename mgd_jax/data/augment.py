@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mgd_jax.data.datasets import IGNORE_INDEX
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 # ImageNet statistics used by every official config (RGB order).
 MEAN = (0.485, 0.456, 0.406)

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 IGNORE_INDEX = 255
 IGNORE_COLOUR = (224, 224, 192)  # VOC's boundary colour
-PREPARE_COMMAND = "python -m mgd_jax.prepare_main"
+PREPARE_COMMAND = "python -m mgd_jax.tools.prepare"
 
 
 @dataclasses.dataclass(frozen=True)

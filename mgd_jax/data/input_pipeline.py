@@ -58,11 +58,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from mgd_jax import parallel
 from mgd_jax.data import augment, cutmix, splits
 from mgd_jax.data.datasets import IGNORE_INDEX
 from mgd_jax.data.sources import Source, Subset, keys_to_indices, open_split
-from mgd_jax.errors import ConfigError
+from mgd_jax.runtime import parallel
+from mgd_jax.runtime.errors import ConfigError
 
 PAIRINGS = ("independent", "official")  # of the two unlabeled streams (module doc)
 PARTITION_SOURCES = ("lists", "seeded")  # standard split lists, or a seeded random partition

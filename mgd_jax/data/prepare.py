@@ -1,5 +1,5 @@
 """Prepares the datasets as tfds array_record files (no TensorFlow); the command line is
-`python -m mgd_jax.prepare_main`.
+`python -m mgd_jax.tools.prepare`.
 
 Every listed id's image and mask are located before anything is written; each example is then
 decoded and checked (corrupt image, mask size, label values) while it is written. tfds writes
@@ -20,7 +20,7 @@ from pathlib import Path
 from mgd_jax.data import synthetic
 from mgd_jax.data.datasets import IGNORE_INDEX, DatasetInfo, custom_name, resolve
 from mgd_jax.data.sources import dataset_dir, is_prepared, open_split, read_sidecar
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 DEFAULT_DATA_DIR = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
 

@@ -32,7 +32,7 @@ from mgd_jax.data.datasets import (
     custom_name,
     resolve,
 )
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 SIDECAR = "mgd_dataset.json"
 SIDECAR_FORMAT = 1

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mgd_jax.data.datasets import resolve
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _KEY_SUFFIXES = ("_leftImg8bit", "_gtFine_labelIds", "_gtFine_labelTrainIds", "_gtFine")

@@ -7,11 +7,11 @@ from typing import Any
 
 import ml_collections
 
-from mgd_jax.errors import ConfigError
 from mgd_jax.methods.base import Method
 from mgd_jax.methods.cps import CPS
 from mgd_jax.methods.mgd import MGD
 from mgd_jax.methods.supervised import Supervised
+from mgd_jax.runtime.errors import ConfigError
 
 REGISTRY: dict[str, type] = {"supervised": Supervised, "cps": CPS, "mgd": MGD}
 

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import losses, models
-from mgd_jax.errors import ConfigError
+from mgd_jax import models
+from mgd_jax.methods import losses
 from mgd_jax.models import layers
+from mgd_jax.runtime.errors import ConfigError
 
 Variables = dict[str, Any]  # {"params": ..., "batch_stats": ...}
 Network = tuple[Any, Variables]  # (flax module, its variables)
@@ -157,8 +158,8 @@ def init_network(
 ) -> Variables:
     """Fresh variables (official init), with a pre-trained backbone merged in when given.
 
-    `init_dir` is a network directory: an imported ImageNet backbone (`python -m
-    mgd_jax.import_main --backbone_only`) or any trained network of the same architecture, whose
+    `init_dir` is a network directory: an imported ImageNet backbone (`mgd-import
+    --backbone_only`) or any trained network of the same architecture, whose
     head (trained for other classes) is left out. Its backbone leaves replace the fresh ones
     (the official partial-load semantics: e.g. torchvision ResNet-18 leaves the deep stem at its
     initial values).
@@ -169,14 +170,14 @@ def init_network(
     variables = init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     if init_dir:
-        from mgd_jax import export  # local: orbax only when a checkpoint is read
+        from mgd_jax import network_dir  # local: orbax only when a checkpoint is read
 
-        loaded, meta = export.load_variables(init_dir)
+        loaded, meta = network_dir.load_variables(init_dir)
         loaded = {part: {"backbone": tree["backbone"]} for part, tree in loaded.items()
                   if "backbone" in tree}
         if "params" not in loaded:
-            raise export.ExportError(f"{init_dir}: holds no backbone parameters to start from")
-        variables, kept = export.merge_variables(variables, loaded, source=init_dir)
+            raise network_dir.ExportError(f"{init_dir}: holds no backbone parameters to start from")
+        variables, kept = network_dir.merge_variables(variables, loaded, source=init_dir)
         logging.info(
             "initialised from %s (%s); %d leaves keep their fresh initialisation: %s",
             init_dir, meta.get("source", "?"), len(kept), ", ".join(kept[:20]),

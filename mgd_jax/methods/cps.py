@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import losses, models
-from mgd_jax.errors import ConfigError
-from mgd_jax.methods import base
+from mgd_jax import models
+from mgd_jax.methods import base, losses
+from mgd_jax.runtime.errors import ConfigError
 
 BRANCHES = ("branch1", "branch2")
 

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mgd_jax import losses, models
-from mgd_jax.errors import ConfigError
-from mgd_jax.methods import base
+from mgd_jax import models
+from mgd_jax.methods import base, losses
+from mgd_jax.runtime.errors import ConfigError
 
 TEACHERS = ("teacher_deep", "teacher_wide")  # T_D, T_W
 TEACHER_BN = ("batch", "running")  # official: batch statistics (train-mode BN, §1.2)
@@ -32,9 +32,9 @@ TEACHER_BN = ("batch", "running")  # official: batch statistics (train-mode BN, 
 
 def load_teacher(config: ml_collections.ConfigDict, name: str) -> base.Network:
     """(model, variables) of a teacher network directory; its architecture comes from there."""
-    from mgd_jax import export  # local: orbax only when a checkpoint is read
+    from mgd_jax import network_dir  # local: orbax only when a checkpoint is read
 
-    network = export.load_network(config[name].checkpoint, precision=config.precision)
+    network = network_dir.load_network(config[name].checkpoint, precision=config.precision)
     backbone, expected = network.meta["backbone"], config[name].backbone
     if models.canonical(backbone) != models.canonical(expected):
         raise ConfigError(

@@ -7,7 +7,7 @@ MobileNetV2 (students), ResNet-101 and Wide-ResNet-50-2 (teachers).
     out, upd = model.apply(variables, images, train=True, mutable=["batch_stats"])
 
 Parameter trees mirror the PyTorch state-dict keys of the official `Single*Network` by a
-mechanical rule (`mgd_jax.torch_import.flax_path`; `backbone`, `head`, `classifier` at the top).
+mechanical rule (`mgd_jax.pytorch.importer.flax_path`; `backbone`, `head`, `classifier` at the top).
 """
 
 from __future__ import annotations

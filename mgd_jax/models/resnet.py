@@ -7,7 +7,7 @@
   "wide_resnet34_2", teacher T_W).
 
 Module and parameter names follow the PyTorch state-dict keys through the mechanical rule of
-`mgd_jax.torch_import.flax_path` (`layer1.0.downsample.1` -> `layer1_0/downsample_1`). As in the
+`mgd_jax.pytorch.importer.flax_path` (`layer1.0.downsample.1` -> `layer1_0/downsample_1`). As in the
 official `_nostride_dilate`, every stride-2 conv of layer4 becomes stride 1 and block k of layer4
 gets dilation = padding = 2, 4, 8, ... on its 3x3 convs, so layer4 runs at output stride 16.
 """

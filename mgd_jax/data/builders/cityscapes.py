@@ -31,7 +31,7 @@ from mgd_jax.data.builders.common import (
 )
 from mgd_jax.data.datasets import DATASETS
 from mgd_jax.data.splits import read_list
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 SPLITS = ("train", "val")
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mgd_jax.data import augment
 from mgd_jax.data.datasets import DATASETS, IGNORE_INDEX, DatasetInfo
 from mgd_jax.data.sources import SIDECAR, SIDECAR_FORMAT
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 # Label file kinds the builders understand.
 INDEX_PNG = "index_png"  # class ids in a 'P' (palette: the indices) or 'L' PNG

@@ -36,7 +36,7 @@ from mgd_jax.data.datasets import (
     voc_colormap,
 )
 from mgd_jax.data.splits import partition
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")  # lossless only

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from mgd_jax.data.builders.common import INDEX_PNG, SBD_MAT, Entry, FileRef, MgdBuilder
 from mgd_jax.data.datasets import DATASETS
 from mgd_jax.data.splits import read_list
-from mgd_jax.errors import DataError
+from mgd_jax.runtime.errors import DataError
 
 INSTRUCTIONS = """\
 Put the PASCAL VOC 2012 + SBD files in the manual directory, in either layout:

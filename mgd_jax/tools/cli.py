@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 import jax
 from absl import flags
 
-from mgd_jax import logs, parallel
-from mgd_jax.errors import UserError
+from mgd_jax.runtime import logs, parallel
+from mgd_jax.runtime.errors import UserError
 
 USER_ERROR = 2
 

@@ -1,6 +1,6 @@
 """The project's error types: a user mistake (bad config, data, file or checkpoint) raises a
 `UserError` whose message names the field or file and what was expected. Command-line tools print
-it as one line and exit with status 2 (`mgd_jax.cli`); anything else is a bug and keeps its
+it as one line and exit with status 2 (`mgd_jax.tools.cli`); anything else is a bug and keeps its
 traceback."""
 
 from __future__ import annotations

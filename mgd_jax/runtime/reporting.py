@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from mgd_jax import logs, paths
+from mgd_jax.runtime import logs, paths
 
 PANELS_DIR = "panels"
 METRICS_FILE = "metrics.jsonl"

@@ -1,5 +1,5 @@
 """The training step of the official PyTorch code (Sup.l, CPS, MGD), for timing beside mgd_jax's
-on the same device (`python -m mgd_jax.bench_main --mode=step --compare=torch`). Needs the
+on the same device (`python -m mgd_jax.tools.bench --mode=step --compare=torch`). Needs the
 `[torch]` extra; nothing else in the package imports this module.
 
 The networks are `torch_nets.build`'s (torchvision / timm layouts, the sizes of the config), the
@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from mgd_jax import models
-from mgd_jax.torch_nets import build, torch
+from mgd_jax.pytorch.nets import build, torch
 
 F = torch.nn.functional
 PRECISIONS = ("fp32", "bf16")

@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mgd_jax.errors import ConfigError
+from mgd_jax.runtime.errors import ConfigError
 
 DATA_AXIS = "data"
 

@@ -13,7 +13,7 @@ Keys the segmentation model never uses (BN step counters, ImageNet classifiers, 
 features.18, a torchvision 7x7 stem conv offered to a deep-stem ResNet) are skipped and reported.
 Anything else that does not fit -- an unexpected key, a missing key, a shape mismatch -- is a
 `WeightImportError` naming the key and both shapes. `import_file` writes the result as a network
-directory (`mgd_jax.export`). Files are read without torch (`weight_files`: .safetensors, .npz,
+directory (`mgd_jax.network_dir`). Files are read without torch (`weight_files`: .safetensors, .npz,
 torch.save's zip format); torch is imported only for what that reader cannot read.
 """
 
@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mgd_jax import export, models, weight_files
-from mgd_jax.errors import WeightImportError
+from mgd_jax import models, network_dir
+from mgd_jax.pytorch import weight_files
+from mgd_jax.runtime.errors import WeightImportError
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _abstract_cached(backbone: str, num_classes: int, options: tuple) -> dict[Pa
         lambda x: model.init(jax.random.key(0), x, train=False), images
     )
     shapes = {c: shapes[c] for c in ("params", "batch_stats") if c in shapes}
-    return traverse_util.flatten_dict(export.plain(shapes))
+    return traverse_util.flatten_dict(network_dir.plain(shapes))
 
 
 def abstract_variables(backbone: str, num_classes: int, **build_options: Any) -> dict[Path, Any]:
@@ -490,9 +491,9 @@ def from_torch(
     if into is None:
         variables = {"params": partial["params"], "batch_stats": partial["batch_stats"]}
     else:
-        into = export.plain(into)
+        into = network_dir.plain(into)
         _check_into(into, backbone, num_classes, build_options, source)
-        variables, report.initialised = export.merge_variables(
+        variables, report.initialised = network_dir.merge_variables(
             {"params": into["params"], "batch_stats": into.get("batch_stats", {})},
             partial, source=source,
         )
@@ -572,7 +573,7 @@ def import_file(
     backbone_only: bool = False, allow_pickle: bool = False, overwrite: bool = False,
     **build_options: Any,
 ) -> ImportReport:
-    """Converts a PyTorch file and writes it as a network directory (`export.save_network`)."""
+    """Converts a PyTorch file and writes it as a network directory (`network_dir.save_network`)."""
     part = "backbone" if backbone_only else "model"
     checkpoint = load_torch_file(torch_file, allow_pickle=allow_pickle)
     variables, report = convert(
@@ -589,5 +590,5 @@ def import_file(
         "skipped": sorted(report.skipped),
         "missing": report.missing,
     }
-    export.save_network(out, variables, meta, overwrite=overwrite)
+    network_dir.save_network(out, variables, meta, overwrite=overwrite)
     return report

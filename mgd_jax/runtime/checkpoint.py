@@ -23,8 +23,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mgd_jax import integrity, interrupts, paths
-from mgd_jax.errors import CheckpointError, ExportError
+from mgd_jax.runtime import integrity, interrupts, paths
+from mgd_jax.runtime.errors import CheckpointError, ExportError
 
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"

@@ -1,5 +1,5 @@
 """Prediction: images of any size -> class-id maps (`Predictor`), and files -> palette PNGs,
-overlays and a report (`predict_files`). The command line is `python -m mgd_jax.predict_main`.
+overlays and a report (`predict_files`). The command line is `python -m mgd_jax.tools.predict`.
 
 Inference follows the official evaluator (`evaluate.predict_logits`):
 - `sliding` (default): an image whose long side fits `crop` is padded centred to crop x crop
@@ -37,12 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
-from mgd_jax import evaluate
 from mgd_jax.data import augment
 from mgd_jax.data.augment import centered_margins
 from mgd_jax.data.datasets import IGNORE_INDEX, lookup_table, palette_for
-from mgd_jax.errors import DataError
-from mgd_jax.export import Network
+from mgd_jax.evaluation import evaluate
+from mgd_jax.network_dir import Network
+from mgd_jax.runtime.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 REPORT_FILE = "predict_report.json"

@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgd_jax import onnx_export
 from mgd_jax.data.augment import MEAN, STD, normalize
-from mgd_jax.errors import ExportError
-from mgd_jax.export import Network
-from mgd_jax.predict import pad_centered
+from mgd_jax.network_dir import Network
+from mgd_jax.runtime.errors import ExportError
+from mgd_jax.serving import onnx_export
+from mgd_jax.serving.predict import pad_centered
 
-FORMAT = "mgd_jax.deploy"
+FORMAT = "mgd_jax.serving.deploy"
 FORMAT_VERSION = 1
 MANIFEST = "deploy.json"
 FORMATS = ("jax", "onnx")

@@ -1,6 +1,6 @@
 """Prediction: images -> palette PNG class maps and overlays (`predict.predict_files`).
 
-    python -m mgd_jax.predict_main --checkpoint=DIR --input=IMG_OR_DIR [--input=...] \
+    python -m mgd_jax.tools.predict --checkpoint=DIR --input=IMG_OR_DIR [--input=...] \
         --output=OUT [--mode=sliding|whole] [--crop=512] [--pad_to=H,W] [--bucket=128] \
         [--batch=1] [--flip] [--scales=0.75,1,1.25]
 
@@ -18,8 +18,11 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli, evaluate, export, models, predict
-from mgd_jax.errors import UserError
+from mgd_jax import models, network_dir
+from mgd_jax.evaluation import evaluate
+from mgd_jax.runtime.errors import UserError
+from mgd_jax.serving import predict
+from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A network directory or training workdir.",
@@ -71,8 +74,8 @@ def _pad_to(values: list[str] | None) -> tuple[int, int] | None:
 
 
 def _predict() -> int:
-    network = export.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value),
-                                  precision=_PRECISION.value)
+    network = network_dir.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value),
+                                       precision=_PRECISION.value)
     print(f"network: {network.describe()}", flush=True)
     given = {"mode": _MODE.value, "crop": _CROP.value, "stride_rate": _STRIDE.value,
              "pad_to": _pad_to(_PAD_TO.value)}

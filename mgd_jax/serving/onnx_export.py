@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgd_jax.errors import ExportError
+from mgd_jax.runtime.errors import ExportError
 
 OPSET = 17
 

@@ -1,11 +1,11 @@
 """The paper's tables: plan the grid of runs, or collect finished runs into tables (`grid`).
 
     # the runs: CPS teachers per partition, then MGD and Sup.l students per partition and seed
-    python -m mgd_jax.grid_main --mode=plan --root=runs --datasets=voc --seeds=0,1,2 \
+    python -m mgd_jax.tools.grid --mode=plan --root=runs --datasets=voc --seeds=0,1,2 \
         --set=data_dir=$DATA --set=split_dir=$SPLITS \
         --init=resnet18=$CK/r18 --init=resnet101=$CK/r101 [--json=plan.json]
     # the tables, from whatever has finished under --root
-    python -m mgd_jax.grid_main --mode=collect --root=runs [--metric=best_miou] [--json=FILE]
+    python -m mgd_jax.tools.grid --mode=collect --root=runs [--metric=best_miou] [--json=FILE]
 
 `plan` prints shell lines (teachers first) and, with --json, writes the runs as a JSON list
 (name, stage, workdir, command, depends_on, ...) for a launcher.
@@ -20,8 +20,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli, grid
-from mgd_jax.errors import UserError
+from mgd_jax.runtime.errors import UserError
+from mgd_jax.tools import cli
+from mgd_jax.workflows import grid
 
 FLAGS = flags.FlagValues()
 _MODE = flags.DEFINE_enum("mode", "plan", ("plan", "collect"), "Plan the runs, or collect "

@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mgd_jax import evaluate
 from mgd_jax.data import input_pipeline
-from mgd_jax.export import Network
+from mgd_jax.evaluation import evaluate
+from mgd_jax.network_dir import Network
 
 TILE = 96  # rendered height of one image, px
 HEADER = 16  # px of the title row

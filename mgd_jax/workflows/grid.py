@@ -7,7 +7,7 @@ students, each MGD run wired to its partition's two teacher exports. Every run i
 finish first. `collect` reads finished workdirs (`config.json`, `network.json`,
 `final_metrics.json`; any run of this package, planned here or not) and `format_tables` prints
 mean ± sample standard deviation over seeds, one markdown table per dataset.
-The command line is `python -m mgd_jax.grid_main` (docs/reproducing.md).
+The command line is `python -m mgd_jax.tools.grid` (docs/reproducing.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from mgd_jax.errors import ConfigError
+from mgd_jax.runtime.errors import ConfigError
 
 DATASETS = ("voc", "cityscapes")  # configs/<name>.py
 PARTITIONS = (16, 8, 4, 2)

@@ -54,11 +54,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from mgd_jax import export, logs, parallel, reporting
+from mgd_jax import network_dir
 from mgd_jax.data import input_pipeline
 from mgd_jax.data.augment import as_pair, centered_margins, normalize
 from mgd_jax.data.datasets import IGNORE_INDEX, resolve
-from mgd_jax.errors import ConfigError, DataError, ExportError
+from mgd_jax.runtime import logs, parallel, reporting
+from mgd_jax.runtime.errors import ConfigError, DataError, ExportError
 
 LogitsFn = Callable[[jax.Array], jax.Array]  # normalised NHWC images -> NHWC logits
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, images) -> logits
@@ -553,7 +554,7 @@ def evaluate_network(
     output_dir: str | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Evaluates a loaded network (`export.Network`) on the config's eval split, or on `source`
+    """Evaluates a loaded network (`network_dir.Network`) on the config's eval split, or on `source`
     (any `sources.Source` of labeled examples), with the config's protocol plus optional TTA.
 
     Returns the scores (and the confusion matrix) and writes them as JSON under `output_dir`
@@ -635,9 +636,9 @@ def evaluate_network(
 def evaluate_checkpoint(config: ml_collections.ConfigDict, path: str, *,
                         step: int | str | None = None, output_dir: str | None = None,
                         **options: Any) -> dict[str, Any]:
-    """`evaluate_network` of the network at `path` (`export.load_network`: a network directory
+    """`evaluate_network` of the network at `path` (`network_dir.load_network`: a network directory
     or a training workdir, `step` as there); the JSON goes to `output_dir`, default `path`."""
-    network = export.load_network(path, step=step, precision=config.precision)
+    network = network_dir.load_network(path, step=step, precision=config.precision)
     return evaluate_network(config, network, output_dir=output_dir or path, **options)
 
 

@@ -1,8 +1,8 @@
 """Evaluation: a trained network on the config's val split, with the config's protocol.
 
-    python -m mgd_jax.eval_main --checkpoint=WORKDIR            # its export/, or latest checkpoint
-    python -m mgd_jax.eval_main --checkpoint=WORKDIR --step=best  # or latest, or a step number
-    python -m mgd_jax.eval_main --checkpoint=NETWORK_DIR --config=configs/voc.py \
+    mgd-eval --checkpoint=WORKDIR            # its export/, or latest checkpoint
+    mgd-eval --checkpoint=WORKDIR --step=best  # or latest, or a step number
+    mgd-eval --checkpoint=NETWORK_DIR --config=configs/voc.py \
         [--flip] [--scales=0.75,1,1.25] [--output=DIR] [--config.eval.max_examples=100]
 
 Without --config the workdir's `config.json` gives the dataset and protocol. Prints mIoU, pixel
@@ -18,7 +18,9 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from mgd_jax import cli, config_lib, evaluate
+from mgd_jax import config_lib
+from mgd_jax.evaluation import evaluate
+from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(

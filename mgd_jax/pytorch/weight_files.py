@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from mgd_jax.errors import WeightImportError
+from mgd_jax.runtime.errors import WeightImportError
 
 # torch's legacy typed storage classes (what `_rebuild_tensor_v2` pickles) -> numpy dtype
 STORAGE_DTYPES: dict[str, np.dtype] = {

@@ -1,9 +1,9 @@
 """Benchmarks: the training step, the input pipeline, and the networks' sizes.
 
-    python -m mgd_jax.bench_main --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
+    python -m mgd_jax.tools.bench --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
         [--compare=reference,torch]
-    python -m mgd_jax.bench_main --mode=data [--dataset=voc --data_dir=DIR] [--workers=0,2,4]
-    python -m mgd_jax.bench_main --mode=models [--size=512] [--num_classes=21]
+    python -m mgd_jax.tools.bench --mode=data [--dataset=voc --data_dir=DIR] [--workers=0,2,4]
+    python -m mgd_jax.tools.bench --mode=models [--size=512] [--num_classes=21]
 
 `step` (default) times the jitted train step on random inputs (`bench.run_bench`), with
 `--compare` also the reference step and the official PyTorch step (`bench.compare`); `data`
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from absl import flags
 from ml_collections import config_flags
 
-from mgd_jax import cli
-from mgd_jax.errors import UserError
+from mgd_jax.runtime.errors import UserError
+from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
 _MODE = flags.DEFINE_enum("mode", "step", ("step", "data", "models"), "What to measure.",
@@ -76,7 +76,7 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "models: classes.", flag_
 
 
 def _step() -> dict | list:
-    from mgd_jax import bench
+    from mgd_jax.workflows import bench
 
     if _CONFIG.value is None:
         raise UserError("--mode=step needs --config")

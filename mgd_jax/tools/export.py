@@ -2,8 +2,8 @@
 as a network directory that eval_main / predict_main and other runs load, or as deployable files
 (`deploy`: serialized StableHLO and/or ONNX, runnable without this project).
 
-    python -m mgd_jax.export_main --checkpoint=WORKDIR --step=best --output=DIR
-    python -m mgd_jax.export_main --checkpoint=RUN --format=jax,onnx --sizes=512x512 --output=DIR
+    python -m mgd_jax.tools.export --checkpoint=WORKDIR --step=best --output=DIR
+    python -m mgd_jax.tools.export --checkpoint=RUN --format=jax,onnx --sizes=512x512 --output=DIR
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli, deploy, export
+from mgd_jax import network_dir
+from mgd_jax.serving import deploy
+from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir or network directory.",
@@ -38,8 +40,8 @@ flags.mark_flags_as_required(["checkpoint", "output"], flag_values=FLAGS)
 
 
 def _deployable() -> None:
-    network = export.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value),
-                                  precision=_PRECISION.value)
+    network = network_dir.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value),
+                                       precision=_PRECISION.value)
     manifest = deploy.export_deployable(
         network, _OUTPUT.value, sizes=deploy.parse_sizes(_SIZES.value), formats=_FORMAT.value,
         platforms=_PLATFORMS.value, overwrite=_OVERWRITE.value)
@@ -53,10 +55,10 @@ def _export() -> None:
             raise cli.UserError("--format: a network directory and deployable files go to "
                                 "different --output directories; export them one at a time")
         return _deployable()
-    network = export.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value))
-    export.save_network(_OUTPUT.value, network.variables,
-                        dict(network.meta, source=network.directory, step=network.step),
-                        overwrite=_OVERWRITE.value)
+    network = network_dir.load_network(_CHECKPOINT.value, step=cli.parse_step(_STEP.value))
+    network_dir.save_network(_OUTPUT.value, network.variables,
+                             dict(network.meta, source=network.directory, step=network.step),
+                             overwrite=_OVERWRITE.value)
     print(f"{network.describe()} -> {_OUTPUT.value}")
 
 

@@ -1,9 +1,9 @@
 """Data preparation: a dataset -> tfds array_record files under --data_dir (`data.prepare`).
 
-    python -m mgd_jax.prepare_main --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data
-    python -m mgd_jax.prepare_main --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
-    python -m mgd_jax.prepare_main --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
-    python -m mgd_jax.prepare_main --dataset=folder --name=mine --images=DIR --masks=DIR \
+    python -m mgd_jax.tools.prepare --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data
+    python -m mgd_jax.tools.prepare --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
+    python -m mgd_jax.tools.prepare --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
+    python -m mgd_jax.tools.prepare --dataset=folder --name=mine --images=DIR --masks=DIR \
         --classes=classes.txt [--palette=FILE --ignore_value=255 --val_images=DIR --val_masks=DIR]
 
 Every listed id's image and mask are located and checked before anything is written; an
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli
 from mgd_jax.data import prepare, synthetic
+from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
 _DATASET = flags.DEFINE_enum("dataset", None, ("voc", "cityscapes", "synthetic", "folder"),

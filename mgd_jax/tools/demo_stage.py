@@ -1,5 +1,5 @@
 """One demo stage in a process of its own (`demo.parallel_stages`), started by the demo:
-`python -m mgd_jax.demo_stage_main --stage_dir=DIR` trains the pickled stage config the demo left
+`python -m mgd_jax.tools.demo_stage --stage_dir=DIR` trains the pickled stage config the demo left
 in DIR. Exit status 0 (trained), `demo.STOPPED_EXIT` (stopped by a signal, with its checkpoint) or
 2 (a user error, one `error:` line)."""
 
@@ -12,7 +12,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli, demo, train
+from mgd_jax import train
+from mgd_jax.tools import cli
+from mgd_jax.workflows import demo
 
 FLAGS = flags.FlagValues()
 _STAGE_DIR = flags.DEFINE_string("stage_dir", None, "The stage's workdir.", flag_values=FLAGS)

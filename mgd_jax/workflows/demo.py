@@ -52,8 +52,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mgd_jax import logs
-from mgd_jax.errors import ConfigError, UserError
+from mgd_jax.runtime import logs
+from mgd_jax.runtime.errors import ConfigError, UserError
 
 STAGES = ("pretrain_deep", "pretrain_wide", "teacher_deep", "teacher_wide",
           "student_supervised", "student_mgd")
@@ -190,14 +190,16 @@ def format_seeds(per_seed: dict[int, dict[str, Any]]) -> str:
 def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[float, float]:
     """MGD - Sup.l val mIoU of the two exported students, with its bootstrap standard error
     over the val images (`evaluate.bootstrap_difference`)."""
-    from mgd_jax import evaluate, export
+    from mgd_jax import network_dir
     from mgd_jax.data import input_pipeline
+    from mgd_jax.evaluation import evaluate
 
     evaluator = evaluate.Evaluator.from_config(config)
     source = input_pipeline.eval_source(config)
     per_example = []
     for stage in ("student_supervised", "student_mgd"):
-        network = export.load_network(os.path.join(seed_dir, stage), precision=config.precision)
+        network = network_dir.load_network(os.path.join(seed_dir, stage),
+                                           precision=config.precision)
         per_example.append(evaluator.per_example(
             evaluate.model_logits(network.model), network.variables,
             input_pipeline.eval_dataset(source, batch_size=config.eval.batch_size,
@@ -267,7 +269,7 @@ def _needs(stage: str, stages: Sequence[str]) -> set[str]:
 
 def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str], seed_dir: str,
                         width: int) -> dict[str, dict[str, Any]] | None:
-    """The stages, up to `width` at once, each `python -m mgd_jax.demo_stage_main` in a session
+    """The stages, up to `width` at once, each `python -m mgd_jax.tools.demo_stage` in a session
     of its own (signals reach it only through here); a stage starts once the stages it needs
     finished."""
     pending, running, results = list(stages), {}, {}
@@ -345,7 +347,7 @@ def _start_stage(config: ml_collections.ConfigDict, stage: str,
 
 
 def stage_command(stage_dir: str) -> list[str]:
-    return [sys.executable, "-m", "mgd_jax.demo_stage_main", f"--stage_dir={stage_dir}"]
+    return [sys.executable, "-m", "mgd_jax.tools.demo_stage", f"--stage_dir={stage_dir}"]
 
 
 def _print_prefixed(stream: Any, stage: str) -> None:
@@ -366,10 +368,11 @@ def _stop_with_parent() -> Any:
 
 def save_panels(config: ml_collections.ConfigDict, seed_dir: str) -> None:
     """`<seed_dir>/panels.png`: every stage's predictions on the same val images."""
-    from mgd_jax import export, panels
+    from mgd_jax import network_dir
+    from mgd_jax.evaluation import panels
 
     stages = [s for s in config.stages.split(",") if s in PANEL_TITLES]
-    networks = {PANEL_TITLES[stage]: export.load_network(
+    networks = {PANEL_TITLES[stage]: network_dir.load_network(
         os.path.join(seed_dir, stage, "export"), precision=config.precision)
         for stage in sorted(stages, key=list(PANEL_TITLES).index)}
     path = os.path.join(seed_dir, PANEL_FILE)

@@ -4,10 +4,10 @@
     <dir>/variables/    {"params", "batch_stats"} (orbax), with a hash manifest (`integrity`)
 
 Training writes one as `<workdir>/export` (the final network) and `<workdir>/export_best`; the CPS
-teacher stage's export is what MGD loads as a teacher; `python -m mgd_jax.import_main` writes one
-from a PyTorch file (a full network, or a backbone for ImageNet init). `load_network` opens a
-network directory, or a training workdir (its export/, or a train-state checkpoint at a step, also
-while the run is still training).
+teacher stage's export is what MGD loads as a teacher; `mgd-import` (`mgd_jax.tools.import_weights`)
+writes one from a PyTorch file (a full network, or a backbone for ImageNet init). `load_network`
+opens a network directory, or a training workdir (its export/, or a train-state checkpoint at a
+step, also while the run is still training).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from mgd_jax import checkpoint, integrity, models, paths
+from mgd_jax import models
 from mgd_jax.data import augment
 from mgd_jax.data.datasets import DatasetInfo
-from mgd_jax.errors import ExportError
+from mgd_jax.runtime import checkpoint, integrity, paths
+from mgd_jax.runtime.errors import ExportError
 
 Variables = dict[str, Any]
 
@@ -111,20 +112,20 @@ def save_network(
     exists = root.exists()  # every process decides before anyone writes
     if exists and not overwrite:
         raise ExportError(f"{directory}: already exists (pass overwrite=True)")
-    _sync("mgd_jax.export.save:checked")
+    _sync("mgd_jax.network_dir.save:checked")
     primary = jax.process_index() == 0
     if primary:  # multi-host: one process owns the directory and meta.json
         if exists:
             root.rmtree()
         root.mkdir(parents=True)
-    _sync("mgd_jax.export.save:created")
+    _sync("mgd_jax.network_dir.save:created")
     with ocp.StandardCheckpointer() as checkpointer:  # collective; numpy leaves: primary writes
         checkpointer.save(root / VARIABLES_DIR, tree)
         checkpointer.wait_until_finished()
     if primary:  # meta.json last: its presence marks a complete checkpoint.
         integrity.seal(root / VARIABLES_DIR)
         (root / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    _sync("mgd_jax.export.save:done")
+    _sync("mgd_jax.network_dir.save:done")
 
 
 def _sync(name: str) -> None:

@@ -1,11 +1,11 @@
-"""Weight import: a PyTorch file -> a network directory (`torch_import.import_file`).
+"""Weight import: a PyTorch file -> a network directory (`importer.import_file`).
 
     # an official MGD / CPS checkpoint: choose the network with --prefix (CPS files hold branch1
     # and branch2; the official MGD loader uses branch1)
-    python -m mgd_jax.import_main --backbone=resnet101 --torch=teacher-voc8-resnet101.pth \
+    python -m mgd_jax.tools.import_weights --backbone=resnet101 --torch=teacher-voc8-resnet101.pth \
         --prefix=branch1 --num_classes=21 --out=/ckpt/teacher_deep
     # an ImageNet backbone, for --config.student_init / --config.cps.init
-    python -m mgd_jax.import_main --backbone=resnet18 --torch=resnet18-f37072fd.pth \
+    python -m mgd_jax.tools.import_weights --backbone=resnet18 --torch=resnet18-f37072fd.pth \
         --backbone_only --out=/ckpt/resnet18_imagenet
 """
 
@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from mgd_jax import cli, models, torch_import
+from mgd_jax import models
+from mgd_jax.pytorch import importer
+from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
 _BACKBONE = flags.DEFINE_string(
@@ -55,7 +57,7 @@ def _import() -> None:
         options["depths"] = models.parse_depths(_DEPTHS.value)
     if _OUTPUT_STRIDE.value is not None:
         options["output_stride"] = _OUTPUT_STRIDE.value
-    report = torch_import.import_file(
+    report = importer.import_file(
         _TORCH.value, _BACKBONE.value, _OUT.value, num_classes=_NUM_CLASSES.value,
         prefix=_PREFIX.value, backbone_only=_BACKBONE_ONLY.value,
         allow_pickle=_ALLOW_PICKLE.value, overwrite=_OVERWRITE.value, **options,

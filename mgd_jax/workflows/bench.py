@@ -1,10 +1,10 @@
 """Train-step benchmark: compile time, ms/step, images/s, FLOPs, MFU and memory of a method's step,
 optionally beside the reference step and the official PyTorch step on the same device.
 
-    python -m mgd_jax.bench_main --mode=step --config=configs/voc.py:method=mgd [--steps=20] \
+    python -m mgd_jax.tools.bench --mode=step --config=configs/voc.py:method=mgd [--steps=20] \
         [--compare=reference,torch] [--json=OUT.json]
     # quick on a CPU: reduced networks and crop (any config field can be overridden)
-    python -m mgd_jax.bench_main --mode=step --config=configs/voc.py:method=supervised \
+    python -m mgd_jax.tools.bench --mode=step --config=configs/voc.py:method=supervised \
         --steps=3 --config.model.width=0.25 --config.model.depths=1,1,1,1 --config.crop_size=64
 
 It times the real jitted training step (`train.train_step` with the method's loss, the optimizer,
@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mgd_jax import methods, models, optim, parallel, train
+from mgd_jax import methods, models, optim, train
 from mgd_jax.data import cutmix
-from mgd_jax.errors import ConfigError
+from mgd_jax.runtime import parallel
+from mgd_jax.runtime.errors import ConfigError
 
 COMPARE = ("reference", "torch")
 
@@ -305,7 +306,7 @@ def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: in
         rows.append(run_bench(reference, steps=steps, warmup=warmup, batch=batch,
                               peak_tflops=peak_tflops))
     if "torch" in what:
-        from mgd_jax import torch_step  # local: the [torch] extra
+        from mgd_jax.pytorch import step as torch_step  # local: the [torch] extra
 
         for precision in precisions or torch_precisions():
             row = torch_step.run(config, batch_size=rows[0]["global_batch"],

@@ -1,0 +1,1 @@
+"""Scoring networks: the evaluation protocols, the confusion accumulator, the panels."""

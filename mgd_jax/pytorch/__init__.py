@@ -1,0 +1,1 @@
+"""PyTorch interop: weight files, state-dict conversion, the PyTorch networks and step."""

@@ -1,0 +1,1 @@
+"""Using a trained network: prediction on images, deployable exports (StableHLO, ONNX)."""

@@ -1,0 +1,1 @@
+"""Command-line tools: each parses its flags and calls importable functions."""

@@ -1,0 +1,1 @@
+"""Runs made of runs: the synthetic demo, hyper-parameter grids, the step benchmark."""
