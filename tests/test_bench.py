@@ -15,6 +15,8 @@ import pytest
 from mgd_jax import config_lib, methods
 from mgd_jax.workflows import bench
 
+from conftest import need
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_NETS = ("model", "teacher_deep", "teacher_wide")
 
@@ -117,6 +119,7 @@ def test_step_bench_runs_without_the_data_and_checkpoint_stacks():
 
 @pytest.mark.parametrize("method", ["supervised", "cps", "mgd"])
 def test_torch_step_runs(method):
+    need("torch", "torchvision", "timm")
     from mgd_jax.pytorch import step as torch_step
 
     row = torch_step.run(tiny(method), batch_size=2, steps=1, warmup=1, device="cpu")
@@ -126,6 +129,7 @@ def test_torch_step_runs(method):
 
 @pytest.mark.slow
 def test_compare_prints_one_table_with_the_ratio(capsys):
+    need("torch", "torchvision", "timm")
     rows = bench.compare(tiny("mgd"), ["torch"], steps=1, warmup=0, batch=jax.device_count())
     assert [r["implementation"] for r in rows] == ["mgd_jax", "torch"]
     table = capsys.readouterr().out.split("mgd step, student resnet18")[-1]

@@ -3,8 +3,10 @@
 import pytest
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.datasets import DATASETS, DatasetInfo, palette_for, resolve
+from mgd_jax.data.datasets import CITYSCAPES_LABELS, DATASETS, DatasetInfo, palette_for, resolve
 from mgd_jax.runtime.errors import DataError
+
+from conftest import need
 
 
 def test_dataset_table():
@@ -27,13 +29,21 @@ def test_dataset_table():
         resolve("coco")
 
 
-def test_cityscapes_table_equals_the_official_label_table():
+def test_cityscapes_tables_equal_the_official_label_table():
+    need("cityscapesscripts")
     from cityscapesscripts.helpers.labels import labels
 
     by_train_id = {lb.trainId: lb for lb in labels if 0 <= lb.trainId < 255}
     city = DATASETS["cityscapes"]
     assert city.class_names == tuple(by_train_id[i].name for i in range(19))
     assert city.palette == tuple(tuple(by_train_id[i].color) for i in range(19))
+    assert CITYSCAPES_LABELS == tuple((lb.id, lb.name, lb.trainId) for lb in labels)
+
+
+def test_cityscapes_label_ids_name_the_train_classes():
+    train = {t: name for _, name, t in CITYSCAPES_LABELS if 0 <= t < 255}
+    assert tuple(train[i] for i in range(19)) == DATASETS["cityscapes"].class_names
+    assert [i for i, _, _ in CITYSCAPES_LABELS] == [*range(34), -1]
 
 
 def test_synthetic_entry_is_the_default_spec():

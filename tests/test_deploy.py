@@ -13,7 +13,6 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import onnxruntime
 import pytest
 
 from mgd_jax import models, network_dir
@@ -23,7 +22,7 @@ from mgd_jax.serving import deploy, onnx_export
 from mgd_jax.serving.predict import pad_centered
 from mgd_jax.tools import export as export_main
 
-from conftest import NUM_CLASSES
+from conftest import NUM_CLASSES, need
 
 SIZES = ((32, 32), (48, 64))
 
@@ -35,6 +34,13 @@ def _flax_logits(model, variables, images):
 def _assert_close(got, want):
     # float32 rounding of a different but equivalent computation, relative to the logits' scale
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _onnxruntime():
+    need("onnx", "onnxruntime")
+    import onnxruntime
+
+    return onnxruntime
 
 
 def _images(rng, batch, size):
@@ -114,6 +120,7 @@ def _random_network(backbone, **options):
 def test_onnx_matches_flax_in_onnxruntime(backbone, options, tmp_path):
     """Both students (grouped and dilated convolutions, ReLU6, max pool, align-corners
     resizes) as ONNX, run by onnxruntime on CPU, for two batch sizes."""
+    onnxruntime = _onnxruntime()
     network = _random_network(backbone, **options)
     network.meta["num_classes"] = NUM_CLASSES
     deploy.export_deployable(network, tmp_path / "d", sizes=[(48, 64)], formats=["onnx"])
@@ -130,6 +137,7 @@ def test_onnx_matches_flax_in_onnxruntime(backbone, options, tmp_path):
 
 def test_onnx_dot_general_matches_jax_in_onnxruntime():
     """dot_general with batch and contracting dimensions on both sides (ONNX Einsum)."""
+    onnxruntime = _onnxruntime()
     w = np.random.default_rng(0).normal(size=(5, 3, 7)).astype(np.float32)
 
     def fn(x):  # x: (batch, 3, 5, 4); contract 3 and 5 with w's, batch over the 4s
@@ -145,6 +153,7 @@ def test_onnx_dot_general_matches_jax_in_onnxruntime():
 
 
 def test_onnx_refuses_what_it_does_not_know():
+    need("onnx")
     with pytest.raises(ExportError, match="primitive 'sort' is not supported"):
         onnx_export.to_onnx(lambda x: jnp.sort(x, axis=-1), (4, 4, 3))
 

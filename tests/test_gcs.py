@@ -12,6 +12,7 @@ import os
 import pytest
 
 import multiprocess
+from conftest import need
 
 BUCKET = "mgd-test-bucket"
 
@@ -19,6 +20,7 @@ BUCKET = "mgd-test-bucket"
 @pytest.fixture(scope="module")
 def gcs():
     """A running emulator; yields the bucket's URL (`gs://...`)."""
+    need("gcp_storage_emulator", "gcsfs", "google.cloud.storage")
     from gcp_storage_emulator.server import create_server
 
     port = multiprocess.free_port()

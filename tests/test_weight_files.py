@@ -14,7 +14,6 @@ import zipfile
 import ml_dtypes
 import numpy as np
 import pytest
-import safetensors.torch
 from flax import traverse_util
 
 from mgd_jax.pytorch import importer, weight_files
@@ -89,6 +88,8 @@ def test_pth_matches_torch_load(tmp_path):
 
 
 def test_safetensors_match_the_reference_reader(tmp_path):
+    import safetensors.torch  # here: it imports torch, which torch_reference checks first
+
     tensors = {k: v.detach().contiguous() for k, v in _tensors().items()}
     path = tmp_path / "weights.safetensors"
     safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
@@ -186,6 +187,8 @@ def _small_resnet18():
 def test_import_without_torch_pth_and_safetensors(tmp_path, monkeypatch, capsys):
     """A backbone imported from .pth and from .safetensors with torch unavailable gives the
     variables and the report of the in-memory state dict (as torch holds it)."""
+    import safetensors.torch
+
     sd = _small_resnet18()
     options = {"width": 0.25, "depths": (1, 1, 1, 1)}
     reference, ref_report = importer.convert(sd, "resnet18", 21, part="backbone", **options)

@@ -106,6 +106,21 @@ CITYSCAPES_CLASSES = (
     ("motorcycle", (0, 0, 230)), ("bicycle", (119, 11, 32)),
 )  # fmt: skip
 
+# The whole official label table as (labelId, name, trainId): the *_labelIds.png masks hold
+# labelIds, the builder maps them to trainIds (255: not evaluated; license plate's -1 ids are
+# in no mask). A test checks this copy against cityscapesscripts.helpers.labels too.
+CITYSCAPES_LABELS = (
+    (0, "unlabeled", 255), (1, "ego vehicle", 255), (2, "rectification border", 255),
+    (3, "out of roi", 255), (4, "static", 255), (5, "dynamic", 255), (6, "ground", 255),
+    (7, "road", 0), (8, "sidewalk", 1), (9, "parking", 255), (10, "rail track", 255),
+    (11, "building", 2), (12, "wall", 3), (13, "fence", 4), (14, "guard rail", 255),
+    (15, "bridge", 255), (16, "tunnel", 255), (17, "pole", 5), (18, "polegroup", 255),
+    (19, "traffic light", 6), (20, "traffic sign", 7), (21, "vegetation", 8), (22, "terrain", 9),
+    (23, "sky", 10), (24, "person", 11), (25, "rider", 12), (26, "car", 13), (27, "truck", 14),
+    (28, "bus", 15), (29, "caravan", 255), (30, "trailer", 255), (31, "train", 16),
+    (32, "motorcycle", 17), (33, "bicycle", 18), (-1, "license plate", -1),
+)  # fmt: skip
+
 # The synthetic dataset's default spec (mgd_jax.data.synthetic.SyntheticSpec()); a prepared
 # synthetic dataset records its own class table, this entry names the builder and its defaults.
 SYNTHETIC_DEFAULT_CLASSES = (

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mgd_jax.data import augment
-from mgd_jax.data.datasets import DATASETS, IGNORE_INDEX, DatasetInfo
+from mgd_jax.data.datasets import CITYSCAPES_LABELS, DATASETS, IGNORE_INDEX, DatasetInfo
 from mgd_jax.data.sources import SIDECAR, SIDECAR_FORMAT
 from mgd_jax.runtime.errors import DataError
 
@@ -153,12 +153,10 @@ def decode_sbd_mat(ref: FileRef, data: bytes) -> np.ndarray:
 def cityscapes_lut() -> np.ndarray:
     """labelId -> trainId lookup (256 entries): the 19 evaluated classes -> 0..18, every other
     labelId -> 255. Entries for byte values that are not labelIds are -1 (rejected)."""
-    from cityscapesscripts.helpers.labels import labels
-
     lut = np.full(256, -1, np.int16)
-    for lb in labels:
-        if 0 <= lb.id < 256:
-            lut[lb.id] = lb.trainId if 0 <= lb.trainId < 255 else IGNORE_INDEX
+    for label_id, _, train_id in CITYSCAPES_LABELS:
+        if 0 <= label_id < 256:
+            lut[label_id] = train_id if 0 <= train_id < 255 else IGNORE_INDEX
     return lut
 
 
