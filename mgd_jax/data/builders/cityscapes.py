@@ -4,8 +4,8 @@
 Sources, in order of preference, looked up independently for images and labels in the manual dir:
 
 * extracted folders ``leftImg8bit/{train,val}/<city>/<key>_leftImg8bit.png`` and
-  ``gtFine/{train,val}/<city>/<key>_gtFine_labelIds.png`` (labelIds -> trainIds with
-  ``cityscapesscripts.helpers.labels``);
+  ``gtFine/{train,val}/<city>/<key>_gtFine_labelIds.png`` (labelIds -> trainIds with the
+  official table, ``datasets.CITYSCAPES_LABELS``);
 * the official zips ``leftImg8bit_trainvaltest.zip`` / ``gtFine_trainvaltest.zip`` (read in place);
 * the CPS / MGD ``DATA/city`` layout: ``images/{train,val}/<key>.png`` and
   ``segmentation/{train,val}/<key>_gtFine.png`` (already trainIds).
