@@ -51,8 +51,7 @@ def get_config(arg: str | None = None):
     c.loss.lambda_image = 0.002
     # The official 100 weighs L_R for 512 px crops, whose 7x7 regions each pool ~19x19 decoder
     # positions; at 48 px they pool 2x2 or 3x3. With 100, L_R was half the student's loss (seed 0)
-    # and MGD 4.75 points lower on average over seeds 0-4 (docs/reproducing.md, "L_R's weight at
-    # 48 px").
+    # and MGD 4.75 points lower on average over seeds 0-4 (docs/demo.md, "L_R's weight at 48 px").
     c.loss.lambda_region = 10.0
 
     c.demo = ml_collections.ConfigDict()

@@ -18,7 +18,7 @@ it has learned them (`pretrain_steps`), and the teachers see the same labeled su
 students.
 The students start from scratch, so the teachers start ahead, which is the method's premise (in
 the official recipe: ImageNet-initialised ResNet-101 / WRN teachers trained with CPS, against a
-ResNet-18 student); how far ahead they end, per seed, is in docs/reproducing.md.
+ResNet-18 student); how far ahead they end, per seed, is in docs/demo.md.
 then the table (mIoU, parameters) and the students' gain MGD - Sup.l with its bootstrap standard
 error over the val images, printed and written to `<workdir>/results.json`, and the panel of every
 stage's predictions on the same val images written to `<workdir>/panels.png` (per seed folder when
