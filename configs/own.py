@@ -1,4 +1,4 @@
-"""A dataset of your own, prepared with `prepare_main --dataset=folder --name=NAME`: the VOC recipe
+"""A dataset of your own, prepared with `mgd-prepare --dataset=folder --name=NAME`: the VOC recipe
 (configs/voc.py) on your images.
 
   python -m mgd_jax.main --config=configs/own.py:dataset=NAME,data_dir=DIR,method=supervised \
@@ -7,7 +7,7 @@
   python -m mgd_jax.main --config=configs/own.py:dataset=NAME,data_dir=DIR,method=mgd \
       --config.teacher_deep.checkpoint=DIR --config.teacher_wide.checkpoint=DIR
 
-Arguments: dataset (the prepared name), data_dir (where it was prepared; default: prepare_main's
+Arguments: dataset (the prepared name), data_dir (where it was prepared; default: mgd-prepare's
 default), crop (the train crop, default 512), and those of configs/voc.py. The class count comes
 from the prepared dataset. The labeled images are a seeded 1/partition of the train split (no
 standard lists exist for your data; `--config.split_dir` with `--config.partition_source=lists`
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
     a = config_lib.parse_arg(arg, dataset="", data_dir=prepare.DEFAULT_DATA_DIR, crop=512,
                              **config_lib.RECIPE_ARGS)
     if not a.dataset:
-        raise ConfigError("configs/own.py needs dataset=<the name given to prepare_main "
+        raise ConfigError("configs/own.py needs dataset=<the name given to mgd-prepare "
                           "--dataset=folder --name=...>")
     data_dir = os.path.expanduser(a.data_dir)
     val = sources.open_split(a.dataset, "val", data_dir)  # names the prepare command if missing

@@ -1,4 +1,5 @@
-"""Training: `python -m mgd_jax.main --config=configs/voc.py:method=mgd --workdir=DIR`.
+"""Training: `python -m mgd_jax.main --config=configs/voc.py:method=mgd --workdir=DIR` (or
+`mgd-train` with the same flags).
 
 This file is kept short on purpose: everything happens in `train.train_and_evaluate(config,
 workdir)` (which Colab calls directly), or, for the demo config, in `demo.run`, which calls it once
@@ -49,5 +50,7 @@ def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _train, distributed=True)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

@@ -237,5 +237,5 @@ def test_damaged_prepared_data_names_the_file_and_the_rebuild_command(synthetic_
         split[len(split) // 2]
     message = str(error.value)
     assert str(record_file.parent) in message and record_file.name in message
-    assert (f"rebuild them with python -m mgd_jax.tools.prepare --dataset=synthetic "
+    assert (f"rebuild them with mgd-prepare --dataset=synthetic "
             f"--data_dir={copy}") in message and message.endswith("--overwrite")

@@ -93,9 +93,9 @@ class Blocker:
         return None
 
 sys.meta_path.insert(0, Blocker())
-from mgd_jax import bench_main
-status = bench_main.main(["bench_main", "--mode=step", "--config=configs/voc.py:method=mgd",
-                          "--steps=1", "--warmup=0", "--batch=2"] + sys.argv[1:])
+from mgd_jax.tools import bench
+status = bench.main(["mgd-bench", "step", "--config=configs/voc.py:method=mgd", "--steps=1",
+                     "--warmup=0", "--batch_size=2"] + sys.argv[1:])
 print("loaded:", sorted({m.split(".")[0] for m in sys.modules} & BLOCKED))
 sys.exit(status)
 """

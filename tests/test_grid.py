@@ -73,14 +73,14 @@ def test_plan_wires_the_teachers_and_every_command_parses(tmp_path, monkeypatch)
 
 def test_plan_tool_prints_shell_lines_and_json(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert grid_main.main(["grid_main", "--mode=plan", f"--root={tmp_path}", "--partitions=8",
+    assert grid_main.main(["mgd-grid", "plan", f"--root={tmp_path}", "--partitions=8",
                            "--seeds=0", "--students=resnet18", f"--json={out}"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python")]
     planned = json.loads(out.read_text())
     assert [p["shell"] for p in planned] == lines and len(lines) == 2 + 2
     assert planned[-1]["depends_on"] == [] and planned[-2]["depends_on"] == [
         "voc8_cps_resnet101", "voc8_cps_wide_resnet50_2"]
-    assert grid_main.main(["grid_main", f"--root={tmp_path}", "--seeds=x"]) == 2
+    assert grid_main.main(["mgd-grid", f"--root={tmp_path}", "--seeds=x", "plan"]) == 2
 
 
 def _write_run(directory, method, network, partition, seed, miou=None, best=None):
@@ -122,7 +122,7 @@ def test_collected_table_is_mean_and_sample_std_over_seeds(tmp_path, capsys):
     best = grid.format_tables(grid.collect([str(tmp_path)]), metric="best_miou")
     assert f"{100 * (mgd.mean() + 0.01):.2f} ± {100 * mgd.std(ddof=1):.2f} (3)" in best
     records = tmp_path / "records.json"
-    assert grid_main.main(["grid_main", "--mode=collect", f"--root={tmp_path}",
+    assert grid_main.main(["mgd-grid", "collect", f"--root={tmp_path}",
                            f"--json={records}"]) == 0
     assert capsys.readouterr().out == table
     assert len(json.loads(records.read_text())) == 7

@@ -1,4 +1,4 @@
-"""A dataset of your own: `prepare_main --dataset=folder` from folders of images and index masks
+"""A dataset of your own: `mgd-prepare --dataset=folder` from folders of images and index masks
 (class names, palette, ignore value, val given or held out by seed), the errors that name the
 file, and training on it by name (configs/own.py, `config.dataset=<name>`)."""
 

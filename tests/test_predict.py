@@ -1,4 +1,4 @@
-"""predict / predict_main: images -> palette PNGs + overlays with a tiny random network; corrupt
+"""predict / mgd-predict: images -> palette PNGs + overlays with a tiny random network; corrupt
 files reported."""
 
 import json

@@ -68,7 +68,7 @@ def test_keys_to_indices(data_dir):
 
 
 def test_not_prepared_errors(tmp_path, data_dir):
-    with pytest.raises(DataError, match=r"not prepared.*python -m mgd_jax.tools.prepare "
+    with pytest.raises(DataError, match=r"not prepared.*mgd-prepare "
                                         r"--dataset=voc --manual_dir="):
         open_split("voc", "val", tmp_path)
     with pytest.raises(DataError, match=r"Prepared variants found .*c3_s32_n10_v4_seed5"):

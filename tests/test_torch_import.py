@@ -339,7 +339,8 @@ def test_cli_full_checkpoint(tmp_path, capsys, small_sd):
     torch.save({"model": {f"branch1.{k}": t for k, t in small_sd.items()}, "epoch": 1}, path)
     out = tmp_path / "teacher"
     rc = import_main.main(["import_main", f"--torch={path}", "--backbone=resnet18",
-                           "--prefix=branch1", "--num_classes=21", "--width=0.25", f"--out={out}"])
+                           "--prefix=branch1", "--num_classes=21", "--width=0.25",
+                           f"--output={out}"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "loaded 146 tensors" in printed and "backbone.fc.weight" in printed
@@ -351,7 +352,7 @@ def test_cli_full_checkpoint(tmp_path, capsys, small_sd):
     # wrong class count: exit code 2 and the reason on stderr
     rc = import_main.main(["import_main", f"--torch={path}", "--backbone=resnet18",
                            "--prefix=branch1", "--num_classes=19", "--width=0.25",
-                           f"--out={tmp_path / 'bad'}"])
+                           f"--output={tmp_path / 'bad'}"])
     assert rc == 2
     assert "classifier.weight" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
@@ -363,7 +364,7 @@ def test_cli_backbone_only(tmp_path, capsys):
     torch.save(sd, path)
     out = tmp_path / "r18"
     assert import_main.main(["import_main", f"--torch={path}", "--backbone=resnet18",
-                             "--backbone_only", f"--out={out}"]) == 0
+                             "--backbone_only", f"--output={out}"]) == 0
     printed = capsys.readouterr().out
     assert "backbone.conv1.weight: 7x7 stem conv" in printed and "conv1_0" in printed
     v, meta = network_dir.load_variables(str(out))

@@ -242,7 +242,7 @@ def test_imagenet_init_merges_a_backbone_checkpoint(tmp_path, tiny_config):
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
     subprocess.run(
         [sys.executable, "-m", "mgd_jax.tools.import_weights", "--backbone=resnet18",
-         f"--torch={tmp_path / 'r18.pth'}", "--backbone_only", f"--out={tmp_path / 'ck'}"],
+         f"--torch={tmp_path / 'r18.pth'}", "--backbone_only", f"--output={tmp_path / 'ck'}"],
         check=True, capture_output=True, cwd=ROOT, env=dict(os.environ, XLA_FLAGS=""),
     )
     config = tiny_config("supervised")

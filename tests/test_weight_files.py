@@ -215,7 +215,7 @@ def test_import_without_torch_pth_and_safetensors(tmp_path, monkeypatch, capsys)
     out = tmp_path / "r18"
     assert import_main.main(["import_main", f"--torch={tmp_path / 'r18.safetensors'}",
                              "--backbone=resnet18", "--backbone_only", "--width=0.25",
-                             "--depths=1,1,1,1", f"--out={out}"]) == 0
+                             "--depths=1,1,1,1", f"--output={out}"]) == 0
     assert "backbone.conv1.0.weight" not in capsys.readouterr().out
 
 

@@ -2,7 +2,7 @@
 
 One example = one augmented crop (labeled or unlabeled); an MGD step consumes 3 per batch slot
 (labeled, unlabeled_0, unlabeled_1), so steps/s = examples/s / (3 * batch). The command line is
-`python -m mgd_jax.tools.bench --mode=data`. `FakeJpegSource` synthesises VOC-sized images in
+`mgd-bench data`. `FakeJpegSource` synthesises VOC-sized images in
 memory, stored as JPEG (images) and PNG (labels) and decoded on every access like a real source,
 so the bench runs anywhere.
 """

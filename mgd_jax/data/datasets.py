@@ -19,7 +19,7 @@ from mgd_jax.runtime.errors import DataError
 
 IGNORE_INDEX = 255
 IGNORE_COLOUR = (224, 224, 192)  # VOC's boundary colour
-PREPARE_COMMAND = "python -m mgd_jax.tools.prepare"
+PREPARE_COMMAND = "mgd-prepare"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ ALIASES = {
 }
 
 
-# A user's own dataset (`prepare_main --dataset=folder --name=<name>`) is no table entry: its
+# A user's own dataset (`mgd-prepare --dataset=folder --name=<name>`) is no table entry: its
 # prepared directory's sidecar records its DatasetInfo. Configs name it "<name>" or "folder/<name>".
 FOLDER_BUILDER = "mgd_folder"
 FOLDER_VERSION = "1.0.0"

@@ -1,5 +1,5 @@
 """Prepares the datasets as tfds array_record files (no TensorFlow); the command line is
-`python -m mgd_jax.tools.prepare`.
+`mgd-prepare` (`mgd_jax.tools.prepare`).
 
 Every listed id's image and mask are located before anything is written; each example is then
 decoded and checked (corrupt image, mask size, label values) while it is written. tfds writes

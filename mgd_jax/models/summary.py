@@ -1,4 +1,4 @@
-"""Model summary (`python -m mgd_jax.tools.bench --mode=models [--size=512] [--num_classes=21]`).
+"""Model summary (`mgd-bench models [--size=512] [--num_classes=21]`).
 
 For each backbone's DeepLabv3+ network it prints the parameter count (from `jax.eval_shape`, no
 compile), analytic conv MACs of the whole network (docs/method.md §3.3), the backbone's FLOPs

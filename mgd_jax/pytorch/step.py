@@ -1,5 +1,5 @@
 """The training step of the official PyTorch code (Sup.l, CPS, MGD), for timing beside mgd_jax's
-on the same device (`python -m mgd_jax.tools.bench --mode=step --compare=torch`). Needs the
+on the same device (`mgd-bench step --compare=torch`). Needs the
 `[torch]` extra; nothing else in the package imports this module.
 
 The networks are `torch_nets.build`'s (torchvision / timm layouts, the sizes of the config), the

@@ -1,5 +1,5 @@
 """Prediction: images of any size -> class-id maps (`Predictor`), and files -> palette PNGs,
-overlays and a report (`predict_files`). The command line is `python -m mgd_jax.tools.predict`.
+overlays and a report (`predict_files`). The command line is `mgd-predict`.
 
 Inference follows the official evaluator (`evaluate.predict_logits`):
 - `sliding` (default): an image whose long side fits `crop` is padded centred to crop x crop

@@ -1,11 +1,11 @@
-"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
+r"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
 
-    python -m mgd_jax.tools.bench --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
+    mgd-bench step --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
         [--compare=reference,torch]
-    python -m mgd_jax.tools.bench --mode=data [--dataset=voc --data_dir=DIR] [--workers=0,2,4]
-    python -m mgd_jax.tools.bench --mode=models [--size=512] [--num_classes=21]
+    mgd-bench data [--dataset=voc --data_dir=DIR] [--num_workers=0,2,4]
+    mgd-bench models [--size=512] [--num_classes=21]
 
-`step` (default) times the jitted train step on random inputs (`bench.run_bench`), with
+`step` times the jitted train step on random inputs (`bench.run_bench`), with
 `--compare` also the reference step and the official PyTorch step (`bench.compare`); `data`
 measures the grain pipeline's augmented examples per second, on a prepared split or on in-memory
 VOC-sized JPEGs (`data.bench`); `models` prints parameters and FLOPs per backbone
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -26,8 +26,6 @@ from mgd_jax.runtime.errors import UserError
 from mgd_jax.tools import cli
 
 FLAGS = flags.FlagValues()
-_MODE = flags.DEFINE_enum("mode", "step", ("step", "data", "models"), "What to measure.",
-                          flag_values=FLAGS)
 # step
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "step / data: config file with ':key=value,...' arguments.",
@@ -43,8 +41,9 @@ _TORCH_PRECISIONS = flags.DEFINE_list("torch_precisions", None, "step: PyTorch p
                                       "on an accelerator).", flag_values=FLAGS)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "step: untimed steps after compilation.",
                                flag_values=FLAGS)
-_BATCH = flags.DEFINE_integer("batch", None, "Labeled batch (step: global, default "
-                              "config.batch_size; data: per host, default 8).", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Labeled batch (step: global, default "
+                                   "config.batch_size; data: per host, default 8).",
+                                   flag_values=FLAGS)
 _PEAK = flags.DEFINE_float("peak_tflops", None, "step: TFLOP/s per device MFU is quoted "
                            "against (default: a matmul rate measured on the device).",
                            flag_values=FLAGS)
@@ -56,10 +55,10 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "data: prep
                                 flag_values=FLAGS)
 _SPLIT = flags.DEFINE_string("split", "train", "data: the split both streams read.",
                              flag_values=FLAGS)
-_CROP = flags.DEFINE_integer("crop", None, "data: square crop (default: config, else 512).",
-                             flag_values=FLAGS)
-_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "data: worker counts to measure.",
-                             flag_values=FLAGS)
+_CROP_SIZE = flags.DEFINE_integer("crop_size", None, "data: square training crop (default: "
+                                  "config.crop_size, else 512).", flag_values=FLAGS)
+_NUM_WORKERS = flags.DEFINE_list("num_workers", ["0", "1", "2"], "data: grain worker counts "
+                                 "to measure.", flag_values=FLAGS)
 _SECONDS = flags.DEFINE_float("seconds", 15.0, "data: seconds per worker count.",
                               flag_values=FLAGS)
 _READ_THREADS = flags.DEFINE_integer("read_threads", 1, "data: grain read threads per process.",
@@ -79,8 +78,8 @@ def _step() -> dict | list:
     from mgd_jax.workflows import bench
 
     if _CONFIG.value is None:
-        raise UserError("--mode=step needs --config")
-    options = dict(steps=_STEPS.value, warmup=_WARMUP.value, batch=_BATCH.value,
+        raise UserError("step needs --config")
+    options = dict(steps=_STEPS.value, warmup=_WARMUP.value, batch=_BATCH_SIZE.value,
                    peak_tflops=_PEAK.value)
     if not _COMPARE.value:
         return bench.run_bench(_CONFIG.value, **options)
@@ -95,7 +94,7 @@ def _data() -> list:
     config = _CONFIG.value
     dataset = _DATASET.value or (config.dataset if config else "")
     data_dir = _DATA_DIR.value if _DATA_DIR.present or not config else config.data_dir
-    crop = _CROP.value or (config.crop_size if config else 512)
+    crop = _CROP_SIZE.value or (config.crop_size if config else 512)
     scales = tuple(config.scales) if config else augment.TRAIN_SCALES
     if dataset:
         source = open_split(dataset, _SPLIT.value, os.path.expanduser(data_dir))
@@ -104,10 +103,11 @@ def _data() -> list:
         h, w = (int(v) for v in _FAKE_SIZE.value.lower().split("x"))
         source = bench.FakeJpegSource(_FAKE_COUNT.value, (h, w), seed=0)
         what = f"fake {h}x{w} JPEG/PNG decoded per access ({len(source)} distinct)"
-    return bench.run(source, workers=[int(k) for k in _WORKERS.value], batch_size=_BATCH.value or
-                     8, crop_size=crop, scales=scales, seconds=_SECONDS.value,
-                     read_threads=_READ_THREADS.value, labeled_only=_LABELED_ONLY.value,
-                     seed=config.seed if config else 0, description=what)
+    return bench.run(source, workers=[int(k) for k in _NUM_WORKERS.value],
+                     batch_size=_BATCH_SIZE.value or 8, crop_size=crop, scales=scales,
+                     seconds=_SECONDS.value, read_threads=_READ_THREADS.value,
+                     labeled_only=_LABELED_ONLY.value, seed=config.seed if config else 0,
+                     description=what)
 
 
 def _models() -> list:
@@ -116,16 +116,24 @@ def _models() -> list:
     return summary.print_summary(_SIZE.value, _NUM_CLASSES.value)
 
 
-def _bench() -> None:
-    result = {"step": _step, "data": _data, "models": _models}[_MODE.value]()
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=2)
+def _bench(measure: Callable[[], dict | list]) -> Callable[[], None]:
+    """The subcommand that runs `measure` and writes its results to --json too."""
+
+    def body() -> None:
+        result = measure()
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(result, f, indent=2)
+
+    return body
 
 
 def main(argv: Sequence[str]) -> int:
-    return cli.run(FLAGS, argv, _bench, distributed=True)
+    commands = {"step": _bench(_step), "data": _bench(_data), "models": _bench(_models)}
+    return cli.run(FLAGS, argv, commands, distributed=True)
 
+
+run = cli.entry(main)
 
 if __name__ == "__main__":  # required: grain workers are spawned and re-import the main module
-    sys.exit(main(sys.argv))
+    sys.exit(run())

@@ -32,5 +32,7 @@ def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _train_stage)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

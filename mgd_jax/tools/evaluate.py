@@ -1,4 +1,4 @@
-"""Evaluation: a trained network on the config's val split, with the config's protocol.
+r"""Evaluation: a trained network on the config's val split, with the config's protocol.
 
     mgd-eval --checkpoint=WORKDIR            # its export/, or latest checkpoint
     mgd-eval --checkpoint=WORKDIR --step=best  # or latest, or a step number
@@ -58,5 +58,7 @@ def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _evaluate, distributed=True)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

@@ -1,9 +1,9 @@
 """Export: a trained network (a workdir's checkpoint at a step, or any network directory) written
-as a network directory that eval_main / predict_main and other runs load, or as deployable files
+as a network directory that mgd-eval / mgd-predict and other runs load, or as deployable files
 (`deploy`: serialized StableHLO and/or ONNX, runnable without this project).
 
-    python -m mgd_jax.tools.export --checkpoint=WORKDIR --step=best --output=DIR
-    python -m mgd_jax.tools.export --checkpoint=RUN --format=jax,onnx --sizes=512x512 --output=DIR
+    mgd-export --checkpoint=WORKDIR --step=best --output=DIR
+    mgd-export --checkpoint=RUN --format=jax,onnx --sizes=512x512 --output=DIR
 """
 
 from __future__ import annotations
@@ -66,5 +66,7 @@ def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _export)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

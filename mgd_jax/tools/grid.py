@@ -1,11 +1,11 @@
-"""The paper's tables: plan the grid of runs, or collect finished runs into tables (`grid`).
+r"""The paper's tables: plan the grid of runs, or collect finished runs into tables (`grid`).
 
     # the runs: CPS teachers per partition, then MGD and Sup.l students per partition and seed
-    python -m mgd_jax.tools.grid --mode=plan --root=runs --datasets=voc --seeds=0,1,2 \
+    mgd-grid plan --root=runs --datasets=voc --seeds=0,1,2 \
         --set=data_dir=$DATA --set=split_dir=$SPLITS \
         --init=resnet18=$CK/r18 --init=resnet101=$CK/r101 [--json=plan.json]
     # the tables, from whatever has finished under --root
-    python -m mgd_jax.tools.grid --mode=collect --root=runs [--metric=best_miou] [--json=FILE]
+    mgd-grid collect --root=runs [--metric=best_miou] [--json=FILE]
 
 `plan` prints shell lines (teachers first) and, with --json, writes the runs as a JSON list
 (name, stage, workdir, command, depends_on, ...) for a launcher.
@@ -25,8 +25,6 @@ from mgd_jax.tools import cli
 from mgd_jax.workflows import grid
 
 FLAGS = flags.FlagValues()
-_MODE = flags.DEFINE_enum("mode", "plan", ("plan", "collect"), "Plan the runs, or collect "
-                          "finished ones into tables.", flag_values=FLAGS)
 _ROOT = flags.DEFINE_multi_string("root", None, "plan: the folder of the run workdirs; collect: "
                                   "folders searched for workdirs (repeatable).", flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the plan / the collected records here.",
@@ -44,7 +42,7 @@ _TEACHER_SEED = flags.DEFINE_integer("teacher_seed", 0, "Seed of the teacher run
 _STAGES = flags.DEFINE_list("stages", ["teacher", "student"], "Plan the teachers, the "
                             "students, or both.", flag_values=FLAGS)
 _INIT = flags.DEFINE_multi_string("init", [], "backbone=DIR: ImageNet backbone directory "
-                                  "(import_main --backbone_only), repeatable.", flag_values=FLAGS)
+                                  "(mgd-import --backbone_only), repeatable.", flag_values=FLAGS)
 _SET = flags.DEFINE_multi_string("set", [], "field=value: a config override of every run "
                                  "(e.g. split_dir=DIR), repeatable.", flag_values=FLAGS)
 _CONFIG_DIR = flags.DEFINE_string("config_dir", "configs", "Where voc.py / cityscapes.py are.",
@@ -75,7 +73,7 @@ def _ints(name: str, values: Sequence[str]) -> list[int]:
 
 def _plan() -> None:
     if len(_ROOT.value) != 1:
-        raise UserError("--mode=plan takes one --root")
+        raise UserError("plan takes one --root")
     runs = grid.plan(
         _ROOT.value[0], datasets=_DATASETS.value, partitions=_ints("partitions",
                                                                    _PARTITIONS.value),
@@ -99,8 +97,10 @@ def _collect() -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    return cli.run(FLAGS, argv, lambda: _plan() if _MODE.value == "plan" else _collect())
+    return cli.run(FLAGS, argv, {"plan": _plan, "collect": _collect})
 
+
+run = cli.entry(main)
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

@@ -1,12 +1,12 @@
-"""Weight import: a PyTorch file -> a network directory (`importer.import_file`).
+r"""Weight import: a PyTorch file -> a network directory (`importer.import_file`).
 
     # an official MGD / CPS checkpoint: choose the network with --prefix (CPS files hold branch1
     # and branch2; the official MGD loader uses branch1)
-    python -m mgd_jax.tools.import_weights --backbone=resnet101 --torch=teacher-voc8-resnet101.pth \
-        --prefix=branch1 --num_classes=21 --out=/ckpt/teacher_deep
+    mgd-import --backbone=resnet101 --torch=teacher-voc8-resnet101.pth \
+        --prefix=branch1 --num_classes=21 --output=/ckpt/teacher_deep
     # an ImageNet backbone, for --config.student_init / --config.cps.init
-    python -m mgd_jax.tools.import_weights --backbone=resnet18 --torch=resnet18-f37072fd.pth \
-        --backbone_only --out=/ckpt/resnet18_imagenet
+    mgd-import --backbone=resnet18 --torch=resnet18-f37072fd.pth \
+        --backbone_only --output=/ckpt/resnet18_imagenet
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ _BACKBONE = flags.DEFINE_string(
 )
 _TORCH = flags.DEFINE_string("torch", None, ".pth / .pth.tar file (or .npz of arrays).",
                              flag_values=FLAGS)
-_OUT = flags.DEFINE_string("out", None, "Output network directory.", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "The network directory to write.",
+                              flag_values=FLAGS)
 _PREFIX = flags.DEFINE_string("prefix", "", "Network of a multi-network checkpoint (branch1).",
                               flag_values=FLAGS)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentation head.",
@@ -45,8 +46,9 @@ _ALLOW_PICKLE = flags.DEFINE_bool(
     "allow_pickle", False, "Load a trusted .pth that pickles non-tensor objects.",
     flag_values=FLAGS,
 )
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.", flag_values=FLAGS)
-flags.mark_flags_as_required(["backbone", "torch", "out"], flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.",
+                               flag_values=FLAGS)
+flags.mark_flags_as_required(["backbone", "torch", "output"], flag_values=FLAGS)
 
 
 def _import() -> None:
@@ -58,19 +60,21 @@ def _import() -> None:
     if _OUTPUT_STRIDE.value is not None:
         options["output_stride"] = _OUTPUT_STRIDE.value
     report = importer.import_file(
-        _TORCH.value, _BACKBONE.value, _OUT.value, num_classes=_NUM_CLASSES.value,
+        _TORCH.value, _BACKBONE.value, _OUTPUT.value, num_classes=_NUM_CLASSES.value,
         prefix=_PREFIX.value, backbone_only=_BACKBONE_ONLY.value,
         allow_pickle=_ALLOW_PICKLE.value, overwrite=_OVERWRITE.value, **options,
     )
     print(report.summary())
     if report.part == "backbone":
         print("head and classifier: not in a backbone checkpoint (the trainer initialises them)")
-    print(f"wrote {_OUT.value}")
+    print(f"wrote {_OUTPUT.value}")
 
 
 def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _import)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

@@ -1,11 +1,11 @@
-"""Prediction: images -> palette PNG class maps and overlays (`predict.predict_files`).
+r"""Prediction: images -> palette PNG class maps and overlays (`predict.predict_files`).
 
-    python -m mgd_jax.tools.predict --checkpoint=DIR --input=IMG_OR_DIR [--input=...] \
+    mgd-predict --checkpoint=DIR --input=IMG_OR_DIR [--input=...] \
         --output=OUT [--mode=sliding|whole] [--crop=512] [--pad_to=H,W] [--bucket=128] \
         [--batch=1] [--flip] [--scales=0.75,1,1.25]
 
 `DIR` is a network directory, a training workdir or a checkpoint folder in one (`--step` as in
-eval_main). The protocol (mode, crop, stride_rate, pad_to) defaults to the one the network's
+mgd-eval). The protocol (mode, crop, stride_rate, pad_to) defaults to the one the network's
 meta records (e.g. Cityscapes: sliding 800 px windows on 1024x2048); flags override it. Writes
 `OUT/labels/<name>.png`, `OUT/overlays/<name>.jpg` (unless --nooverlay) and
 `OUT/predict_report.json`. The exit status is 1 when any input failed (each is named).
@@ -104,5 +104,7 @@ def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _predict)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

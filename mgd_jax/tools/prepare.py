@@ -1,9 +1,9 @@
-"""Data preparation: a dataset -> tfds array_record files under --data_dir (`data.prepare`).
+r"""Data preparation: a dataset -> tfds array_record files under --data_dir (`data.prepare`).
 
-    python -m mgd_jax.tools.prepare --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data
-    python -m mgd_jax.tools.prepare --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
-    python -m mgd_jax.tools.prepare --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
-    python -m mgd_jax.tools.prepare --dataset=folder --name=mine --images=DIR --masks=DIR \
+    mgd-prepare --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data
+    mgd-prepare --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
+    mgd-prepare --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
+    mgd-prepare --dataset=folder --name=mine --images=DIR --masks=DIR \
         --classes=classes.txt [--palette=FILE --ignore_value=255 --val_images=DIR --val_masks=DIR]
 
 Every listed id's image and mask are located and checked before anything is written; an
@@ -102,5 +102,7 @@ def main(argv: Sequence[str]) -> int:
     return cli.run(FLAGS, argv, _prepare)
 
 
+run = cli.entry(main)
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(run())

@@ -1,10 +1,10 @@
 """Train-step benchmark: compile time, ms/step, images/s, FLOPs, MFU and memory of a method's step,
 optionally beside the reference step and the official PyTorch step on the same device.
 
-    python -m mgd_jax.tools.bench --mode=step --config=configs/voc.py:method=mgd [--steps=20] \
+    mgd-bench step --config=configs/voc.py:method=mgd [--steps=20] \
         [--compare=reference,torch] [--json=OUT.json]
     # quick on a CPU: reduced networks and crop (any config field can be overridden)
-    python -m mgd_jax.tools.bench --mode=step --config=configs/voc.py:method=supervised \
+    mgd-bench step --config=configs/voc.py:method=supervised \
         --steps=3 --config.model.width=0.25 --config.model.depths=1,1,1,1 --config.crop_size=64
 
 It times the real jitted training step (`train.train_step` with the method's loss, the optimizer,

@@ -7,7 +7,7 @@ students, each MGD run wired to its partition's two teacher exports. Every run i
 finish first. `collect` reads finished workdirs (`config.json`, `network.json`,
 `final_metrics.json`; any run of this package, planned here or not) and `format_tables` prints
 mean ± sample standard deviation over seeds, one markdown table per dataset.
-The command line is `python -m mgd_jax.tools.grid` (docs/reproducing.md).
+The command line is `mgd-grid plan|collect` (docs/reproducing.md).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def plan(root: str, *, datasets: Sequence[str] = ("voc",),
     """The runs of the grid, teachers first (see the module doc).
 
     init: backbone -> ImageNet backbone directory (`cps.init` of the teachers, `student_init` of
-      the students; `import_main --backbone_only`). overrides: config field -> value for every
+      the students; `mgd-import --backbone_only`). overrides: config field -> value for every
       run (e.g. data_dir, split_dir). stages: plan the teachers, the students or both (students
       still point at the teachers' planned workdirs).
     """

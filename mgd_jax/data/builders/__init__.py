@@ -2,7 +2,7 @@
 ``mgd_voc_aug``, ``mgd_cityscapes``, ``mgd_synthetic`` and ``mgd_folder`` (a dataset of your
 own) with tfds.
 
-Prepare data with ``python -m mgd_jax.tools.prepare`` (see :mod:`mgd_jax.data.prepare`), which
+Prepare data with ``mgd-prepare`` (see :mod:`mgd_jax.data.prepare`), which
 checks the manual files before writing and prints the totals.
 """
 
