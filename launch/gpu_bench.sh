@@ -4,7 +4,7 @@
 # channels_last) on the same card, random weights and inputs, VOC recipe at 512x512, global batch
 # 8 labeled + 8 + 8 unlabeled. Prints one table per step and writes every row to OUT/gpu_bench.json.
 #
-#   bash launch/gpu_bench.sh [--dry-run] [--out DIR] [--steps N] [--with-reference] [--only NAME]
+#   bash launch/gpu_bench.sh [--dry-run] [--output DIR] [--steps N] [--with-reference] [--only NAME]
 #
 # It creates OUT/venv and installs only this package with its [torch] extra and the CUDA build of
 # jax (JAX_EXTRA, default cuda12); nothing else. --dry-run prints the plan and runs nothing.
@@ -17,11 +17,11 @@ DRY=0
 COMPARE=torch
 ONLY=""
 JAX_EXTRA="${JAX_EXTRA:-cuda12}"
-JAX_VERSION="$(grep -o '"jax==[^"]*"' "$ROOT/pyproject.toml" | tr -d '"' | cut -d= -f3)"
+JAX_VERSION="$(grep -o '^jax==[^ ]*' "$ROOT/constraints.txt" | cut -d= -f3)"  # the tested pin
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
-    --out) OUT="$2"; shift ;;
+    --output) OUT="$2"; shift ;;
     --steps) STEPS="$2"; shift ;;
     --with-reference) COMPARE=reference,torch ;;
     --only) ONLY="$2"; shift ;;
@@ -37,6 +37,7 @@ RUNS=(
   "cps_resnet101|configs/voc.py:method=cps,teacher=resnet101"
 )
 PY="$OUT/venv/bin/python"
+BENCH="$OUT/venv/bin/mgd-bench"  # the package's console script
 
 run() {
   echo "+ $*"
@@ -55,7 +56,7 @@ for entry in "${RUNS[@]}"; do
   name="${entry%%|*}"
   config="${entry#*|}"
   if [[ -n "$ONLY" && "$ONLY" != "$name" ]]; then continue; fi
-  (cd "$ROOT" && run "$PY" -m mgd_jax.tools.bench --mode=step --config="$config" --batch=8 \
+  (cd "$ROOT" && run "$BENCH" step --config="$config" --batch_size=8 \
     --steps="$STEPS" --warmup=3 --compare="$COMPARE" --torch_precisions=fp32,bf16 \
     --json="$OUT/$name.json")
 done
