@@ -16,8 +16,12 @@ import jax.numpy as jnp
 from mgd_jax import methods, train
 from mgd_jax.methods import base, losses
 
+from conftest import need
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mgd_jax"
+# The modules that import torch, torchvision and timm at their top (the `torch` extra).
+NEEDS_TORCH = ("mgd_jax.pytorch.nets", "mgd_jax.pytorch.step")
 
 # The folders, top to bottom: a folder imports only folders below it (and the root modules).
 FOLDERS = ("tools", "workflows", "methods", "serving", "pytorch", "evaluation", "data", "models",
@@ -184,9 +188,15 @@ def test_every_module_imports_alone():
     names = sorted(f"mgd_jax.{m}" if m else "mgd_jax" for m in _modules())
     # A tfds builder registers itself once per interpreter: each gets a fresh one.
     builders = [n for n in names if n.startswith("mgd_jax.data.builders")]
-    failures = [_import_each_first([n for n in names if n not in builders])]
+    failures = [_import_each_first([n for n in names if n not in builders + list(NEEDS_TORCH)])]
     failures += [_import_each_first([n]) for n in builders]
     assert not any(failures), "\n".join(failures)
+
+
+def test_the_torch_modules_import_alone():
+    need("torch", "torchvision", "timm")
+    failures = _import_each_first(list(NEEDS_TORCH))
+    assert not failures, failures
 
 
 def test_networks_import_without_data_checkpoint_or_torch_stacks():
