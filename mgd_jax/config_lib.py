@@ -12,13 +12,16 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
 from mgd_jax import methods, models
 from mgd_jax.runtime import parallel
 from mgd_jax.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mgd_jax.data import datasets
 
 # CPS per-partition epochs (TorchSemiSeg docs/getting_started.md); the 1/8 values equal MGD's
 # own configs (docs/method.md §4.2). Partitions other than 1/8 are our documented choice.
@@ -85,8 +88,17 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "mgd"  # supervised | cps | mgd
     c.seed = 0
+    _data_fields(c)
+    _schedule_fields(c)
+    _network_fields(c)
+    _loss_fields(c)
+    _eval_fields(c)
+    _loop_fields(c)
+    return c
 
-    # ---- data -----------------------------------------------------------------------------
+
+def _data_fields(c: ml_collections.ConfigDict) -> None:
+    """The dataset, its partition and the input pipeline."""
     c.dataset = ""  # tfds builder name: mgd_voc_aug | mgd_cityscapes | mgd_synthetic
     c.data_dir = os.path.expanduser("~/tensorflow_datasets")
     c.train_split = "train"
@@ -105,7 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_workers = 0  # grain worker processes (0 = in-process)
     c.prefetch = 2  # batches on the devices ahead of the step (1 = none ahead); resume stays exact
 
-    # ---- batch / schedule -----------------------------------------------------------------
+
+def _schedule_fields(c: ml_collections.ConfigDict) -> None:
+    """The batch, the number of steps and the optimiser (§4.1)."""
     c.batch_size = 8  # GLOBAL labeled batch; the same number of u0 and of u1 images per step
     # The recipe's per-replica (per-GPU) batch. Per-GPU quantities of the official code are defined
     # through this, never through the live device count: the semantic-sensitive sum, OHEM's
@@ -118,7 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9  # torch.optim.SGD momentum (§4.1)
     c.lr_power = 0.9  # poly power, per iteration, no warmup (§4.1)
 
-    # ---- networks -------------------------------------------------------------------------
+
+def _network_fields(c: ml_collections.ConfigDict) -> None:
+    """The student, the teachers and the CPS branches."""
     # The network `supervised` / `mgd` train: the official students are resnet18 and
     # mobilenet_v2; a teacher backbone also trains (the demo pre-trains its teachers this way).
     c.student = "resnet18"
@@ -152,7 +168,9 @@ def base_config() -> ml_collections.ConfigDict:
     # networks start from ImageNet weights: from random weights the early pseudo-labels are noise)
     c.cps.weight_rampup = 0
 
-    # ---- losses ---------------------------------------------------------------------------
+
+def _loss_fields(c: ml_collections.ConfigDict) -> None:
+    """The loss terms and their weights."""
     c.loss = ml_collections.ConfigDict()
     c.loss.supervised = True  # L_sup
     c.loss.consistency_unlabeled = True  # L_P on mixed unlabeled images (both teachers)
@@ -175,7 +193,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (fused step of cps / mgd): less device memory (e.g. 800 px crops), same values.
     c.remat = False
 
-    # ---- evaluation -----------------------------------------------------------------------
+
+def _eval_fields(c: ml_collections.ConfigDict) -> None:
+    """The evaluation protocol."""
     c.eval = ml_collections.ConfigDict()
     c.eval.mode = "whole"  # whole (pad to crop, one forward) | sliding (summed logits)
     c.eval.pad_to = (512, 512)  # static padded eval shape
@@ -188,7 +208,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.panels = 4  # val images in the prediction panels of every evaluation (0 = none)
     c.eval.progress_seconds = 30.0  # a progress line of a long evaluation at most this often
 
-    # ---- loop -----------------------------------------------------------------------------
+
+def _loop_fields(c: ml_collections.ConfigDict) -> None:
+    """Logging, evaluation and checkpoint intervals; what a run may survive."""
     c.log_every = 50
     c.eval_every = 1000  # steps; the final step is always evaluated
     c.checkpoint_every = 1000
@@ -200,7 +222,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Resume in a workdir whose config.json differs in a field that changes the run (refused
     # otherwise, listing the fields; `RESUME_SAFE` ones may always change).
     c.allow_config_change = False
-    return c
 
 
 # Fields a resumed run may change: they do not change what is trained (intervals, moved paths,
@@ -306,10 +327,11 @@ def _fail(field: str, message: str) -> None:
     raise ConfigError(f"config.{field}: {message}")
 
 
-def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
-    """Checks the config before any data is read or anything compiles."""
+def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> datasets.Dataset:
+    """Checks the config before any data is read or anything compiles; returns its dataset,
+    resolved (the one `datasets.resolve` of a run: the data modules take the result)."""
     # Local: the step benchmark reads configs on machines without the data stack (grain, cv2).
-    from mgd_jax.data import input_pipeline, splits
+    from mgd_jax.data import datasets, input_pipeline, splits
     from mgd_jax.evaluation import evaluate
 
     def one_of(field: str, value: Any, options: tuple[str, ...]) -> None:
@@ -323,6 +345,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     methods.check_config(c)
     if not c.dataset:
         _fail("dataset", "is empty")
+    dataset = datasets.resolve(c.dataset)
     if c.num_classes < 2:
         _fail("num_classes", f"must be >= 2, got {c.num_classes}")
     for field, value in (("batch_size", c.batch_size), ("replica_batch", c.replica_batch),
@@ -337,7 +360,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
     if c.partition_source == "lists":
         if c.split_dir and not os.path.isdir(os.path.expanduser(c.split_dir)):
             _fail("split_dir", f"{c.split_dir!r} is not a directory")
-        if not c.split_dir and not splits.has_builtin(c.dataset):
+        if not c.split_dir and not splits.has_builtin(dataset):
             _fail(
                 "split_dir",
                 f"is empty and {c.dataset!r} has no built-in standard partitions (VOC and "
@@ -363,3 +386,4 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> None:
         models.parse_depths(c.model.depths)
     except ValueError as e:
         _fail("model.depths", str(e))
+    return dataset

@@ -3,7 +3,15 @@
 import pytest
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.datasets import CITYSCAPES_LABELS, DATASETS, DatasetInfo, palette_for, resolve
+from mgd_jax.data.datasets import (
+    CITYSCAPES_LABELS,
+    DATASETS,
+    Dataset,
+    DatasetInfo,
+    as_dataset,
+    palette_for,
+    resolve,
+)
 from mgd_jax.runtime.errors import DataError
 
 from conftest import need
@@ -23,10 +31,16 @@ def test_dataset_table():
         lut = info.palette_array()
         assert lut.shape == (256, 3) and tuple(lut[255]) == (224, 224, 192)
         assert DatasetInfo.from_json(info.to_json()) == info
-    assert resolve("mgd_voc_aug")[0] is voc and resolve("city")[0] is city
-    assert resolve("synthetic/abc") == (syn, "abc")
+    assert resolve("mgd_voc_aug").info is voc and resolve("city").info is city
+    assert resolve("synthetic/abc") == Dataset("synthetic/abc", syn, builder_config="abc")
+    # a name that is no table entry is a dataset of the user's own, found by its sidecar
+    assert resolve("coco") == Dataset("coco", None, own="coco")
+    assert resolve("folder/coco").own == "coco"
     with pytest.raises(DataError, match="Unknown dataset"):
-        resolve("coco")
+        resolve("coco/extra")
+    with pytest.raises(DataError, match="Unknown dataset"):
+        resolve("coco").table()
+    assert as_dataset(resolve("voc")).info is voc
 
 
 def test_cityscapes_tables_equal_the_official_label_table():

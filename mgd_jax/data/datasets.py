@@ -2,6 +2,10 @@
 independent of where or whether it has been prepared. Every other data module and the tools read
 it; it imports nothing of the project but its error types.
 
+A config names its dataset by a string; `resolve` turns the name into a `Dataset` once, at the
+top of a run (`config_lib.validate`, the tools), and the data modules take that `Dataset`. Their
+public functions also accept the name (resolved there, by `as_dataset`) for tools and notebooks.
+
 Labels are class ids with `IGNORE_INDEX` (255) for "not counted" (VOC object boundaries,
 Cityscapes void classes, padding), as in the official code (docs/method.md §6.2).
 """
@@ -194,29 +198,65 @@ def custom_name(dataset: str) -> str | None:
     return name if name and CUSTOM_NAME.fullmatch(name) else None
 
 
-def resolve(dataset: str) -> tuple[DatasetInfo, str | None]:
-    """`"voc"` / `"mgd_voc_aug"` / `"synthetic/<config>"` -> (the table's info, builder config)."""
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A config's dataset name, resolved (`resolve`): what the data modules need to find, build
+    and describe it without reading the name again."""
+
+    name: str  # as the config gives it (messages, reports)
+    info: DatasetInfo | None  # the table's entry; None for a user's own dataset (its sidecar's)
+    builder_config: str | None = None  # the tfds builder config (synthetic)
+    own: str | None = None  # the name of a user's own dataset (`prepare_folder`)
+
+    @property
+    def builder_key(self) -> str:
+        """Its builder's key in `data.builders.BUILDERS`."""
+        return "folder" if self.own else self.table().name
+
+    def table(self) -> DatasetInfo:
+        """The table's entry; a user's own dataset has none (the error names the choices)."""
+        if self.info is None:
+            raise _unknown(self.name)
+        return self.info
+
+
+def _unknown(dataset: str) -> DataError:
+    return DataError(
+        f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)} "
+        "(or 'synthetic/<config>'), or the name of your own prepared dataset"
+    )
+
+
+def resolve(dataset: str) -> Dataset:
+    """`"voc"` / `"mgd_voc_aug"` / `"synthetic/<config>"` / a user's own dataset's name (bare
+    or "folder/<name>") -> its `Dataset`; the one place a dataset name is read."""
+    own = custom_name(dataset)
+    if own:
+        return Dataset(name=dataset, info=None, own=own)
     name, _, config = dataset.partition("/")
     key = ALIASES.get(name.lower())
     if key is None:
-        raise DataError(
-            f"Unknown dataset {dataset!r}; expected one of {sorted(DATASETS)} "
-            "(or 'synthetic/<config>'), or the name of your own prepared dataset"
-        )
+        raise _unknown(dataset)
     info = DATASETS[key]
     if config and info.config is None:
         raise DataError(f"Dataset {dataset!r}: {key} has no builder configs")
-    return info, (config or info.config)
+    return Dataset(name=dataset, info=info, builder_config=config or info.config)
 
 
-def palette_for(num_classes: int, dataset: str | None = None) -> np.ndarray:
+def as_dataset(dataset: str | Dataset) -> Dataset:
+    """`dataset` itself, or the name resolved (public entry points of the data modules)."""
+    return dataset if isinstance(dataset, Dataset) else resolve(dataset)
+
+
+def palette_for(num_classes: int, dataset: str | Dataset | None = None) -> np.ndarray:
     """(256, 3) uint8 colour table for predictions: the named dataset's; without a name, VOC's
     for 21 classes, Cityscapes' for 19, the VOC colour map otherwise."""
     if dataset:
-        info, _ = resolve(dataset)
+        named = as_dataset(dataset)
+        info = named.table()
         if info.num_classes != num_classes and info.name != "synthetic":
             raise DataError(
-                f"dataset {dataset!r} has {info.num_classes} classes, the network {num_classes}"
+                f"dataset {named.name!r} has {info.num_classes} classes, the network {num_classes}"
             )
         if info.num_classes == num_classes:
             return info.palette_array()

@@ -1,6 +1,6 @@
 """The input pipeline: from a config to this host's train and eval streams (grain).
 
-`create_streams(config, with_unlabeled=...)` is what the trainer calls; `train_dataset` and
+`create_streams(config, dataset, with_unlabeled=...)` is what the trainer calls; `train_dataset` and
 `eval_dataset` are the grain pipelines it builds, usable on any `sources.Source`.
 
 Everything up to batching is a grain `MapDataset` (random access, element = f(index)), so:
@@ -59,7 +59,7 @@ import ml_collections
 import numpy as np
 
 from mgd_jax.data import augment, cutmix, splits
-from mgd_jax.data.datasets import IGNORE_INDEX
+from mgd_jax.data.datasets import IGNORE_INDEX, Dataset, as_dataset
 from mgd_jax.data.sources import Source, Subset, keys_to_indices, open_split
 from mgd_jax.runtime import parallel
 from mgd_jax.runtime.errors import ConfigError
@@ -355,17 +355,20 @@ class Streams:
     description: str
 
 
-def partition_keys(config: ml_collections.ConfigDict, keys: list[str]) -> tuple[list, list, str]:
-    """(labeled, unlabeled, how) for the configured partition."""
+def partition_keys(config: ml_collections.ConfigDict, keys: list[str],
+                   dataset: Dataset | None = None) -> tuple[list, list, str]:
+    """(labeled, unlabeled, how) for the configured partition (`dataset`: the config's, resolved;
+    else its name is)."""
+    dataset = config.dataset if dataset is None else dataset
     if config.partition_source == "lists" and config.split_dir:
         labeled, unlabeled = splits.standard_lists(
-            config.dataset, config.partition, os.path.expanduser(config.split_dir)
+            dataset, config.partition, os.path.expanduser(config.split_dir)
         )
         # sorted: the same partition gives the same run whichever list order the files have
         labeled, unlabeled = sorted(labeled), sorted(unlabeled)
         how = f"standard lists 1/{config.partition} from {config.split_dir}"
     elif config.partition_source == "lists":
-        labeled, unlabeled = splits.builtin_partition(config.dataset, config.partition, keys)
+        labeled, unlabeled = splits.builtin_partition(dataset, config.partition, keys)
         how = f"standard partition 1/{config.partition} (built in)"
     else:
         if config.labeled_count > 0:
@@ -391,9 +394,11 @@ def _data_dir(config: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(config.data_dir)
 
 
-def eval_source(config: ml_collections.ConfigDict) -> Any:
-    """The config's eval split (a prefix of it when `eval.max_examples` > 0)."""
-    source = open_split(config.dataset, config.eval_split, _data_dir(config))
+def eval_source(config: ml_collections.ConfigDict, dataset: Dataset | None = None) -> Any:
+    """The config's eval split (a prefix of it when `eval.max_examples` > 0); `dataset`: the
+    config's, resolved (else its name is)."""
+    source = open_split(config.dataset if dataset is None else dataset, config.eval_split,
+                        _data_dir(config))
     if config.eval.max_examples > 0:
         source = Subset(source, range(min(config.eval.max_examples, len(source))))
     return source
@@ -418,17 +423,20 @@ def eval_batches(config: ml_collections.ConfigDict, source: Any) -> Iterable[dic
     )
 
 
-def create_streams(config: ml_collections.ConfigDict, *, with_unlabeled: bool) -> Streams:
-    """This host's train stream and eval passes for `config` (the trainer's one data call)."""
-    train_source = open_split(config.dataset, config.train_split, _data_dir(config))
-    val_source = eval_source(config)
+def create_streams(config: ml_collections.ConfigDict, dataset: Dataset | None = None, *,
+                   with_unlabeled: bool) -> Streams:
+    """This host's train stream and eval passes for `config` (the trainer's one data call);
+    `dataset`: the config's, resolved (else its name is)."""
+    dataset = as_dataset(config.dataset if dataset is None else dataset)
+    train_source = open_split(dataset, config.train_split, _data_dir(config))
+    val_source = eval_source(config, dataset)
     info = train_source.info
     if info.num_classes != config.num_classes:
         raise ConfigError(
             f"config.num_classes={config.num_classes} but {config.dataset} has "
             f"{info.num_classes} classes"
         )
-    labeled_keys, unlabeled_keys, how = partition_keys(config, list(train_source.keys))
+    labeled_keys, unlabeled_keys, how = partition_keys(config, list(train_source.keys), dataset)
     labeled = Subset(train_source, keys_to_indices(train_source, labeled_keys))
     unlabeled = Subset(train_source, keys_to_indices(train_source, unlabeled_keys))
 

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from mgd_jax.data import synthetic
-from mgd_jax.data.datasets import IGNORE_INDEX, DatasetInfo, custom_name, resolve
+from mgd_jax.data.datasets import IGNORE_INDEX, Dataset, DatasetInfo, custom_name, resolve
 from mgd_jax.data.sources import dataset_dir, is_prepared, open_split, read_sidecar
 from mgd_jax.runtime.errors import DataError
 
@@ -30,19 +30,18 @@ def _say(quiet: bool, *args) -> None:
         print(*args, flush=True)
 
 
-def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None, config=None,
-           overwrite: bool = False, num_workers: int | None = None, quiet: bool = False,
-           builder_name: str | None = None) -> Path:
-    """Runs the builder (`BUILDERS[builder_name]`, by default the dataset's) into ``data_dir``
-    and checks the result; returns the dataset dir."""
+def _build(dataset: Dataset, data_dir: str | os.PathLike, *, plan=None, summary=None,
+           config=None, overwrite: bool = False, num_workers: int | None = None,
+           quiet: bool = False) -> Path:
+    """Runs the dataset's builder into ``data_dir`` and checks the result; returns the dataset
+    dir."""
     import tensorflow_datasets as tfds
 
     from mgd_jax.data.builders import BUILDERS
 
-    builder_name = builder_name or resolve(dataset)[0].name
     target = dataset_dir(dataset, data_dir)
     if is_prepared(dataset, data_dir) and not overwrite:
-        _say(quiet, f"{dataset} is already prepared at {target} (use --overwrite to rebuild).")
+        _say(quiet, f"{dataset.name} is already prepared at {target} (use --overwrite to rebuild).")
         return target
     if target.exists() and not overwrite:
         raise DataError(f"{target} exists but is not a complete mgd_jax dataset (no sidecar); "
@@ -56,7 +55,7 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # tfds warns "Using custom data configuration" (expected)
     try:
-        builder = BUILDERS[builder_name](
+        builder = BUILDERS[dataset.builder_key](
             data_dir=os.fspath(Path(data_dir).expanduser()), config=config, plan=plan,
             source_description=summary, num_workers=num_workers, progress=not quiet,
         )
@@ -66,7 +65,7 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     was_active = tfds.core.utils.tqdm_utils._active
     tfds.display_progress_bar(False)  # our own bars have totals
-    _say(quiet, f"Writing {dataset} to {target} ...")
+    _say(quiet, f"Writing {dataset.name} to {target} ...")
     try:
         # tfds prints "Downloading and preparing ..." banners; our own lines say what happens.
         with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(io.StringIO()):
@@ -87,12 +86,12 @@ def _build(dataset: str, data_dir: str | os.PathLike, *, plan=None, summary=None
     return target
 
 
-def _verify(dataset: str, data_dir, plan, quiet: bool) -> None:
+def _verify(dataset: Dataset, data_dir, plan, quiet: bool) -> None:
     """Reads back a sample of every split (keys in the planned order, decodable) and prints the
     totals next to the official counts (a dataset of your own: the planned counts)."""
     info = DatasetInfo.from_json(read_sidecar(dataset_dir(dataset, data_dir))["info"])
     expected = info.split_sizes
-    word = "planned" if custom_name(dataset) else "official"
+    word = "planned" if dataset.own else "official"
     lines = []
     for split in expected:
         src = open_split(dataset, split, data_dir)
@@ -107,7 +106,8 @@ def _verify(dataset: str, data_dir, plan, quiet: bool) -> None:
         official = expected[split]
         note = "" if n == official else f"  WARNING: differs from the {word} {official}"
         lines.append(f"  {split}: {n} examples ({word} {official}){note}")
-    _say(quiet, f"Prepared {dataset} at {dataset_dir(dataset, data_dir)}:\n" + "\n".join(lines))
+    _say(quiet, f"Prepared {dataset.name} at {dataset_dir(dataset, data_dir)}:\n"
+         + "\n".join(lines))
 
 
 def prepare_voc(manual_dir: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *,
@@ -117,14 +117,15 @@ def prepare_voc(manual_dir: str | os.PathLike, data_dir: str | os.PathLike = DEF
     """VOC 2012 + SBD -> ``mgd_voc_aug`` (train_aug, val). See builders/voc_aug.py for layouts."""
     from mgd_jax.data.builders.voc_aug import plan_voc
 
-    if is_prepared("voc", data_dir) and not overwrite:
-        return _build("voc", data_dir, quiet=quiet)
+    dataset = resolve("voc")
+    if is_prepared(dataset, data_dir) and not overwrite:
+        return _build(dataset, data_dir, quiet=quiet)
     plan, summary = plan_voc(manual_dir, train_list=train_list, val_list=val_list,
                              progress=not quiet)
     summary["manual_dir"] = str(manual_dir)
     _say(quiet, "VOC label sources: " + ", ".join(
         f"{s}: {c}" for s, c in summary["label_sources"].items()))
-    return _build("voc", data_dir, plan=plan, summary=summary, overwrite=overwrite,
+    return _build(dataset, data_dir, plan=plan, summary=summary, overwrite=overwrite,
                   num_workers=num_workers, quiet=quiet)
 
 
@@ -136,11 +137,12 @@ def prepare_cityscapes(manual_dir: str | os.PathLike,
     """Cityscapes zips / folders -> ``mgd_cityscapes`` (train, val; trainIds)."""
     from mgd_jax.data.builders.cityscapes import plan_cityscapes
 
-    if is_prepared("cityscapes", data_dir) and not overwrite:
-        return _build("cityscapes", data_dir, quiet=quiet)
+    dataset = resolve("cityscapes")
+    if is_prepared(dataset, data_dir) and not overwrite:
+        return _build(dataset, data_dir, quiet=quiet)
     plan, summary = plan_cityscapes(manual_dir, train_list=train_list, val_list=val_list)
     summary["manual_dir"] = str(manual_dir)
-    return _build("cityscapes", data_dir, plan=plan, summary=summary, overwrite=overwrite,
+    return _build(dataset, data_dir, plan=plan, summary=summary, overwrite=overwrite,
                   num_workers=num_workers, quiet=quiet)
 
 
@@ -166,8 +168,9 @@ def prepare_folder(name: str, images: str | os.PathLike, masks: str | os.PathLik
             f"--name={name!r}: a dataset name is lower-case letters, digits and '_', starting "
             "with a letter, and not a built-in dataset's name or alias"
         )
-    if is_prepared(name, data_dir) and not overwrite:
-        _build(name, data_dir, quiet=quiet, builder_name="folder")
+    dataset = resolve(name)
+    if is_prepared(dataset, data_dir) and not overwrite:
+        _build(dataset, data_dir, quiet=quiet)
         return name
     class_names = read_class_names(classes)
     if not 0 <= ignore_value <= 255 or ignore_value < len(class_names):
@@ -183,8 +186,8 @@ def prepare_folder(name: str, images: str | os.PathLike, masks: str | os.PathLik
                         {split: len(items) for split, items in plan.items()})
     config = FolderConfig(name=name, info=info, ignore_value=ignore_value,
                           description=f"{name}: {len(class_names)} classes from {images}")
-    _build(name, data_dir, plan=plan, summary=summary, config=config, overwrite=overwrite,
-           num_workers=num_workers, quiet=quiet, builder_name="folder")
+    _build(dataset, data_dir, plan=plan, summary=summary, config=config, overwrite=overwrite,
+           num_workers=num_workers, quiet=quiet)
     return name
 
 
@@ -205,7 +208,7 @@ def prepare_synthetic(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, overwri
     name = synthetic_name(**sizes)
     # The default spec must be named, not passed: tfds refuses a second config called "default".
     config = "default" if spec.config_name == "default" else SyntheticConfig.from_spec(spec)
-    _build(name, data_dir, config=config, overwrite=overwrite,
+    _build(resolve(name), data_dir, config=config, overwrite=overwrite,
            num_workers=num_workers, quiet=quiet)
     return name
 

@@ -6,10 +6,10 @@ tfds' `dataset_info.json` / `features.json`) plus our sidecar `mgd_dataset.json`
 table and every split's keys in index order. The sidecar is written inside tfds' temporary
 `incomplete.*` directory, so a directory that has it is complete.
 
-`open_split(dataset, split, data_dir)` returns a `PreparedSplit`: `len(src)`,
-`src[i] -> {"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W), "key": str}`, `src.keys`,
-`src.info`. It only reads JSON until the first example is requested, and pickles without the
-open file handles (grain worker processes reopen them).
+`open_split(dataset, split, data_dir)` (``dataset``: a `datasets.Dataset` or its name) returns
+a `PreparedSplit`: `len(src)`, `src[i] -> {"image": uint8 (H, W, 3) RGB, "label": uint8 (H, W),
+"key": str}`, `src.keys`, `src.info`. It only reads JSON until the first example is requested,
+and pickles without the open file handles (grain worker processes reopen them).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from mgd_jax.data.datasets import (
     FOLDER_BUILDER,
     FOLDER_VERSION,
     PREPARE_COMMAND,
+    Dataset,
     DatasetInfo,
-    custom_name,
-    resolve,
+    as_dataset,
 )
 from mgd_jax.runtime.errors import DataError
 
@@ -95,19 +95,19 @@ class Subset:
         return self.source[self.indices[index]]
 
 
-def dataset_dir(dataset: str, data_dir: str | os.PathLike) -> Path:
+def dataset_dir(dataset: str | Dataset, data_dir: str | os.PathLike) -> Path:
     """The version directory a prepared ``dataset`` occupies under ``data_dir``."""
-    custom = custom_name(dataset)
-    if custom:
-        return Path(data_dir).expanduser() / FOLDER_BUILDER / custom / FOLDER_VERSION
-    info, config = resolve(dataset)
+    dataset = as_dataset(dataset)
+    if dataset.own:
+        return Path(data_dir).expanduser() / FOLDER_BUILDER / dataset.own / FOLDER_VERSION
+    info = dataset.table()
     path = Path(data_dir).expanduser() / info.builder
-    if config:
-        path = path / config
+    if dataset.builder_config:
+        path = path / dataset.builder_config
     return path / info.version
 
 
-def is_prepared(dataset: str, data_dir: str | os.PathLike) -> bool:
+def is_prepared(dataset: str | Dataset, data_dir: str | os.PathLike) -> bool:
     d = dataset_dir(dataset, data_dir)
     return (d / SIDECAR).is_file() and (d / "dataset_info.json").is_file()
 
@@ -135,34 +135,33 @@ def prepared_custom(data_dir: str | os.PathLike) -> list[str]:
                   if (p / SIDECAR).is_file())
 
 
-def prepare_command(dataset: str, data_dir: str | os.PathLike) -> str:
+def prepare_command(dataset: str | Dataset, data_dir: str | os.PathLike) -> str:
     """The command that prepares (with --overwrite: rebuilds) `dataset` in `data_dir`."""
-    custom = custom_name(dataset)
-    if custom:
-        return (f"{PREPARE_COMMAND} --dataset=folder --name={custom} --data_dir={data_dir} "
+    dataset = as_dataset(dataset)
+    if dataset.own:
+        return (f"{PREPARE_COMMAND} --dataset=folder --name={dataset.own} --data_dir={data_dir} "
                 "<your image / mask options>")
-    info, config = resolve(dataset)
+    info = dataset.table()
     if info.name != "synthetic":
         return info.prepare_command.format(data_dir=data_dir)
     try:
-        extra = synthetic.SyntheticSpec.from_config_name(config).cli_args()
+        extra = synthetic.SyntheticSpec.from_config_name(dataset.builder_config).cli_args()
     except ValueError:
         extra = "<the size options of this config>"
     return f"{PREPARE_COMMAND} --dataset=synthetic --data_dir={data_dir} {extra}".rstrip()
 
 
-def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> DataError:
-    custom = custom_name(dataset)
-    if custom:
+def _not_prepared(dataset: Dataset, data_dir: str | os.PathLike, path: Path) -> DataError:
+    if dataset.own:
         mine = prepared_custom(data_dir)
         return DataError(
-            f"Dataset {dataset!r} is not prepared in {data_dir} (no complete dataset at {path}): "
-            f"it is no built-in dataset ({', '.join(sorted(DATASETS))}) and no dataset of your "
-            f"own prepared with `{PREPARE_COMMAND} --dataset=folder --name={custom} "
+            f"Dataset {dataset.name!r} is not prepared in {data_dir} (no complete dataset at "
+            f"{path}): it is no built-in dataset ({', '.join(sorted(DATASETS))}) and no dataset "
+            f"of your own prepared with `{PREPARE_COMMAND} --dataset=folder --name={dataset.own} "
             f"--data_dir={data_dir} ...`"
             + (f"; your datasets there: {mine}" if mine else "")
         )
-    info, _ = resolve(dataset)
+    info = dataset.table()
     cmd = prepare_command(dataset, data_dir)
     found = ""
     builder_dir = Path(data_dir).expanduser() / info.builder
@@ -175,7 +174,7 @@ def _not_prepared(dataset: str, data_dir: str | os.PathLike, path: Path) -> Data
         if present:
             found = f" Prepared variants found under {builder_dir}: {present}."
     return DataError(
-        f"Dataset {dataset!r} is not prepared in {data_dir} (no complete dataset at {path})."
+        f"Dataset {dataset.name!r} is not prepared in {data_dir} (no complete dataset at {path})."
         f"{found} Prepare it with: {cmd}"
     )
 
@@ -279,10 +278,12 @@ class PreparedSplit:
                 f"{self.directory})")
 
 
-def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> PreparedSplit:
-    """Opens a prepared split. ``dataset``: "voc" | "cityscapes" | "synthetic[/<config>]" (or
-    the builder names), or the name of a dataset of the user's own; ``split``: e.g.
-    "train_aug"/"val" (VOC; "train" is accepted for "train_aug"), "train"/"val" (the others)."""
+def open_split(dataset: str | Dataset, split: str, data_dir: str | os.PathLike) -> PreparedSplit:
+    """Opens a prepared split. ``dataset``: a `datasets.Dataset`, or its name: "voc" |
+    "cityscapes" | "synthetic[/<config>]" (or the builder names), or the name of a dataset of the
+    user's own; ``split``: e.g. "train_aug"/"val" (VOC; "train" is accepted for "train_aug"),
+    "train"/"val" (the others)."""
+    dataset = as_dataset(dataset)
     path = dataset_dir(dataset, data_dir)
     if not (path / SIDECAR).is_file() or not (path / "dataset_info.json").is_file():
         raise _not_prepared(dataset, data_dir, path)
@@ -293,7 +294,8 @@ def open_split(dataset: str, split: str, data_dir: str | os.PathLike) -> Prepare
         split = info.train_split
     if split not in splits:
         raise DataError(
-            f"Dataset {dataset!r} at {path} has no split {split!r}; available: {sorted(splits)}"
+            f"Dataset {dataset.name!r} at {path} has no split {split!r}; available: "
+            f"{sorted(splits)}"
         )
     return PreparedSplit(path, split, splits[split]["keys"], info,
                          rebuild=prepare_command(dataset, data_dir))

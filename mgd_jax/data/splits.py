@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mgd_jax.data.datasets import resolve
+from mgd_jax.data.datasets import Dataset, as_dataset
 from mgd_jax.runtime.errors import DataError
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -121,7 +121,7 @@ def _list_folders(dataset: str, list_dir: Path) -> list[Path]:
     return [list_dir / s if s else list_dir for s in subs]
 
 
-def standard_lists(dataset: str, partition: int, list_dir: str | os.PathLike, *,
+def standard_lists(dataset: str | Dataset, partition: int, list_dir: str | os.PathLike, *,
                    prefix: str = "train_aug") -> tuple[list[str], list[str]]:
     """Reads ``{prefix}_labeled_1-{partition}.txt`` and ``{prefix}_unlabeled_1-{partition}.txt``.
 
@@ -129,7 +129,8 @@ def standard_lists(dataset: str, partition: int, list_dir: str | os.PathLike, *,
     ``subset_train_aug/``; Cityscapes: ``config_new/subset_train/``). Overlapping lists only warn
     (the ``pseudoseg`` lists share one id per pair).
     """
-    info, _ = resolve(dataset)
+    dataset = as_dataset(dataset)
+    info = dataset.table()
     root = Path(list_dir).expanduser()
     names = (f"{prefix}_labeled_1-{partition}.txt", f"{prefix}_unlabeled_1-{partition}.txt")
     folders = _list_folders(info.name, root)
@@ -139,8 +140,8 @@ def standard_lists(dataset: str, partition: int, list_dir: str | os.PathLike, *,
             break
     else:
         raise DataError(
-            f"{dataset} 1/{partition} split lists {names[0]} and {names[1]} not found in any of "
-            f"{[str(f) for f in folders]}. Point the list folder at the CPS/MGD split files "
+            f"{dataset.name} 1/{partition} split lists {names[0]} and {names[1]} not found in any "
+            f"of {[str(f) for f in folders]}. Point the list folder at the CPS/MGD split files "
             "(e.g. DATA/pascal_voc/subset_train_aug or DATA/city/config_new/subset_train)."
         )
     labeled, unlabeled = read_list(lab_path), read_list(unl_path)
@@ -163,10 +164,10 @@ def _partition_file(name: str):
     return importlib.resources.files("mgd_jax.data") / "partitions" / f"{name}.txt"
 
 
-def has_builtin(dataset: str) -> bool:
+def has_builtin(dataset: str | Dataset) -> bool:
     """Whether the package ships the standard partitions of ``dataset`` (VOC, Cityscapes)."""
     try:
-        info, _ = resolve(dataset)
+        info = as_dataset(dataset).table()
     except DataError:  # a user's own dataset
         return False
     return _partition_file(info.name).is_file()
@@ -194,39 +195,41 @@ def _read_builtin(name: str) -> dict[int, tuple[str, ...]]:
     return {p: tuple(ids) for p, ids in sections.items()}
 
 
-def builtin_labeled(dataset: str, partition: int) -> list[str]:
+def builtin_labeled(dataset: str | Dataset, partition: int) -> list[str]:
     """The labeled ids (sorted) of the standard 1/``partition`` split of ``dataset``, from the
     package data: VOC ``train_aug`` (662 / 1,323 / 2,646 / 5,291 of 10,582) and Cityscapes
     ``train`` (186 / 372 / 744 / 1,488 of 2,975). The unlabeled ids are the rest of the split."""
-    info, _ = resolve(dataset)
+    dataset = as_dataset(dataset)
+    info = dataset.table()
     if not has_builtin(dataset):
-        raise DataError(f"{dataset}: no built-in standard partitions (only "
+        raise DataError(f"{dataset.name}: no built-in standard partitions (only "
                         "voc and cityscapes); give split lists or a seeded partition")
     sections = _read_builtin(info.name)
     if partition not in sections:
-        raise DataError(f"{dataset}: the standard partitions are 1/{sorted(sections)}, "
+        raise DataError(f"{dataset.name}: the standard partitions are 1/{sorted(sections)}, "
                         f"not 1/{partition}")
     return sorted(k for p, ids in sections.items() if p >= partition for k in ids)
 
 
-def builtin_partition(dataset: str, partition: int,
+def builtin_partition(dataset: str | Dataset, partition: int,
                       keys: Sequence[str]) -> tuple[list[str], list[str]]:
     """(labeled, unlabeled) of the prepared train split's ``keys`` under the built-in standard
     partition; both sorted. Raises :class:`DataError` naming labeled ids the split lacks."""
+    dataset = as_dataset(dataset)
     labeled = builtin_labeled(dataset, partition)
     present = set(keys)
     missing = [k for k in labeled if k not in present]
     if missing:
         raise DataError(
-            f"{dataset} 1/{partition}: {len(missing)} of the {len(labeled)} standard labeled ids "
-            f"are not in the prepared train split of {len(present)} images (e.g. {missing[:5]}); "
-            "was it prepared from the standard train split?"
+            f"{dataset.name} 1/{partition}: {len(missing)} of the {len(labeled)} standard labeled "
+            f"ids are not in the prepared train split of {len(present)} images (e.g. "
+            f"{missing[:5]}); was it prepared from the standard train split?"
         )
-    official = resolve(dataset)[0]
+    official = dataset.table()
     expected = official.split_sizes.get(official.train_split)
     if expected is not None and len(present) != expected:
         warnings.warn(
-            f"{dataset}: the prepared train split has {len(present)} images, the standard one "
+            f"{dataset.name}: the prepared train split has {len(present)} images, the standard one "
             f"{expected}; the unlabeled set (the rest of the split) is not the standard one",
             stacklevel=2,
         )

@@ -57,7 +57,7 @@ from jax.sharding import Mesh
 from mgd_jax import network_dir
 from mgd_jax.data import input_pipeline
 from mgd_jax.data.augment import as_pair, centered_margins, normalize
-from mgd_jax.data.datasets import IGNORE_INDEX, resolve
+from mgd_jax.data.datasets import IGNORE_INDEX, as_dataset
 from mgd_jax.runtime import logs, parallel, reporting
 from mgd_jax.runtime.errors import ConfigError, DataError, ExportError
 
@@ -511,7 +511,7 @@ def class_names(source: Any, config: ml_collections.ConfigDict) -> list[str]:
     info = getattr(source, "info", None)
     if info is None:
         try:
-            info = resolve(config.dataset)[0]
+            info = as_dataset(config.dataset).info
         except DataError:
             info = None
     if info is not None and len(info.class_names) == config.num_classes:
@@ -574,8 +574,8 @@ def evaluate_network(
             f"{network.directory}: the network has {network.num_classes} classes, "
             f"config.num_classes is {config.num_classes} ({config.dataset})"
         )
-    if source is None:
-        source = input_pipeline.eval_source(config)
+    if source is None:  # the eval tool's data: the config's dataset, resolved here once
+        source = input_pipeline.eval_source(config, as_dataset(config.dataset))
     names = class_names(source, config)
     is_main = jax.process_index() == 0
 
