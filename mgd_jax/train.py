@@ -11,10 +11,12 @@ that changes the run is refused (`config_lib.resume_changes`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -25,7 +27,7 @@ import numpy as np
 import optax
 
 from mgd_jax import config_lib, methods, models, optim
-from mgd_jax.methods.base import eval_variables
+from mgd_jax.methods.base import eval_variables, select
 from mgd_jax.runtime import errors, interrupts, logs, parallel, paths, reporting
 
 
@@ -169,21 +171,17 @@ def total_steps(config: ml_collections.ConfigDict, num_labeled: int, num_unlabel
     return int(config.num_epochs) * per_epoch
 
 
-def _stopped(step: int, signals: interrupts.StopSignals, ckpt: Any, train_iter: Any,
-             reporter: reporting.Reporter, workdir: Any) -> dict[str, Any]:
-    """The end of a run stopped by a signal: its checkpoint written, the files closed."""
-    ckpt.close()  # waits for the writes
-    if hasattr(train_iter, "close"):
-        train_iter.close()
-    name = "SIGTERM" if signals.received is None else interrupts.signal_name(signals.received)
-    reporter.line(f"stopped by {name} after step {step}: checkpoint written to "
-                  f"{ckpt.directory}/{step}; rerun the same command to continue")
-    reporter.close()
-    return {"stopped": True, "step": step, "workdir": str(workdir)}
-
-
-def _write_json(path: os.PathLike, value: Any) -> None:
-    paths.resolve(path).write_text(json.dumps(value, indent=2))
+def create_train_state(method: methods.Method, tx: optax.GradientTransformation, seed: int
+                       ) -> TrainState:
+    """Fresh trainable variables of `method` and their optimizer state, from `seed`."""
+    # The init key uses the "rbg" generator: a jitted threefry init of a DeepLabv3+ takes ~20 s to
+    # compile on CPU, rbg ~1.5 s. Both are deterministic for a given seed and backend.
+    variables = method.init_variables(jax.random.key(seed, impl="rbg"))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables["params"],
+        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
+        rng=jax.random.PRNGKey(seed),
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
@@ -193,22 +191,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     `workdir`: a local folder or a cloud storage URL (`gs://bucket/run`; `paths`). Everything the
     run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
     """
-    config_lib.validate(config, device_count=jax.device_count())
+    dataset = config_lib.validate(config, device_count=jax.device_count())
     workdir = paths.resolve(workdir)
     check_workdir(workdir)
     is_main = jax.process_index() == 0
     with logs.log_file(str(workdir), enabled=is_main):
-        return _train_and_evaluate(config, workdir, is_main)
+        run = _setup(config, dataset, workdir, is_main)
+        extra_scores = run.evals.extras(run.method, run.frozen, run.start)
+        with interrupts.StopSignals() as signals:
+            end = _loop(run, signals)
+            if end.stopped:
+                return _stopped(run, end.step, signals)
+        return _finish(run, end, extra_scores)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main: bool
-                        ) -> dict[str, Any]:
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclasses.dataclass
+class _Run:
+    """What `_setup` prepares for the loop and the finish."""
+
+    config: ml_collections.ConfigDict
+    workdir: Any  # epath.Path
+    is_main: bool
+    method: methods.Method
+    data: Any  # input_pipeline.Streams
+    steps: int
+    reporter: reporting.Reporter
+    network_meta: dict[str, Any]  # what its exported networks carry (network_dir.run_meta)
+    state: TrainState  # fresh or restored
+    start: int  # the restored step
+    frozen: Any
+    step_fn: Callable
+    train_iter: Any  # parallel.DevicePrefetch
+    ckpt: Any  # checkpoint.Checkpointer
+    evals: _Evaluations
+    num_params: int  # of the evaluated network
+
+
+def _setup(config: ml_collections.ConfigDict, dataset: Any, workdir: Any, is_main: bool
+           ) -> _Run:
+    """Data, state (restored when the workdir has a checkpoint), jitted step and evaluations;
+    `dataset`: the config's, resolved (`datasets.Dataset`)."""
     # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
-    from clu import parameter_overview
-
-    from mgd_jax import network_dir
     from mgd_jax.data import input_pipeline
-    from mgd_jax.evaluation import evaluate, panels
     from mgd_jax.runtime import checkpoint
 
     checkpoints_dir = workdir / checkpoint.CHECKPOINTS_DIR
@@ -216,41 +244,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main
     mesh = parallel.make_mesh()
 
     method = methods.get(config)
-    data = input_pipeline.create_streams(config, with_unlabeled=method.uses_unlabeled)
+    data = input_pipeline.create_streams(config, dataset, with_unlabeled=method.uses_unlabeled)
     steps = total_steps(config, data.num_labeled, data.num_unlabeled)
     schedule = optim.poly_schedule(config.lr, steps, power=config.lr_power)
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
 
     reporter = reporting.Reporter(str(workdir), total_steps=steps, is_main=is_main)
-    # What a network of this run is: its build, its data and protocol (network_dir.run_meta).
-    network_meta = dict(method.export_meta,
-                        **network_dir.run_meta(config.dataset, data.info, config.eval))
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        _write_json(workdir / network_dir.NETWORK_FILE,
-                    dict(network_meta, state_path=list(method.eval_path)))
-    reporter.text("config", str(config), console=False)  # the log file and TensorBoard only
-    reporter.text("data", data.description)
-
-    # The init key uses the "rbg" generator: a jitted threefry init of a DeepLabv3+ takes ~20 s to
-    # compile on CPU, rbg ~1.5 s. Both are deterministic for a given seed and backend.
-    init_rng = jax.random.key(config.seed, impl="rbg")
-    state_rng = jax.random.PRNGKey(config.seed)
-    variables = method.init_variables(init_rng)
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"],
-        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-        rng=state_rng,
-    )
-    state = parallel.replicate(state, mesh)
+    network_meta = _record_run(config, workdir, is_main, method, data, reporter)
+    state = parallel.replicate(create_train_state(method, tx, config.seed), mesh)
     frozen = parallel.replicate(method.frozen_variables(), mesh)
-    eval_params = eval_variables(method, state.params, state.batch_stats)["params"]
-    num_params = models.count_params(eval_params)
-    reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters"
-                  f" (per-leaf overview in {workdir / 'parameters.txt'})")
-    if is_main:
-        (workdir / "parameters.txt").write_text(
-            parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
+    num_params = _report_parameters(config, workdir, is_main, method, state, reporter)
 
     train_iter = parallel.DevicePrefetch(iter(data.train), mesh, config.get("prefetch", 2))
     ckpt = checkpoint.Checkpointer(checkpoints_dir, keep=config.keep_checkpoints)
@@ -264,146 +267,275 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: Any, is_main
         functools.partial(train_step, method=method, tx=tx, schedule=schedule),
         donate_argnums=(0,),
     )
-    evaluator = evaluate.Evaluator.from_config(config, mesh)
-    apply_eval = evaluate.model_logits(method.eval_model)
-    class_names = data.info.class_names
+    evals = _Evaluations(config, data, mesh, reporter, method, is_main)
+    return _Run(config=config, workdir=workdir, is_main=is_main, method=method, data=data,
+                steps=steps, reporter=reporter, network_meta=network_meta, state=state,
+                start=start, frozen=frozen, step_fn=step_fn, train_iter=train_iter, ckpt=ckpt,
+                evals=evals, num_params=num_params)
 
-    def evaluate_variables(step: int, prefix: str, apply_fn, variables) -> dict:
-        reporter.line(f"{prefix}: evaluating on {config.eval_split} at step {step} "
-                      f"({data.num_eval_batches} batches per process)")
-        scores = evaluator.scores(apply_fn, variables, data.eval_batches(), label=prefix,
-                                  num_batches=data.num_eval_batches)
-        reporter.scalars(step, evaluate.score_scalars(prefix, scores, class_names))
-        reporter.text(f"{prefix}/table", evaluate.format_table(scores, class_names))
+
+def _record_run(config: ml_collections.ConfigDict, workdir: Any, is_main: bool,
+                method: methods.Method, data: Any, reporter: reporting.Reporter
+                ) -> dict[str, Any]:
+    """Writes the run's config and network description; returns what a network of this run is:
+    its build, its data and protocol (network_dir.run_meta)."""
+    from mgd_jax import network_dir
+
+    network_meta = dict(method.export_meta,
+                        **network_dir.run_meta(config.dataset, data.info, config.eval))
+    if is_main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _write_json(workdir / network_dir.NETWORK_FILE,
+                    dict(network_meta, state_path=list(method.eval_path)))
+    reporter.text("config", str(config), console=False)  # the log file and TensorBoard only
+    reporter.text("data", data.description)
+    return network_meta
+
+
+def _report_parameters(config: ml_collections.ConfigDict, workdir: Any, is_main: bool,
+                       method: methods.Method, state: TrainState,
+                       reporter: reporting.Reporter) -> int:
+    """The evaluated network's parameter count, reported; the per-leaf overview in a file."""
+    from clu import parameter_overview
+
+    eval_params = select(state.params, method.eval_path)
+    num_params = models.count_params(eval_params)
+    reporter.text("parameters", f"{config.method}: evaluated network has {num_params:,} parameters"
+                  f" (per-leaf overview in {workdir / 'parameters.txt'})")
+    if is_main:
+        (workdir / "parameters.txt").write_text(
+            parameter_overview.get_parameter_overview(jax.device_get(eval_params)))
+    return num_params
+
+
+class _Evaluations:
+    """The run's evaluations on val, reported as scalars and tables; prediction panels of fixed
+    val images (primary process): the method's extra networks (e.g. MGD's teachers) predicted
+    once, the trained network at every evaluation."""
+
+    def __init__(self, config: ml_collections.ConfigDict, data: Any, mesh: Any,
+                 reporter: reporting.Reporter, method: methods.Method, is_main: bool):
+        from mgd_jax.evaluation import evaluate, panels
+
+        self.config, self.data, self.reporter = config, data, reporter
+        self.evaluator = evaluate.Evaluator.from_config(config, mesh)
+        self.apply_eval = evaluate.model_logits(method.eval_model)
+        self.panel_set, self.fixed_columns = None, {}
+        if is_main and config.eval.panels > 0:
+            self.panel_set = panels.PanelSet.from_batches(
+                data.eval_batches(), config.eval.panels, data.info.palette_array(),
+                evaluate.Evaluator.from_config(config))
+
+    def network(self, step: int, prefix: str, apply_fn: Callable, variables: Any) -> dict:
+        """The scores of one network on val, reported under `prefix`."""
+        from mgd_jax.evaluation import evaluate
+
+        class_names = self.data.info.class_names
+        self.reporter.line(f"{prefix}: evaluating on {self.config.eval_split} at step {step} "
+                           f"({self.data.num_eval_batches} batches per process)")
+        scores = self.evaluator.scores(apply_fn, variables, self.data.eval_batches(),
+                                       label=prefix, num_batches=self.data.num_eval_batches)
+        self.reporter.scalars(step, evaluate.score_scalars(prefix, scores, class_names))
+        self.reporter.text(f"{prefix}/table", evaluate.format_table(scores, class_names))
         return scores
 
-    # Prediction panels (primary process): fixed val images; the method's extra networks (e.g.
-    # MGD's teachers) predicted once, the trained network at every evaluation.
-    panel_set, fixed_columns = None, {}
-    if is_main and config.eval.panels > 0:
-        panel_set = panels.PanelSet.from_batches(
-            data.eval_batches(), config.eval.panels, data.info.palette_array(),
-            evaluate.Evaluator.from_config(config))
+    def extras(self, method: methods.Method, frozen: Any, start: int) -> dict[str, dict]:
+        """The method's extra networks: scored before the first step (a cheap guard against a
+        wrong import), and predicted once into the panels."""
+        from mgd_jax.evaluation import evaluate
 
-    extra_scores = {}
-    for name, (model, variables) in method.extra_evals(frozen).items():
-        if start == 0:  # e.g. MGD's teachers: a cheap guard against a wrong import
-            extra_scores[name] = evaluate_variables(
-                0, f"{name}_eval", evaluate.model_logits(model), variables
-            )
-        if panel_set is not None:
-            fixed_columns[name] = panel_set.predict(evaluate.model_logits(model), variables)
-
-    def evaluate_trained(step: int, variables) -> dict:
-        scores = evaluate_variables(step, "eval", apply_eval, variables)
-        if panel_set is not None:
-            trained = {f"{config.method} (step {step})": panel_set.predict(apply_eval, variables)}
-            path = reporter.image("panels", panel_set.render({**trained, **fixed_columns}), step)
-            reporter.line(f"prediction panels: {path}")
+        scores = {}
+        for name, (model, variables) in method.extra_evals(frozen).items():
+            if start == 0:
+                scores[name] = self.network(0, f"{name}_eval", evaluate.model_logits(model),
+                                            variables)
+            if self.panel_set is not None:
+                self.fixed_columns[name] = self.panel_set.predict(evaluate.model_logits(model),
+                                                                  variables)
         return scores
 
-    scores = None
-    images_per_step = config.batch_size * (3 if method.uses_unlabeled else 1)
-    t0 = time.time()
-    interval = None  # clu averages of the step metrics since the last log line (on device)
-    nonfinite = None  # `note_nonfinite`'s record (on device)
-    note = jax.jit(note_nonfinite, donate_argnums=(0,))
-    skip_nonfinite = bool(config.get("skip_nonfinite", False))
+    def trained(self, step: int, variables: Any) -> dict:
+        """The trained network's scores (and panels) at `step`."""
+        scores = self.network(step, "eval", self.apply_eval, variables)
+        if self.panel_set is not None:
+            trained = {f"{self.config.method} (step {step})": self.panel_set.predict(
+                self.apply_eval, variables)}
+            path = self.reporter.image(
+                "panels", self.panel_set.render({**trained, **self.fixed_columns}), step)
+            self.reporter.line(f"prediction panels: {path}")
+        return scores
 
-    def check_finite() -> int:
+
+# ----------------------------------------------------------------------------------------------
+# Loop
+
+
+class _NonFiniteSteps:
+    """The record of non-finite steps (`note_nonfinite`), kept on the device and read at the
+    loop's host syncs."""
+
+    def __init__(self, config: ml_collections.ConfigDict, ckpt: Any):
+        self.config, self.ckpt = config, ckpt
+        self.record = None
+        self.skip = bool(config.get("skip_nonfinite", False))
+        self._note = jax.jit(note_nonfinite, donate_argnums=(0,))
+
+    def note(self, step_metrics: dict[str, jax.Array], step: jax.Array
+             ) -> dict[str, jax.Array]:
+        """`step_metrics` to average (see `note_nonfinite`)."""
+        self.record, step_metrics = self._note(self.record, step_metrics, step)
+        return step_metrics
+
+    def check(self) -> int:
         """At a host sync: the number of non-finite steps so far; stops the run (pending
         checkpoint writes finished first) unless they are skipped."""
-        record = jax.device_get(nonfinite)
+        record = jax.device_get(self.record)
         if record is None or int(record["count"]) == 0:
             return 0
-        if not skip_nonfinite:
-            ckpt.wait()
-            last = ckpt.latest_step()
+        if not self.skip:
+            self.ckpt.wait()
+            last = self.ckpt.latest_step()
             last_good = ("none yet" if last is None
-                         else f"step {last} in {ckpt.directory} (rerunning resumes from it)")
-            raise errors.DivergedError(diverged_message(record, config, last_good))
+                         else f"step {last} in {self.ckpt.directory} (rerunning resumes from it)")
+            raise errors.DivergedError(diverged_message(record, self.config, last_good))
         return int(record["count"])
 
-    with interrupts.StopSignals() as signals:
-        for step in range(start, steps):
-            state, step_metrics = step_fn(state, frozen, next(train_iter))
-            nonfinite, step_metrics = note(nonfinite, step_metrics, state.step - 1)
-            current = average_of(step_metrics)
-            interval = current if interval is None else interval.merge(current)
-            done = step + 1
-            interrupts.fault_point("step", done)
-            ckpt.check()
-            log, evaluate_now = done % config.log_every == 0, done % config.eval_every == 0
-            due = done % config.checkpoint_every == 0 or done == steps
-            synced = log or evaluate_now or due
-            if synced:
-                skipped = check_finite()
-            if log or done == steps:
-                values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
-                del values["nonfinite"]  # averaged as 0 (see `note_nonfinite`); counted instead
-                if skipped:
-                    values["skipped_steps"] = skipped
-                interval = None
-                reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
-                reporter.progress(done, images_per_step)
-            # A stop already asked for skips the evaluation (a collective: one process only).
-            stopping = jax.process_count() == 1 and signals.received is not None
-            if (evaluate_now or done == steps) and not stopping:
-                scores = evaluate_trained(
-                    done, eval_variables(method, state.params, state.batch_stats))
-                ckpt.save_best(done, state, scores["miou"])
-            stop = signals.stop_now(done)
-            if stop and not synced:
-                check_finite()
-            if due or stop:
-                ckpt.save(done, state, train_iter, force=done == steps or stop)
-            if stop:
-                return _stopped(done, signals, ckpt, train_iter, reporter, workdir)
+
+@dataclasses.dataclass
+class _LoopEnd:
+    state: TrainState
+    step: int  # the last completed step
+    scores: dict | None  # of the last evaluation; at `steps` unless stopped
+    variables: Any  # the evaluated network's variables at the last evaluation
+    seconds: float
+    stopped: bool = False
+
+
+def _loop(run: _Run, signals: interrupts.StopSignals) -> _LoopEnd:
+    """The steps from `run.start` to `run.steps`: periodic log line, evaluation (the last step
+    always), checkpoint; a stop signal ends it after the current step, with a checkpoint."""
+    config, ckpt, state = run.config, run.ckpt, run.state
+    nonfinite = _NonFiniteSteps(config, ckpt)
+    interval = None  # clu averages of the step metrics since the last log line (on device)
+    scores = variables = None
+    done = run.start
+    t0 = time.time()
+    for step in range(run.start, run.steps):
+        state, step_metrics = run.step_fn(state, run.frozen, next(run.train_iter))
+        current = average_of(nonfinite.note(step_metrics, state.step - 1))
+        interval = current if interval is None else interval.merge(current)
+        done = step + 1
+        interrupts.fault_point("step", done)
+        ckpt.check()
+        log, evaluate_now = done % config.log_every == 0, done % config.eval_every == 0
+        due = done % config.checkpoint_every == 0 or done == run.steps
+        synced = log or evaluate_now or due
+        if synced:
+            skipped = nonfinite.check()
+        if log or done == run.steps:
+            _log_interval(run, done, interval, skipped)
+            interval = None
+        # A stop already asked for skips the evaluation (a collective: one process only).
+        stopping = jax.process_count() == 1 and signals.received is not None
+        if (evaluate_now or done == run.steps) and not stopping:
+            variables = eval_variables(run.method, state.params, state.batch_stats)
+            scores = run.evals.trained(done, variables)
+            ckpt.save_best(done, state, scores["miou"])
+        stop = signals.stop_now(done)
+        if stop and not synced:
+            nonfinite.check()
+        if due or stop:
+            ckpt.save(done, state, run.train_iter, force=done == run.steps or stop)
+        if stop:
+            return _LoopEnd(state, done, scores, variables, time.time() - t0, stopped=True)
     ckpt.wait()
-    elapsed = time.time() - t0
+    return _LoopEnd(state, done, scores, variables, time.time() - t0)
 
-    final = eval_variables(method, state.params, state.batch_stats)
-    if scores is None:  # resumed after the last step: evaluate what was restored
-        scores = evaluate_trained(steps, final)
-    if hasattr(train_iter, "close"):  # worker processes, shared memory
-        train_iter.close()
 
-    def save_export(name: str, variables, step: int, miou: float) -> str:
-        directory = str(workdir / name)
-        meta = dict(network_meta, source=str(workdir), step=int(step), miou=float(miou))
-        network_dir.save_network(directory, jax.device_get(variables), meta, overwrite=True)
-        return directory
+def _log_interval(run: _Run, done: int, interval: Any, skipped: int) -> None:
+    """The log line of the steps since the last one: averaged metrics and progress."""
+    values = {k: float(v) for k, v in jax.device_get(interval.compute()).items()}
+    del values["nonfinite"]  # averaged as 0 (see `note_nonfinite`); counted instead
+    if skipped:
+        values["skipped_steps"] = skipped
+    run.reporter.scalars(done, {f"train/{k}": v for k, v in values.items()})
+    run.reporter.progress(done, run.method.images_per_step(run.config.batch_size))
 
-    export_dir = save_export("export", final, steps, scores["miou"])
-    best = ckpt.best(state)
-    best_summary = None
-    if best is not None:
-        best_step, best_state = best
-        best_summary = {"step": int(best_step), "miou": float(scores["miou"]), "export": export_dir}
-        if best_step != steps:  # re-evaluated rather than trusted, as a check of the checkpoint
-            best_variables = eval_variables(method, best_state.params, best_state.batch_stats)
-            best_scores = evaluate_variables(best_step, "best", apply_eval, best_variables)
-            best_summary.update(
-                miou=float(best_scores["miou"]),
-                export=save_export("export_best", best_variables, best_step,
-                                   best_scores["miou"]),
-            )
-    ckpt.close()
+
+# ----------------------------------------------------------------------------------------------
+# Finish
+
+
+def _stopped(run: _Run, step: int, signals: interrupts.StopSignals) -> dict[str, Any]:
+    """The end of a run stopped by a signal: its checkpoint written, the files closed."""
+    run.ckpt.close()  # waits for the writes
+    if hasattr(run.train_iter, "close"):
+        run.train_iter.close()
+    name = "SIGTERM" if signals.received is None else interrupts.signal_name(signals.received)
+    run.reporter.line(f"stopped by {name} after step {step}: checkpoint written to "
+                      f"{run.ckpt.directory}/{step}; rerun the same command to continue")
+    run.reporter.close()
+    return {"stopped": True, "step": step, "workdir": str(run.workdir)}
+
+
+def _finish(run: _Run, end: _LoopEnd, extra_scores: dict[str, dict]) -> dict[str, Any]:
+    """The exports (final and best), the final metrics; returns them."""
+    final, scores = end.variables, end.scores
+    if final is None:  # resumed after the last step: evaluate what was restored
+        final = eval_variables(run.method, end.state.params, end.state.batch_stats)
+        scores = run.evals.trained(run.steps, final)
+    if hasattr(run.train_iter, "close"):  # worker processes, shared memory
+        run.train_iter.close()
+    export_dir = _save_export(run, "export", final, run.steps, scores["miou"])
+    best_summary = _best(run, end.state, scores, export_dir)
+    run.ckpt.close()
 
     result = {
-        "method": config.method,
-        "steps": steps,
+        "method": run.config.method,
+        "steps": run.steps,
         "miou": float(scores["miou"]),
         "pixel_accuracy": float(scores["pixel_accuracy"]),
         "iou_per_class": [float(x) for x in scores["iou_per_class"]],
         "best": best_summary,
-        "params": int(num_params),
+        "params": int(run.num_params),
         "export": export_dir,
-        "train_seconds": elapsed,
+        "train_seconds": end.seconds,
         "extra_evals": {k: float(v["miou"]) for k, v in extra_scores.items()},
     }
-    if is_main:
-        _write_json(workdir / "final_metrics.json", result)
-    reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
-    reporter.close()
+    if run.is_main:
+        _write_json(run.workdir / "final_metrics.json", result)
+    run.reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
+    run.reporter.close()
     return result
+
+
+def _best(run: _Run, state: TrainState, scores: dict, export_dir: str) -> dict | None:
+    """The best checkpoint's summary; one before the last step is re-evaluated (a check of the
+    checkpoint) and exported to `export_best`."""
+    best = run.ckpt.best(state)
+    if best is None:
+        return None
+    best_step, best_state = best
+    summary = {"step": int(best_step), "miou": float(scores["miou"]), "export": export_dir}
+    if best_step != run.steps:
+        variables = eval_variables(run.method, best_state.params, best_state.batch_stats)
+        best_scores = run.evals.network(best_step, "best", run.evals.apply_eval, variables)
+        summary.update(
+            miou=float(best_scores["miou"]),
+            export=_save_export(run, "export_best", variables, best_step, best_scores["miou"]),
+        )
+    return summary
+
+
+def _save_export(run: _Run, name: str, variables: Any, step: int, miou: float) -> str:
+    """`<workdir>/<name>`: a network directory of `variables` (network_dir)."""
+    from mgd_jax import network_dir
+
+    directory = str(run.workdir / name)
+    meta = dict(run.network_meta, source=str(run.workdir), step=int(step), miou=float(miou))
+    network_dir.save_network(directory, jax.device_get(variables), meta, overwrite=True)
+    return directory
+
+
+def _write_json(path: os.PathLike, value: Any) -> None:
+    paths.resolve(path).write_text(json.dumps(value, indent=2))

@@ -197,6 +197,17 @@ def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_con
         network_dir.load_network(workdir, step=3)
 
 
+def test_a_run_resolves_its_dataset_name_once(synthetic_dir, tmp_path, tiny_config, monkeypatch):
+    # The name is read at the top (config_lib.validate); the data modules take the result.
+    from mgd_jax.data import datasets
+
+    names, resolve = [], datasets.resolve
+    monkeypatch.setattr(datasets, "resolve", lambda name: names.append(name) or resolve(name))
+    config = tiny_config("supervised", synthetic_dir, num_train_steps=2)
+    assert train.train_and_evaluate(config, str(tmp_path / "run"))["steps"] == 2
+    assert names == [synthetic_dir[1]]
+
+
 def test_bad_config_fails_before_compiling(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mgd_jax.main", "--config=configs/voc.py:method=mgd",

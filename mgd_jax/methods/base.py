@@ -27,8 +27,9 @@ class Method(Protocol):
     the network that is evaluated and exported (`eval_model`, its variables at `eval_path` inside
     the trained params / batch_stats, its build description `export_meta`), fresh trainable
     variables, frozen variables passed to every step (never differentiated, never checkpointed),
-    the loss, and networks to evaluate once before training (e.g. MGD's teachers). A class may
-    also define `check_config(config)` (run by `config_lib.validate` before anything is read).
+    the loss, networks to evaluate once before training (e.g. MGD's teachers), and the images
+    one step reads (`images_per_step`, for throughput). A class may also define
+    `check_config(config)` (run by `config_lib.validate` before anything is read).
     `MethodBase` and `StudentMethod` below give the usual defaults; a new method registered with
     `methods.register` is a `StudentMethod` plus its loss (tests/test_architecture.py).
     """
@@ -54,6 +55,9 @@ class Method(Protocol):
     def extra_evals(self, frozen: Any) -> dict[str, Network]:
         """Networks evaluated on val once before training, by report name."""
 
+    def images_per_step(self, batch_size: int) -> int:
+        """The training images one step reads (throughput, benchmarks)."""
+
 
 class MethodBase:
     """Defaults of the protocol: labeled data only, one network, nothing frozen or extra."""
@@ -68,6 +72,10 @@ class MethodBase:
     def extra_evals(self, frozen: Any) -> dict[str, Network]:
         del frozen
         return {}
+
+    def images_per_step(self, batch_size: int) -> int:
+        # a labeled batch, and with unlabeled data the two unlabeled batches u0 and u1
+        return batch_size * (3 if self.uses_unlabeled else 1)
 
 
 class StudentMethod(MethodBase):
@@ -231,7 +239,9 @@ def forward_streams(
     upsample: bool = False, remat: bool = False,
 ) -> tuple[Any, Any]:
     """S image batches (S, B, H, W, 3) through one network in one call, each with its own
-    BatchNorm batch statistics (vmap over the stream axis: the convolutions run on S*B images).
+    BatchNorm batch statistics: the streams are merged batch-major into S*B images (example b
+    of stream s at b*S + s) and every BatchNorm normalises each stream separately
+    (`model.with_bn_streams(S)`).
 
     Returns (outputs stacked on axis 0, batch moments stacked on axis 0 or None in eval mode).
     The running statistics are not touched: `replay_moments` applies the streams' updates in the
@@ -240,18 +250,30 @@ def forward_streams(
     network's inputs for the backward pass and recompute its activations there
     (`config.remat`: less memory, about one more forward; the same values, BN included).
     """
+    # Batch-major, not stream-major (what vmap over the stream axis gives): with B sharded over
+    # devices, a stream-major merged batch is no plain sharding of its dim, and the SPMD
+    # partitioner replicates the batch, running every example's convolutions on every device.
+    n_streams, batch = streams.shape[:2]
     variables = {"params": params, "batch_stats": batch_stats}
+    net = model.with_bn_streams(n_streams)
 
-    def one(images):
+    def run(images):
         if not train:
-            return model.apply(variables, images, train=False, upsample=upsample), None
-        out, moments = model.apply(variables, images, train=True, upsample=upsample,
-                                   mutable=["batch_moments"])
-        return out, moments["batch_moments"]
+            return net.apply(variables, images, train=False, upsample=upsample), None
+        out, moments = net.apply(variables, images, train=True, upsample=upsample,
+                                 mutable=["batch_moments"])
+        moments = moments["batch_moments"]
+        if n_streams == 1:  # BatchNorm records (C,) for a single stream
+            moments = jax.tree.map(lambda m: m[None], moments)
+        return out, moments
 
     if remat:
-        one = jax.checkpoint(one)
-    return jax.vmap(one)(streams)
+        run = jax.checkpoint(run)
+    merged = jnp.swapaxes(streams, 0, 1).reshape((n_streams * batch,) + streams.shape[2:])
+    out, moments = run(merged)
+    out = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape((batch, n_streams) + x.shape[1:]), 0, 1), out)
+    return out, moments
 
 
 def replay_moments(batch_stats: Any, moments: Any, order: Any = None) -> Any:

@@ -184,13 +184,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     mesh = parallel.make_mesh()
     schedule = optim.poly_schedule(config.lr, 10_000, power=config.lr_power)
     tx = optim.make_optimizer(schedule, config.weight_decay, momentum=config.momentum)
-    variables = method.init_variables(jax.random.key(config.seed, impl="rbg"))
-    state = train.TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables["params"],
-        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-        rng=jax.random.PRNGKey(config.seed),
-    )
-    state = parallel.replicate(state, mesh)
+    state = parallel.replicate(train.create_train_state(method, tx, config.seed), mesh)
     frozen = parallel.replicate(method.frozen_variables(random=True), mesh)
     local = random_batch(config, local_batch,
                          method.uses_unlabeled, seed=config.seed + jax.process_index())
@@ -199,29 +193,9 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
 
     step = functools.partial(train.train_step, method=method, tx=tx, schedule=schedule)
     flops = count_flops(step, state, frozen, batch_arrays) / n_dev
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch_arrays).compile()
-    compile_s = time.perf_counter() - t0
-    try:
-        mem = compiled.memory_analysis()
-        static_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        static_bytes = None
-
-    peak_before = _peak_bytes()
-    for _ in range(warmup):
-        state, metrics = compiled(state, frozen, batch_arrays)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, frozen, batch_arrays)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
+    timed = _time_step(step, state, frozen, batch_arrays, steps=steps, warmup=warmup)
+    times = timed.pop("times")
     step_s = statistics.median(times)
-    loss = float(jax.device_get(metrics["loss"]))
-    peak_after = _peak_bytes()
 
     device = jax.local_devices()[0]
     dtype = jnp.dtype(models.compute_dtype(config.precision)).name
@@ -230,7 +204,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     else:
         rate, n = matmul_tflops(dtype)
         peak, matmul = rate * 1e12, f"measured {dtype} {n}x{n}x{n} matmul"
-    images = config.batch_size * (3 if method.uses_unlabeled else 1)
+    images = method.images_per_step(config.batch_size)
     result = {
         "implementation": "mgd_jax",
         "step": "fused" if methods.base.fused(config) else "reference",
@@ -242,7 +216,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
         "images_per_step": images,
         "crop_size": int(config.crop_size),
         "setup_s": setup_s,
-        "compile_s": compile_s,
+        "compile_s": timed["compile_s"],
         "ms_per_step": 1e3 * step_s,
         "ms_min": 1e3 * min(times),
         "ms_max": 1e3 * max(times),
@@ -252,33 +226,71 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
         "peak_tflops_per_device": peak / 1e12,
         "peak_source": matmul,
         "mfu": flops / step_s / peak,
-        "peak_memory_before_steps_bytes": peak_before,
-        "peak_memory_bytes": peak_after,
-        "xla_step_memory_bytes": static_bytes,
-        "loss": loss,
+        "peak_memory_before_steps_bytes": timed["peak_before"],
+        "peak_memory_bytes": timed["peak_after"],
+        "xla_step_memory_bytes": timed["static_bytes"],
+        "loss": timed["loss"],
         "steps": steps,
         "warmup": warmup,
         "jax": jax.__version__,
     }
-    say(f"bench {config.method} ({result['student']}, {result['step']} step), "
-        f"{result['devices']}, {dtype} compute, global batch {config.batch_size} "
-        f"({images} images/step), crop {config.crop_size}")
-    say(f"  setup      {setup_s:8.1f} s (networks, state, random batch)")
-    say(f"  compile    {compile_s:8.1f} s")
-    say(f"  step       {result['ms_per_step']:8.1f} ms median of {steps} "
-        f"(min {result['ms_min']:.1f}, max {result['ms_max']:.1f}; {warmup} warm-up)")
+    _say_result(result, say)
+    return result
+
+
+def _time_step(step: Callable, state: Any, frozen: Any, batch: Any, *, steps: int, warmup: int
+               ) -> dict[str, Any]:
+    """Compiles `step` and times `steps` calls after `warmup` ones: the compile seconds, the
+    per-step seconds, the last loss, peak memory before / after the steps, XLA's estimate."""
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        mem = compiled.memory_analysis()
+        static_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                        + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        static_bytes = None
+
+    peak_before = _peak_bytes()
+    for _ in range(warmup):
+        state, metrics = compiled(state, frozen, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return {"compile_s": compile_s, "times": times, "loss": float(jax.device_get(metrics["loss"])),
+            "peak_before": peak_before, "peak_after": _peak_bytes(),
+            "static_bytes": static_bytes}
+
+
+def _say_result(result: dict[str, Any], say: Callable[..., None]) -> None:
+    """The benchmark's lines, then `result` as one JSON line."""
+    say(f"bench {result['method']} ({result['student']}, {result['step']} step), "
+        f"{result['devices']}, {result['precision']} compute, global batch "
+        f"{result['global_batch']} ({result['images_per_step']} images/step), "
+        f"crop {result['crop_size']}")
+    say(f"  setup      {result['setup_s']:8.1f} s (networks, state, random batch)")
+    say(f"  compile    {result['compile_s']:8.1f} s")
+    say(f"  step       {result['ms_per_step']:8.1f} ms median of {result['steps']} "
+        f"(min {result['ms_min']:.1f}, max {result['ms_max']:.1f}; {result['warmup']} warm-up)")
     say(f"  throughput {result['images_per_s']:8.1f} images/s")
-    say(f"  FLOPs      {flops / 1e12:8.4g} TFLOP/step/device (convolutions and matmuls of the "
-        f"program), {result['tflops_per_s_per_device']:.4g} TFLOP/s/device")
-    say(f"  MFU        {100 * result['mfu']:8.1f} % of {peak / 1e12:.4g} TFLOP/s ({matmul})")
+    say(f"  FLOPs      {result['flops_per_step_per_device'] / 1e12:8.4g} TFLOP/step/device "
+        f"(convolutions and matmuls of the program), {result['tflops_per_s_per_device']:.4g} "
+        "TFLOP/s/device")
+    say(f"  MFU        {100 * result['mfu']:8.1f} % of {result['peak_tflops_per_device']:.4g} "
+        f"TFLOP/s ({result['peak_source']})")
+    peak_before, peak_after = result["peak_memory_before_steps_bytes"], result["peak_memory_bytes"]
     stepped = peak_after is not None and peak_before is not None and peak_after > peak_before
     say(f"  memory     peak {_fmt_bytes(peak_after)} in use"
         + ("" if peak_after is None or stepped else " (set before the steps)")
-        + f"; XLA step estimate {_fmt_bytes(static_bytes)}")
-    if not np.isfinite(loss):
-        say(f"  warning: the loss is {loss} on random data")
+        + f"; XLA step estimate {_fmt_bytes(result['xla_step_memory_bytes'])}")
+    if not np.isfinite(result["loss"]):
+        say(f"  warning: the loss is {result['loss']} on random data")
     say(json.dumps(result))
-    return result
 
 
 # ------------------------------------------------------------------------------------------------
