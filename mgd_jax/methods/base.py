@@ -239,9 +239,7 @@ def forward_streams(
     upsample: bool = False, remat: bool = False,
 ) -> tuple[Any, Any]:
     """S image batches (S, B, H, W, 3) through one network in one call, each with its own
-    BatchNorm batch statistics: the streams are merged batch-major into S*B images (example b
-    of stream s at b*S + s) and every BatchNorm normalises each stream separately
-    (`model.with_bn_streams(S)`).
+    BatchNorm batch statistics (vmap over the stream axis: the convolutions run on S*B images).
 
     Returns (outputs stacked on axis 0, batch moments stacked on axis 0 or None in eval mode).
     The running statistics are not touched: `replay_moments` applies the streams' updates in the
@@ -250,30 +248,18 @@ def forward_streams(
     network's inputs for the backward pass and recompute its activations there
     (`config.remat`: less memory, about one more forward; the same values, BN included).
     """
-    # Batch-major, not stream-major (what vmap over the stream axis gives): with B sharded over
-    # devices, a stream-major merged batch is no plain sharding of its dim, and the SPMD
-    # partitioner replicates the batch, running every example's convolutions on every device.
-    n_streams, batch = streams.shape[:2]
     variables = {"params": params, "batch_stats": batch_stats}
-    net = model.with_bn_streams(n_streams)
 
-    def run(images):
+    def one(images):
         if not train:
-            return net.apply(variables, images, train=False, upsample=upsample), None
-        out, moments = net.apply(variables, images, train=True, upsample=upsample,
-                                 mutable=["batch_moments"])
-        moments = moments["batch_moments"]
-        if n_streams == 1:  # BatchNorm records (C,) for a single stream
-            moments = jax.tree.map(lambda m: m[None], moments)
-        return out, moments
+            return model.apply(variables, images, train=False, upsample=upsample), None
+        out, moments = model.apply(variables, images, train=True, upsample=upsample,
+                                   mutable=["batch_moments"])
+        return out, moments["batch_moments"]
 
     if remat:
-        run = jax.checkpoint(run)
-    merged = jnp.swapaxes(streams, 0, 1).reshape((n_streams * batch,) + streams.shape[2:])
-    out, moments = run(merged)
-    out = jax.tree.map(
-        lambda x: jnp.swapaxes(x.reshape((batch, n_streams) + x.shape[1:]), 0, 1), out)
-    return out, moments
+        one = jax.checkpoint(one)
+    return jax.vmap(one)(streams)
 
 
 def replay_moments(batch_stats: Any, moments: Any, order: Any = None) -> Any:
