@@ -24,7 +24,7 @@ def get_config(arg: str | None = None):
     a = config_lib.parse_arg(arg, stage="", seeds=(0,))
     c = config_lib.base_config()
     c.stages = ",".join(demo.STAGES)
-    c.dataset = "mgd_synthetic"
+    c.dataset = demo.DATASET
     c.data_dir = ""  # "" = <workdir>/data, built on first use
     c.train_split = "train"
     c.eval_split = "val"

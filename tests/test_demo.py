@@ -4,6 +4,7 @@ student beats the Sup.l student (same architecture, steps, labeled subset and se
 evaluation noise. The slower multiseed check holds the demo to its target: >= 3 points at
 seeds 0-4."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -135,14 +136,23 @@ def test_demo_claim_holds_for_five_seeds(tmp_path):
 
 
 # A stand-in for a stage process (`demo.stage_command`): notes when it ran, writes its result
-# after `seconds`, exits with `code`; on SIGTERM it stops at once "with a checkpoint" (exit 75).
+# after `seconds`, exits with `code`. Once its handler is in place it writes `ready`; on SIGTERM
+# or SIGINT it stops "with a checkpoint" (exit 75) after 0.3 s, counting the signals it got in
+# `stopped` (a second one would abort a real stage's checkpoint).
 FAKE_STAGE = """
 import json, os, signal, sys, time
 stage_dir, seconds, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+count = 0
 def stop(*_):
-    open(os.path.join(stage_dir, "stopped"), "w").close()
-    sys.exit(75)
+    global count
+    count += 1
+    open(os.path.join(stage_dir, "stopped"), "w").write(str(count))
+    if count == 1:
+        time.sleep(0.3)
+        sys.exit(75)
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+open(os.path.join(stage_dir, "ready"), "w").close()
 start = time.time()
 print("training", flush=True)
 time.sleep(seconds)
@@ -183,12 +193,171 @@ def test_stages_at_once_stop_together_on_a_signal(monkeypatch, tmp_path):
     fake_stages(monkeypatch, {stage: (60.0, 0) for stage in demo.STAGES})
     threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
     started = time.monotonic()
-    assert demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2) is None
+    stopped = demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2)
     assert time.monotonic() - started < 30
     # the running pre-training stages got the signal; the later stages never started
     assert sorted(os.listdir(tmp_path)) == ["pretrain_deep", "pretrain_wide"]
+    assert stopped == demo.Stopped("SIGTERM", {
+        s: "stopped" if s.startswith("pretrain") else "not started" for s in demo.STAGES})
     for stage in ("pretrain_deep", "pretrain_wide"):
-        assert os.path.isfile(tmp_path / stage / "stopped")
+        assert (tmp_path / stage / "stopped").read_text() == "1"
+
+
+def inject_signal(monkeypatch, tmp_path, point, stage, signum=signal.SIGTERM):
+    """Sends `signum` to this process at the first `demo.scheduler_point(point, stage)`, once
+    every stage process started so far has its handler in place (so what it does on the signal
+    is seen, not Python's default)."""
+    sent = []
+
+    def hook(at, name):
+        if sent or (at, name) != (point, stage):
+            return
+        deadline = time.monotonic() + 30
+        while any(not (d / "ready").exists() for d in tmp_path.iterdir() if d.is_dir()
+                  and (d / demo.STAGE_CONFIG_FILE).exists()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sent.append(point)
+        os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(demo, "scheduler_point", hook)
+    return sent
+
+
+# Where the signal lands in the scheduler: (point, stage of its first occurrence) -> the stages
+# running then (or being started), which must stop with their checkpoint; pretrain_deep (1 s) has
+# finished by then except on the first wait, and no other stage may start.
+SIGNAL_POINTS = {
+    ("before_start", "teacher_deep"): {"pretrain_wide"},
+    ("spawned", "teacher_deep"): {"pretrain_wide", "teacher_deep"},
+    ("started", "teacher_deep"): {"pretrain_wide", "teacher_deep"},
+    ("waiting", ""): {"pretrain_deep", "pretrain_wide"},
+    ("polled", "teacher_deep"): {"pretrain_wide", "teacher_deep"},
+    ("finished", "pretrain_deep"): {"pretrain_wide"},
+}
+
+
+def test_signal_points_cover_the_scheduler():
+    assert {point for point, _ in SIGNAL_POINTS} == set(demo.SCHEDULER_POINTS)
+
+
+@pytest.mark.parametrize(("point", "stage", "signum"), [
+    *((point, stage, signal.SIGTERM) for point, stage in SIGNAL_POINTS),
+    ("spawned", "teacher_deep", signal.SIGINT)])
+def test_a_signal_anywhere_in_the_scheduler_stops_every_stage(monkeypatch, tmp_path, point,
+                                                              stage, signum):
+    fake_stages(monkeypatch, {s: (1.0 if s == "pretrain_deep" else 60.0, 0)
+                              for s in demo.STAGES})
+    sent = inject_signal(monkeypatch, tmp_path, point, stage, signum)
+    started = time.monotonic()
+    stopped = demo._run_stages_at_once(demo_config(None), demo.STAGES, str(tmp_path), 2)
+    assert sent == [point]
+    assert time.monotonic() - started < 30  # no stage trained on
+    expected = SIGNAL_POINTS[(point, stage)]
+    assert stopped == demo.Stopped(signal.Signals(signum).name, {
+        s: "stopped" if s in expected else "finished" if s == "pretrain_deep" else "not started"
+        for s in demo.STAGES})
+    for s in demo.STAGES:
+        if s in expected:  # one signal each: its checkpointing stop ran to the end
+            assert (tmp_path / s / "stopped").read_text() == "1", s
+        elif s != "pretrain_deep":
+            assert not (tmp_path / s / "ready").exists(), s
+
+
+def test_a_stopped_demo_says_so_and_the_same_command_continues(monkeypatch, tmp_path, capsys):
+    """The signal as student_mgd is being started with student_supervised running (where it once
+    started MGD anyway): both stop, the demo exits 0 with its last line and stopped.json; the
+    rerun finishes, writes results.json and removes stopped.json."""
+    from mgd_jax import main
+    from mgd_jax.data import prepare
+
+    monkeypatch.setattr(prepare, "ensure_synthetic", lambda *a, **k: demo.DATASET)
+    monkeypatch.setattr(demo, "student_gain", lambda config, seed_dir: (0.1, 0.01))
+    monkeypatch.setattr(demo, "save_panels", lambda config, seed_dir: None)
+    argv = ["mgd-train", f"--config={ROOT}/configs/demo.py", f"--workdir={tmp_path}"]
+    fake_stages(monkeypatch, {s: (60.0 if s.startswith("student") else 0.3, 0)
+                              for s in demo.STAGES})
+    inject_signal(monkeypatch, tmp_path, "spawned", "student_mgd")
+    assert main.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (
+        "demo stopped by SIGTERM at seed 0 (stopped: student_supervised, student_mgd; "
+        "finished: pretrain_deep, pretrain_wide, teacher_deep, teacher_wide); the stopped stages "
+        f"wrote their checkpoints; rerun the same command to continue ({tmp_path}/stopped.json)")
+    record = json.loads((tmp_path / "stopped.json").read_text())
+    assert record["status"] == "stopped" and record["signal"] == "SIGTERM"
+    assert record["stages"]["student_mgd"] == "stopped"
+    assert not (tmp_path / "results.json").exists()
+    for s in ("student_supervised", "student_mgd"):
+        assert (tmp_path / s / "stopped").read_text() == "1"
+
+    fake_stages(monkeypatch, {s: (0.2, 0) for s in demo.STAGES})
+    monkeypatch.setattr(demo, "scheduler_point", lambda point, stage: None)
+    assert main.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seeds"]["0"]["gain"] == 0.1
+    assert not (tmp_path / "stopped.json").exists()
+
+
+def test_the_demo_refuses_a_seed_it_would_ignore(tmp_path):
+    # the command as a user types it (in-process, ml_collections reads --config.* from sys.argv
+    # and registers them once per process)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mgd_jax.main", "--config=configs/demo.py",
+         f"--workdir={tmp_path}", "--config.seed=8"],
+        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == (
+        "error: config.seed=8: the demo trains each seed of config.demo.seeds (now '0'); use "
+        "--config.demo.seeds=8 (or configs/demo.py:seeds=8)")
+    assert "error:" not in "\n".join(proc.stderr.splitlines()[:-1])
+    assert not os.listdir(tmp_path)  # refused before anything ran
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", 0.1, "config.lr=0.1: the demo sets it for each stage and would ignore it; use "
+                "config.demo.student_lr, config.demo.teacher_lr or config.demo.pretrain.lr"),
+    ("teacher_deep.depths", "1,1,1,1",
+     "config.teacher_deep.depths='1,1,1,1': the demo sets it for each stage and would ignore it; "
+     "use config.demo.teacher_deep.depths"),
+])
+def test_a_field_the_demo_would_ignore_is_refused(tmp_path, field, value, message):
+    c = demo_config(None)
+    *parents, key = field.split(".")
+    functools.reduce(lambda d, k: d[k], parents, c)[key] = value
+    with pytest.raises(ConfigError) as error:
+        demo.run(c, str(tmp_path / "w"))
+    assert str(error.value) == message
+    assert not (tmp_path / "w").exists()
+
+
+def test_every_per_stage_field_is_set_by_the_stages():
+    """`PER_STAGE_FIELDS` are what the demo overrides: each one changed is refused, and (the
+    ones the stage configs hold) would not have changed any stage's config; the shipped config
+    passes."""
+    c = demo_config(None)
+    demo.check_config(c)
+    # set by the demo's run (per seed, to its generated data); num_epochs: num_train_steps > 0
+    # decides; the teachers' architecture: read from the teacher stages' exports
+    elsewhere = {"seed", "dataset", "num_epochs", "teacher_deep.width", "teacher_deep.depths",
+                 "teacher_wide.width", "teacher_wide.depths"}
+    for name in demo.PER_STAGE_FIELDS:
+        changed = demo_config(None)
+        keys = name.split(".")
+        parent = functools.reduce(lambda d, k: d[k], keys[:-1], changed)
+        parent[keys[-1]] = {int: 7, float: 0.5, str: "x"}[type(parent[keys[-1]])]
+        with pytest.raises(ConfigError, match=f"^config.{name}="):
+            demo.check_config(changed)
+        if name in elsewhere:
+            continue
+        # the stages whose method reads the field: CPS trains cps.backbone, MGD reads teacher_*
+        readers = {"cps": ("teacher_deep", "teacher_wide"), "teacher_deep": ("student_mgd",),
+                   "teacher_wide": ("student_mgd",),
+                   "student": [s for s in demo.STAGES if not s.startswith("teacher")]}
+        for stage in readers.get(keys[0], demo.STAGES):
+            field = functools.partial(functools.reduce, lambda d, k: d[k], keys)
+            assert field(demo.stage_config(changed, stage, "/w")) == field(
+                demo.stage_config(c, stage, "/w")), (name, stage)
 
 
 def test_a_failed_stage_stops_the_others_and_names_its_log(monkeypatch, tmp_path):

@@ -29,13 +29,19 @@ On a CPU, `demo.parallel_stages` stages run at once, each in a process of its ow
 together, then the students; MGD starts once both teachers are exported): one training process
 keeps about 1.5 of 2 cores busy, two keep both. The numbers are the same as one after another (each
 stage is the same deterministic program). The stages' console lines are prefixed with the stage
-name; SIGTERM / SIGINT to the demo reach every running stage, which stop with a checkpoint.
+name. The first SIGTERM / SIGINT to the demo stops it: every running stage stops with its
+checkpoint (one started while the signal landed too), no further stage starts, the demo says so
+on its last line and in `<workdir>/stopped.json`, and exits 0; the same command continues.
+
+The top-level fields the demo sets for each stage (`PER_STAGE_FIELDS`: the seed, steps, learning
+rate, networks, ...) are refused when changed, naming the `demo.*` field to use instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -46,7 +52,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -65,6 +71,64 @@ RESULT_NAMES = {
     "student_supervised": "student_supervised",
     "student_mgd": "student_mgd",
 }
+
+
+DATASET = "mgd_synthetic"  # the target task's tfds name (the demo builds it in the workdir)
+_STEPS = ("config.demo.student_steps, config.demo.teacher_steps or "
+          "config.demo.teacher_deep.pretrain_steps / teacher_wide.pretrain_steps")
+_AT_STAGE_END = ("each stage evaluates and checkpoints at its end and on a signal; "
+                 "configs/demo.py:stage=<stage> gives one stage's plain config")
+# Top-level fields that `stage_config` / `run` set for every stage, so a value given to the demo
+# would be ignored: each with what to change instead (`check_config` refuses a changed one).
+PER_STAGE_FIELDS = {
+    "seed": "config.demo.seeds",
+    "method": "config.stages (each stage has its method)",
+    "student": "config.demo.student",
+    "model.width": "config.demo.student_width or config.demo.teacher_deep.width / "
+                   "teacher_wide.width",
+    "model.depths": "config.demo.student_depths or config.demo.teacher_deep.depths / "
+                    "teacher_wide.depths",
+    "num_train_steps": _STEPS,
+    "num_epochs": _STEPS,
+    "lr": "config.demo.student_lr, config.demo.teacher_lr or config.demo.pretrain.lr",
+    "eval_every": _AT_STAGE_END,
+    "checkpoint_every": _AT_STAGE_END,
+    "dataset": "config.demo.synthetic (the demo generates its data)",
+    "cps.backbone": "config.demo.teacher_deep.backbone / teacher_wide.backbone",
+    "cps.init": "config.stages (each teacher starts from its pretrain stage's export)",
+    **{f"{t}.{k}": f"config.demo.{t}.{k}" for t in ("teacher_deep", "teacher_wide")
+       for k in ("backbone", "width", "depths")},
+    **{f"{t}.checkpoint": "config.stages (student_mgd distils from the teacher stages' exports)"
+       for t in ("teacher_deep", "teacher_wide")},
+}
+
+
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+    return functools.reduce(lambda c, key: c[key], name.split("."), config)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses a demo config whose `PER_STAGE_FIELDS` differ from the defaults (the demo would
+    ignore them), naming each with the field to use instead; one line."""
+    from mgd_jax import config_lib
+
+    defaults = config_lib.base_config()
+    with defaults.unlocked():
+        defaults.dataset = DATASET
+    problems = []
+    for name, instead in PER_STAGE_FIELDS.items():
+        value = _field(config, name)
+        if value == _field(defaults, name):
+            continue
+        if name == "seed":
+            problems.append(f"config.seed={value}: the demo trains each seed of config.demo.seeds "
+                            f"(now {config.demo.seeds!r}); use --config.demo.seeds={value} "
+                            f"(or configs/demo.py:seeds={value})")
+        else:
+            problems.append(f"config.{name}={value!r}: the demo sets it for each stage and would "
+                            f"ignore it; use {instead}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _arch(backbone: str, width: float, depths: str) -> str:
@@ -208,16 +272,25 @@ def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[floa
     return evaluate.bootstrap_difference(*per_example)
 
 
-def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any] | None:
+@dataclasses.dataclass
+class Stopped:
+    """A seed's stages stopped by a signal: its name (None where the stage trained in the demo's
+    own process, which names it on its console line) and each stage's state: "finished",
+    "stopped" (with its checkpoint) or "not started"."""
+    signal: str | None
+    stages: dict[str, str]
+
+
+def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any] | Stopped:
     """Every stage of one seed: the four networks' results (the pre-trained ones' mIoU on the
-    source task apart) and the students' gain with its SE (None when a stage was stopped by a
-    signal)."""
+    source task apart) and the students' gain with its SE, or `Stopped` when a signal stopped
+    the stages."""
     stages = [s for s in config.stages.split(",") if s]
     width = parallel_width(config)
     results = (_run_stages_at_once(config, stages, seed_dir, width) if width > 1
                else _run_stages_in_turn(config, stages, seed_dir))
-    if results is None:
-        return None
+    if isinstance(results, Stopped):
+        return results
     networks = {RESULT_NAMES[stage]: {
         "miou": float(results[stage]["miou"]),
         "params": int(results[stage]["params"]),
@@ -244,7 +317,7 @@ def parallel_width(config: ml_collections.ConfigDict) -> int:
 
 
 def _run_stages_in_turn(config: ml_collections.ConfigDict, stages: Sequence[str],
-                        seed_dir: str) -> dict[str, dict[str, Any]] | None:
+                        seed_dir: str) -> dict[str, dict[str, Any]] | Stopped:
     from mgd_jax import train
 
     results = {}
@@ -254,7 +327,8 @@ def _run_stages_in_turn(config: ml_collections.ConfigDict, stages: Sequence[str]
         results[stage] = train.train_and_evaluate(stage_config(config, stage, seed_dir),
                                                   stage_dir)
         if results[stage].get("stopped"):
-            return None
+            return Stopped(None, {s: "finished" if s in results and s != stage else
+                                  "stopped" if s == stage else "not started" for s in stages})
     return results
 
 
@@ -267,37 +341,69 @@ def _needs(stage: str, stages: Sequence[str]) -> set[str]:
     return NEEDS.get(stage, set()) & set(stages)
 
 
+# The points of the stage scheduler, in order, where it calls `scheduler_point(point, stage)`:
+# a seam for the tests, which inject a signal at each one ("waiting": the poll interval, stage "").
+SCHEDULER_POINTS = ("before_start", "spawned", "started", "waiting", "polled", "finished")
+
+
+def scheduler_point(point: str, stage: str) -> None:
+    """Does nothing: the seam the tests replace (`SCHEDULER_POINTS`)."""
+    del point, stage
+
+
 def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str], seed_dir: str,
-                        width: int) -> dict[str, dict[str, Any]] | None:
+                        width: int) -> dict[str, dict[str, Any]] | Stopped:
     """The stages, up to `width` at once, each `python -m mgd_jax.tools.demo_stage` in a session
     of its own (signals reach it only through here); a stage starts once the stages it needs
-    finished."""
+    finished.
+
+    The signal handler only records a signal; the loop passes each one on, once, to every running
+    stage after each of its steps, a stage started while the signal landed included (a second
+    signal to a stage aborts its checkpointing stop, so none gets one twice), and starts nothing
+    once a signal came or a stage failed.
+    """
     pending, running, results = list(stages), {}, {}
     failed: tuple[str, int] | None = None
-    received: list[int] = []
+    received: list[int] = []  # the signals to the demo
+    orders: list[int] = []  # what every running stage gets: the signals, or SIGTERM on a failure
+    delivered: dict[str, int] = {}  # stage -> how many of `orders` it got
+    stopped: set[str] = set()  # by a signal, with their checkpoints
 
-    def signal_running(signum: int) -> None:
-        for proc, _ in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signum)
-
-    def forward(signum: int, frame: Any) -> None:
+    def record(signum: int, frame: Any) -> None:
         del frame
         received.append(signum)
-        signal_running(signum)
+        orders.append(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def deliver() -> None:
+        for stage, (proc, _) in running.items():
+            wanted = len(orders)  # a signal landing meanwhile is passed on at the next call
+            for signum in orders[delivered.get(stage, 0):wanted]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signum)
+            delivered[stage] = wanted
+
+    previous = {sig: signal.signal(sig, record) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while pending or running:
-            if received or failed:
-                pending.clear()
             for stage in [s for s in pending if _needs(s, stages) <= results.keys()]:
-                if len(running) < width:
-                    pending.remove(stage)
-                    running[stage] = _start_stage(config, stage, seed_dir)
+                scheduler_point("before_start", stage)
+                if received or failed or stopped or len(running) >= width:
+                    break
+                pending.remove(stage)
+                proc = _start_stage(config, stage, seed_dir, cancelled=lambda: bool(received))
+                if proc is None:
+                    break
+                running[stage] = proc
+                scheduler_point("started", stage)
+                deliver()
+            if received or failed or stopped:
+                pending.clear()
+            deliver()
+            scheduler_point("waiting", "")
             time.sleep(0.2)
             for stage, (proc, printer) in list(running.items()):
                 code = proc.poll()
+                scheduler_point("polled", stage)
                 if code is None:
                     continue
                 printer.join()
@@ -305,9 +411,15 @@ def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str]
                 if code == 0:
                     with open(os.path.join(seed_dir, stage, "final_metrics.json")) as f:
                         results[stage] = json.load(f)
-                elif code != STOPPED_EXIT and not received and failed is None:
+                elif received or code == STOPPED_EXIT:
+                    if not (received or stopped or failed):  # a signal sent to the stage alone
+                        orders.append(signal.SIGTERM)  # stops the demo the same way
+                    stopped.add(stage)  # with its checkpoint, or before it had made any
+                elif failed is None:
                     failed = (stage, code)
-                    signal_running(signal.SIGTERM)  # the others stop with a checkpoint
+                    orders.append(signal.SIGTERM)  # the others stop with a checkpoint
+                scheduler_point("finished", stage)
+                deliver()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -315,12 +427,19 @@ def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str]
         stage, code = failed
         raise UserError(f"demo stage {stage} failed (exit status {code}); its log: "
                         f"{os.path.join(seed_dir, stage, logs.LOG_FILE)}")
-    return None if len(results) < len(stages) else results
+    if received or stopped:
+        return Stopped(signal.Signals(received[0]).name if received else None, {
+            s: "finished" if s in results else "stopped" if s in stopped else "not started"
+            for s in stages})
+    return results
 
 
-def _start_stage(config: ml_collections.ConfigDict, stage: str,
-                 seed_dir: str) -> tuple[subprocess.Popen, threading.Thread]:
-    """One stage in a process of its own; its output is printed here line by line, prefixed."""
+def _start_stage(config: ml_collections.ConfigDict, stage: str, seed_dir: str,
+                 cancelled: Callable[[], bool] = lambda: False,
+                 ) -> tuple[subprocess.Popen, threading.Thread] | None:
+    """One stage in a process of its own; its output is printed here line by line, prefixed.
+    None, with nothing started, when `cancelled()` says so right before the start (a signal
+    landed while the stage's files were written)."""
     import jax
 
     stage_dir = os.path.join(seed_dir, stage)
@@ -332,6 +451,8 @@ def _start_stage(config: ml_collections.ConfigDict, stage: str,
     cache = jax.config.jax_compilation_cache_dir
     if cache:
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
+    if cancelled():
+        return None
     with warnings.catch_warnings():
         # JAX warns on every fork; the child here only sets PDEATHSIG and execs a new Python.
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
@@ -341,6 +462,7 @@ def _start_stage(config: ml_collections.ConfigDict, stage: str,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             preexec_fn=_stop_with_parent(),
         )
+    scheduler_point("spawned", stage)
     printer = threading.Thread(target=_print_prefixed, args=(proc.stdout, stage), daemon=True)
     printer.start()
     return proc, printer
@@ -396,12 +518,21 @@ PANEL_TITLES = {"student_supervised": "student Sup.l", "student_mgd": "student M
 PANEL_FILE = "panels.png"
 
 
+STOPPED_FILE = "stopped.json"
+RESULTS_FILE = "results.json"
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Prepares the synthetic data, runs every stage for each seed, prints and writes the tables
     (`<workdir>/results.json`) and the panels; everything is logged to `<workdir>/log.txt`. One
-    seed runs in `<workdir>/<stage>`, several in `<workdir>/seed<k>/<stage>`; the data is shared."""
+    seed runs in `<workdir>/<stage>`, several in `<workdir>/seed<k>/<stage>`; the data is shared.
+
+    Stopped by a signal, it returns (and writes to `<workdir>/stopped.json`, with no
+    results.json) `{"status": "stopped", "signal", "seed", "stages": {stage: state}}`; the same
+    call continues."""
     import jax
 
+    check_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     with logs.log_file(workdir, enabled=jax.process_index() == 0):
@@ -433,8 +564,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         config.seed = seed
         seed_dir = workdir if len(seeds) == 1 else os.path.join(workdir, f"seed{seed}")
         result = run_seed(config, seed_dir)
-        if result is None:  # SIGTERM / SIGINT: rerunning continues the stopped stage
-            return {"stopped": True}
+        if isinstance(result, Stopped):  # SIGTERM / SIGINT: rerunning continues the stopped stages
+            return _say_stopped(result, seed, workdir, primary)
         per_seed[seed] = result
         if len(seeds) == 1:
             logs.say("\n" + format_results(per_seed[seed]["networks"],
@@ -453,6 +584,28 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         "gain_min": float(np.min(gains)),
     }
     if primary:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
+        with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
+        with contextlib.suppress(FileNotFoundError):  # of an earlier, stopped, run
+            os.remove(os.path.join(workdir, STOPPED_FILE))
     return results
+
+
+def _say_stopped(stopped: Stopped, seed: int, workdir: str, primary: bool) -> dict[str, Any]:
+    """The stopped demo's last console line and `<workdir>/stopped.json` (results.json only
+    stands for a finished demo, so an earlier one is removed)."""
+    record = {"status": "stopped", "stopped": True, "signal": stopped.signal, "seed": seed,
+              "stages": stopped.stages}
+    path = os.path.join(workdir, STOPPED_FILE)
+    if primary:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(workdir, RESULTS_FILE))
+    by_state = {state: [s for s, v in stopped.stages.items() if v == state]
+                for state in ("stopped", "finished", "not started")}
+    parts = [f"{state}: {', '.join(names)}" for state, names in by_state.items() if names]
+    logs.say(f"demo stopped by {stopped.signal or 'a signal'} at seed {seed} "
+             f"({'; '.join(parts)}); the stopped stages wrote their checkpoints; rerun the same "
+             f"command to continue ({path})", primary=primary)
+    return record
