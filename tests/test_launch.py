@@ -1,6 +1,8 @@
 """launch/: the Cloud TPU VM scripts, run against a fake `gcloud` (and a fake `uv`) on PATH that
-run the worker commands locally, each fake worker with its own home folder."""
+run the worker commands locally, each fake worker with its own home folder; the Slurm script
+against a fake `srun` that records each task's environment."""
 
+import json
 import os
 import signal
 import subprocess
@@ -194,3 +196,134 @@ def test_stop_waits_for_the_checkpoint_and_kills_what_is_left(fake_cloud, tmp_pa
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+# srun stand-in: lays the job's tasks out as Slurm does (nodes x --ntasks-per-node; each task
+# sees its node's GPUs, or the one bound to it with --gpus-per-task=1) and records each task's
+# environment and command in $FAKE_TASKS instead of running it.
+FAKE_SRUN = textwrap.dedent("""\
+    #!/usr/bin/env python3
+    import json, os, sys
+    args, opts = sys.argv[1:], {}
+    while args and args[0].startswith("--"):
+        key, _, value = args.pop(0)[2:].partition("=")
+        opts[key] = value
+    env = os.environ
+    nodes = int(env["SLURM_JOB_NUM_NODES"])
+    per_node = int(opts.get("ntasks-per-node") or env["SLURM_NTASKS_PER_NODE"])
+    gpus = int(env["SLURM_GPUS_ON_NODE"])
+    with open(env["FAKE_TASKS"], "a") as f:
+        for rank in range(nodes * per_node):
+            node, local = divmod(rank, per_node)
+            bound = opts.get("gpus-per-task") == "1"
+            task = {k: v for k, v in env.items() if k.startswith(("SLURM_", "MGD_JAX_"))}
+            task.update(
+                SLURM_PROCID=str(rank), SLURM_LOCALID=str(local), SLURM_NODEID=str(node),
+                SLURM_NTASKS=str(nodes * per_node), SLURM_STEP_NUM_NODES=str(nodes),
+                SLURM_STEP_NODELIST=env["SLURM_JOB_NODELIST"],
+                SLURM_STEP_TASKS_PER_NODE=f"{per_node}(x{nodes})",
+                CUDA_VISIBLE_DEVICES=str(local) if bound else ",".join(map(str, range(gpus))))
+            f.write(json.dumps({"env": task, "command": args}) + "\\n")
+    """)
+
+
+def slurm_tasks(tmp_path, script="slurm.sbatch"):
+    """The tasks `sbatch <script>` starts: its #SBATCH lines become the job's environment (as
+    sbatch sets it), then the script runs with the fake srun on PATH."""
+    directives = dict(line.split()[1][2:].split("=", 1) for line in
+                      Path(LAUNCH, script).read_text().splitlines()
+                      if line.startswith("#SBATCH --") and "=" in line.split()[1])
+    nodes, gpus = int(directives["nodes"]), int(directives["gpus-per-node"])
+    per_node = int(directives["ntasks-per-node"])
+    bin_dir, home, tasks = tmp_path / "bin", tmp_path / "home", tmp_path / "tasks.jsonl"
+    bin_dir.mkdir()
+    (home / "mgd_jax").mkdir(parents=True)
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(nodes),
+           "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_GPUS_ON_NODE": str(gpus),
+           "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_NTASKS": str(nodes * per_node),
+           "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})", "SLURM_NODEID": "0",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    env = dict(os.environ, **job, HOME=str(home), FAKE_TASKS=str(tasks),
+               PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", os.path.join(LAUNCH, script)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in tasks.read_text().splitlines()]
+
+
+def jax_detection(monkeypatch, env, local_device_ids):
+    """What `jax.distributed.initialize(local_device_ids=...)` would detect in the task `env`:
+    jax's own cluster detection (coordinator, process count, process id, local device ids)."""
+    from jax._src import clusters  # the detection `jax.distributed.initialize` runs
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "environ", dict(env))
+        return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            None, None, None, local_device_ids, None, None)
+
+
+def test_slurm_script_starts_one_process_per_gpu(monkeypatch, tmp_path):
+    """2 nodes x 4 GPUs: 8 processes, one coordinator, process ids 0-7, each process its own GPU
+    (8 distinct node/GPU pairs), 8 devices in all for the one global mesh."""
+    from mgd_jax.runtime import parallel
+
+    tasks = slurm_tasks(tmp_path)
+    assert len(tasks) == 8
+    detected, gpus = [], set()
+    for task in tasks:
+        env = task["env"]
+        assert task["command"][0].endswith("mgd_jax_env/bin/python")
+        assert task["command"][1:3] == ["-m", "mgd_jax.main"]
+        assert env["MGD_JAX_DISTRIBUTED"] == "1"
+        arguments = parallel.slurm_arguments(env)
+        address, count, index, local_ids = jax_detection(
+            monkeypatch, env, arguments["local_device_ids"])
+        assert len(local_ids) == 1
+        detected.append((address, count, index))
+        gpus.add((env["SLURM_NODEID"], env["CUDA_VISIBLE_DEVICES"].split(",")[local_ids[0]]))
+    assert {address for address, _, _ in detected} == {"gpu01:" + str(4242 % 4096 + 61440)}
+    assert {count for _, count, _ in detected} == {8}
+    assert sorted(index for _, _, index in detected) == list(range(8))
+    assert gpus == {(str(n), str(g)) for n in range(2) for g in range(4)}
+
+
+def test_slurm_startup_passes_the_gpu_and_refuses_idle_ones(monkeypatch):
+    import jax
+
+    from mgd_jax.runtime import parallel
+    from mgd_jax.runtime.errors import UserError
+
+    task = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "8",
+            "SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
+            "SLURM_GPUS_ON_NODE": "4", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+            "CUDA_VISIBLE_DEVICES": "0,1,2,3", "MGD_JAX_DISTRIBUTED": "1"}
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    parallel.initialize_distributed(task)
+    assert calls == [{"local_device_ids": [2]}]
+    # a task Slurm bound to one GPU sees it as its device 0
+    assert parallel.slurm_arguments({**task, "CUDA_VISIBLE_DEVICES": "2"}) == {
+        "local_device_ids": [0]}
+    # not Slurm, or no GPUs: jax's own defaults
+    assert parallel.slurm_arguments({"MGD_JAX_DISTRIBUTED": "1"}) == {}
+    assert parallel.slurm_arguments({**task, "SLURM_GPUS_ON_NODE": "0"}) == {}
+    # one task per node: 2 of the 8 GPUs would train
+    calls.clear()
+    with pytest.raises(UserError) as error:
+        parallel.initialize_distributed({**task, "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+                                         "SLURM_LOCALID": "0",
+                                         "SLURM_STEP_TASKS_PER_NODE": "1(x2)"})
+    assert str(error.value) == (
+        "Slurm: node 1 runs 1 task(s) for its 4 GPUs (SLURM_GPUS_ON_NODE); each task trains on "
+        "one GPU, so some would sit idle: start one task per GPU (srun "
+        "--ntasks-per-node=<GPUs per node>, as launch/slurm.sbatch does)")
+    assert calls == []
+    # a start-up that sees other than one device per task
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    with pytest.raises(UserError, match="^Slurm: 8 tasks see 2 devices in all \\(1 here\\), "
+                                        "expected one GPU each"):
+        parallel.initialize_distributed(task)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mgd_jax.runtime.errors import ConfigError
+from mgd_jax.runtime.errors import ConfigError, UserError
 
 DATA_AXIS = "data"
 
@@ -116,14 +116,14 @@ NUM_PROCESSES_ENV = "MGD_JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "MGD_JAX_PROCESS_ID"
 
 
-def initialize_distributed(environ: dict[str, str] | None = None) -> None:
+def initialize_distributed(environ: Mapping[str, str] | None = None) -> None:
     """Joins the multi-process runtime where asked for; a single process (Colab, one GPU, CPU)
     needs nothing.
 
     - MGD_JAX_COORDINATOR_ADDRESS=host:port with MGD_JAX_NUM_PROCESSES and MGD_JAX_PROCESS_ID:
       explicit (local multi-process tests, clusters jax cannot detect);
     - else MGD_JAX_DISTRIBUTED=1: `jax.distributed.initialize()` detects the cluster (Cloud TPU
-      VMs, Slurm, Open MPI).
+      VMs, Slurm, Open MPI); a Slurm task is given its one GPU (`slurm_arguments`).
     """
     env = os.environ if environ is None else environ
     address = env.get(COORDINATOR_ENV, "")
@@ -140,7 +140,74 @@ def initialize_distributed(environ: dict[str, str] | None = None) -> None:
         jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                    process_id=index)
     elif env.get("MGD_JAX_DISTRIBUTED", "0") == "1":
-        jax.distributed.initialize()
+        jax.distributed.initialize(**slurm_arguments(env))
+        _check_slurm_devices(env)
+
+
+# What jax's Slurm detection (jax/_src/clusters/slurm_cluster.py) recognises a task by.
+SLURM_TASK_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                  "SLURM_LOCALID")
+SLURM_HINT = ("start one task per GPU (srun --ntasks-per-node=<GPUs per node>, as "
+              "launch/slurm.sbatch does)")
+
+
+def _slurm_gpus(env: Mapping[str, str]) -> int:
+    """The GPUs Slurm gave this task's node (0: not a Slurm task, or no GPUs)."""
+    if not all(name in env for name in SLURM_TASK_ENV):
+        return 0
+    try:
+        return int(env.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """This node's task count, from Slurm's per-node list ("4(x2)", "2,1", ...)."""
+    text = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not text:
+        return None
+    counts = []
+    for part in text.split(","):
+        count, _, repeat = part.partition("(x")
+        counts += [int(count)] * int(repeat.rstrip(")") or 1)
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else None
+
+
+def slurm_arguments(env: Mapping[str, str]) -> dict[str, Any]:
+    """`jax.distributed.initialize` arguments for a Slurm task on a GPU node: its one local
+    device. Jax's Slurm detection gives each task one device, the GPU numbered SLURM_LOCALID, so
+    a node needs one task per GPU; anything else would leave GPUs idle without a word and is
+    refused. A task Slurm bound to one GPU (`--gpus-per-task=1`: one CUDA_VISIBLE_DEVICES entry)
+    sees it as device 0. Not a Slurm GPU task: no arguments (jax detects the rest)."""
+    gpus = _slurm_gpus(env)
+    if not gpus:
+        return {}
+    node, local = env.get("SLURM_NODEID", "0"), int(env["SLURM_LOCALID"])
+    tasks = _tasks_on_node(env)
+    if tasks is not None and tasks != gpus:
+        raise UserError(f"Slurm: node {node} runs {tasks} task(s) for its {gpus} GPUs "
+                        f"(SLURM_GPUS_ON_NODE); each task trains on one GPU, so "
+                        f"{'some would sit idle' if tasks < gpus else 'tasks would share one'}: "
+                        f"{SLURM_HINT}")
+    visible = [v for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if len(visible) == 1:
+        return {"local_device_ids": [0]}
+    if visible and local >= len(visible):
+        raise UserError(f"Slurm: task {local} of node {node} sees CUDA_VISIBLE_DEVICES="
+                        f"{','.join(visible)}, no GPU numbered {local}: {SLURM_HINT}")
+    return {"local_device_ids": [local]}
+
+
+def _check_slurm_devices(env: Mapping[str, str]) -> None:
+    """After start-up: one device per Slurm task in all, or a refusal (not a silent part of the
+    job's GPUs)."""
+    if not _slurm_gpus(env):
+        return
+    tasks = int(env["SLURM_NTASKS"])
+    if jax.device_count() != tasks or jax.local_device_count() != 1:
+        raise UserError(f"Slurm: {tasks} tasks see {jax.device_count()} devices in all "
+                        f"({jax.local_device_count()} here), expected one GPU each: {SLURM_HINT}")
 
 
 def runtime_summary() -> str:
