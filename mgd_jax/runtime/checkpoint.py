@@ -266,7 +266,8 @@ def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str
         raise ExportError(f"{workdir}: the checkpoint of step {chosen} is damaged: {problem}; "
                           f"saved steps: {latest}" + (f", best: {best}" if best else ""))
     with _read_only(where, item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        # (the constructor: SingleDeviceSharding is deprecated from jax 0.12 on)
+        local = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         abstract = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
             manager.item_metadata(chosen)["state"],
