@@ -10,7 +10,9 @@ export ACCELERATOR_TYPE=v4-32
 export RUNTIME_VERSION=tpu-ubuntu2204-base   # v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p
 export SPOT=1        # 1: a spot VM (cheaper, can be preempted; rerun launch/run.sh to resume)
 export QUEUED=0      # 1: create through a queued resource (waits for capacity)
-export PYTHON_VERSION=3.11   # installed on the workers with uv (the image's python3 is 3.10)
+# Installed on the workers with uv (the image's python3 is 3.10); 3.12: the jax releases after
+# 0.10 need it (3.11 gets jax 0.10). An existing ~/mgd_jax_env keeps its Python: delete it first.
+export PYTHON_VERSION=3.12
 export EXTRAS=tpu,gcs         # the extras of pyproject.toml installed on the workers
 export BUCKET=my-bucket
 # Workdirs straight on the bucket (orbax, logs, metrics and TensorBoard write gs:// natively).

@@ -7,7 +7,9 @@
 #   bash launch/gpu_bench.sh [--dry-run] [--output DIR] [--steps N] [--with-reference] [--only NAME]
 #
 # It creates OUT/venv and installs only this package with its [torch] extra and the CUDA build of
-# jax (JAX_EXTRA, default cuda12); nothing else. --dry-run prints the plan and runs nothing.
+# jax (JAX_EXTRA, default cuda12; JAX_VERSION, default the tested pin); nothing else. The venv's
+# Python is the first of python3, python3.12, python3.13 that is 3.12 or newer (the jax releases
+# after 0.10 need it), else python3. --dry-run prints the plan and runs nothing.
 # --with-reference also times config.fused_step=False (the unbatched step; longer to compile).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +19,16 @@ DRY=0
 COMPARE=torch
 ONLY=""
 JAX_EXTRA="${JAX_EXTRA:-cuda12}"
-JAX_VERSION="$(grep -o '^jax==[^ ]*' "$ROOT/constraints.txt" | cut -d= -f3)"  # the tested pin
+# the tested pin unless given
+JAX_VERSION="${JAX_VERSION:-$(grep -o '^jax==[^ ]*' "$ROOT/constraints.txt" | cut -d= -f3)}"
+PYTHON=python3
+for candidate in python3 python3.12 python3.13; do
+  # (runs it: a pyenv shim is on PATH even where its version is not installed)
+  if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+    PYTHON="$candidate"
+    break
+  fi
+done
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -47,7 +58,7 @@ run() {
 start=$(date +%s)
 run mkdir -p "$OUT"
 if [[ $DRY == 1 || ! -x "$PY" ]]; then
-  run python3 -m venv "$OUT/venv"
+  run "$PYTHON" -m venv "$OUT/venv"
 fi
 run "$OUT/venv/bin/pip" install -q -e "${ROOT}[torch]" "jax[$JAX_EXTRA]==$JAX_VERSION"
 run "$PY" -c "import jax, torch; print(jax.devices(), torch.cuda.get_device_name(0))"

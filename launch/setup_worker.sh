@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the environment on every worker (after launch/sync.sh); idempotent, rerun it after a
-# dependency change: uv, Python $PYTHON_VERSION, ~/mgd_jax_env with mgd_jax[$EXTRAS], and the
-# gcsfuse mount of the bucket when MOUNT_BUCKET=1.
+# dependency change: uv, Python $PYTHON_VERSION (3.12 in env.example.sh: uv installs it whatever
+# the image has), ~/mgd_jax_env with mgd_jax[$EXTRAS], and the gcsfuse mount of the bucket when
+# MOUNT_BUCKET=1. The environment keeps the Python it was made with: remove it for another.
 #   launch/setup_worker.sh [--dry-run]
 source "$(dirname "$0")/_common.sh"
 on_workers all "set -e; export PATH=\$HOME/.local/bin:\$PATH
