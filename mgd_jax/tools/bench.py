@@ -4,12 +4,18 @@ r"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
         [--compare=reference,torch]
     mgd-bench data [--dataset=voc --data_dir=DIR] [--num_workers=0,2,4]
     mgd-bench models [--size=512] [--num_classes=21]
+    mgd-bench compile --topology=v5e:2x4 --config=configs/voc.py:method=mgd [--max_batch]
+    mgd-bench compile --table=docs/tpu_compile.jsonl [--topology=...] [--table_steps=reference]
 
 `step` times the jitted train step on random inputs (`bench.run_bench`), with
 `--compare` also the reference step and the official PyTorch step (`bench.compare`); `data`
 measures the grain pipeline's augmented examples per second, on a prepared split or on in-memory
 VOC-sized JPEGs (`data.bench`); `models` prints parameters and FLOPs per backbone
-(`models.summary`).
+(`models.summary`); `compile` compiles a recipe's train step and eval step with the real TPU
+compiler for a named TPU topology, no TPU needed (the `tpu` extra: libtpu), and prints per-chip
+HBM, FLOPs and the roofline floor as one JSON line per topology (`tpu_compile.compile_recipe`);
+with --table every paper recipe for every --topology, appended to a JSON-lines file and
+resumable (`tpu_compile.compile_table`).
 """
 
 from __future__ import annotations
@@ -72,6 +78,19 @@ _FAKE_COUNT = flags.DEFINE_integer("fake_count", 256, "data: distinct fake examp
 # models
 _SIZE = flags.DEFINE_integer("size", 512, "models: square input size.", flag_values=FLAGS)
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "models: classes.", flag_values=FLAGS)
+# compile
+_TOPOLOGY = flags.DEFINE_list("topology", [], "compile: TPU topologies, e.g. v5e:2x4,v4:2x2x1 "
+                              "(default with --table: v4:2x2x1,v5e:2x4,v5p:2x2x1,v6e:2x4).",
+                              flag_values=FLAGS)
+_MAX_BATCH = flags.DEFINE_bool("max_batch", False, "compile: also find the largest per-chip "
+                               "batch whose train step fits (one full compile per probe).",
+                               flag_values=FLAGS)
+_TABLE = flags.DEFINE_string("table", None, "compile: compile every paper recipe for every "
+                             "--topology, appending one JSON line per (recipe, topology, step) "
+                             "to this file; rows already in it are skipped.", flag_values=FLAGS)
+_TABLE_STEPS = flags.DEFINE_list("table_steps", ["reference"], "compile --table: the steps "
+                                 "(reference: config.fused_step=False, fused), in this order.",
+                                 flag_values=FLAGS)
 
 
 def _step() -> dict | list:
@@ -116,6 +135,44 @@ def _models() -> list:
     return summary.print_summary(_SIZE.value, _NUM_CLASSES.value)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _compile() -> list:
+    from mgd_jax.workflows import tpu_compile
+
+    if _TABLE.value:
+        unknown = set(_TABLE_STEPS.value) - {"reference", "fused"}
+        if unknown:
+            raise UserError(f"--table_steps: {sorted(unknown)} not in reference, fused")
+        return tpu_compile.compile_table(_TABLE.value,
+                                         topologies=_TOPOLOGY.value or tpu_compile.TOPOLOGIES,
+                                         steps=_TABLE_STEPS.value)
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        raise UserError("compile needs --config and --topology (or --table)")
+    config = _CONFIG.value
+    if _BATCH_SIZE.value:
+        config = tpu_compile.resolve_precision(config)
+        config.batch_size = _BATCH_SIZE.value
+    overrides = config_flags.get_override_values(FLAGS["config"])
+    recipe = " ".join([config_flags.get_config_filename(FLAGS["config"]),
+                       *(f"--config.{k}={v}" for k, v in sorted(_flat(overrides).items()))])
+    rows = []
+    for topology in _TOPOLOGY.value:
+        row = tpu_compile.compile_recipe(config, topology, recipe=recipe,
+                                         max_batch=_MAX_BATCH.value)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def _bench(measure: Callable[[], dict | list]) -> Callable[[], None]:
     """The subcommand that runs `measure` and writes its results to --json too."""
 
@@ -129,8 +186,12 @@ def _bench(measure: Callable[[], dict | list]) -> Callable[[], None]:
 
 
 def main(argv: Sequence[str]) -> int:
-    commands = {"step": _bench(_step), "data": _bench(_data), "models": _bench(_models)}
-    return cli.run(FLAGS, argv, commands, distributed=True)
+    commands = {"step": _bench(_step), "data": _bench(_data), "models": _bench(_models),
+                "compile": _bench(_compile)}
+    # compile runs no step on this machine's devices: no multi-process start-up; a topology's
+    # devices come from libtpu whatever platforms jax initialises
+    compiling = any(arg == "compile" for arg in argv[1:] if not arg.startswith("-"))
+    return cli.run(FLAGS, argv, commands, distributed=not compiling)
 
 
 run = cli.entry(main)
