@@ -136,4 +136,5 @@ def test_compare_prints_one_table_with_the_ratio(capsys):
     fused, torch_row = table.strip().splitlines()[2:4]
     ratio = rows[1]["ms_per_step"] / rows[0]["ms_per_step"]
     assert fused.startswith("mgd_jax (fused step)") and fused.endswith(f"{ratio:.2f}x")
-    assert torch_row.startswith("PyTorch (official step)")
+    assert torch_row.startswith("PyTorch port of the official step")
+    assert rows[1]["label"] == "PyTorch port of the official step"

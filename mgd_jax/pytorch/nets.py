@@ -217,7 +217,7 @@ def resnet(backbone: str, *, width: float = 1.0, depths: Sequence[int] | None = 
     """A timm ResNet of the official layout (deep stems 32-32-64 / 64-64-128; base width 128 is
     the Wide-ResNet-50-2 layout), not yet dilated."""
     block, layers, stem, base_width = RESNETS[backbone]
-    return timm.models.resnet.ResNet(
+    net = timm.models.resnet.ResNet(
         block=getattr(timm.models.resnet, block),
         layers=list(depths or layers),
         stem_type="" if stem is None else "deep",
@@ -225,6 +225,17 @@ def resnet(backbone: str, *, width: float = 1.0, depths: Sequence[int] | None = 
         channels=tuple(_scale(c, width) for c in (64, 128, 256, 512)),
         base_width=base_width,
     )
+    if stem is None and width != 1.0:
+        # timm's 7x7 stem is 64 wide whatever stem_width; mgd_jax scales it with the width.
+        ch = _scale(64, width)
+        first = net.layer1[0]
+        net.conv1 = nn.Conv2d(3, ch, 7, stride=2, padding=3, bias=False)
+        net.bn1 = nn.BatchNorm2d(ch)
+        first.conv1 = nn.Conv2d(ch, first.conv1.out_channels, 1, bias=False)
+        if first.downsample is not None:
+            down = first.downsample[0]
+            first.downsample[0] = nn.Conv2d(ch, down.out_channels, 1, bias=False)
+    return net
 
 
 class MobileNetFeatures(nn.Module):

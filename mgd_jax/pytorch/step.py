@@ -1,17 +1,41 @@
-"""The training step of the official PyTorch code (Sup.l, CPS, MGD), for timing beside mgd_jax's
-on the same device (`mgd-bench step --compare=torch`). Needs the
+"""A PyTorch port of the official training step (Sup.l, CPS, MGD; JayQine/MGD-SSSS `train.py`),
+for timing beside mgd_jax's on the same device (`mgd-bench step --compare=torch`) and as a second
+implementation of the step: tests/test_torch_step.py loads the same weights and batch into both
+and checks that the loss, every metric, the gradients and the new BN statistics agree. Needs the
 `[torch]` extra; nothing else in the package imports this module.
 
-The networks are `torch_nets.build`'s (torchvision / timm layouts, the sizes of the config), the
-losses those of docs/method.md §1.2 / §2.4, the optimiser SGD with momentum. Per MGD step: the two
-teachers in train mode without gradient on u0, u1, x_l and u_mix (8 forwards), the student on
-u0 and u1 without gradient, then on u_mix and x_l with gradient (12 network applications). Inputs
-are random, as in `bench.run_bench`. Precisions: "fp32" (PyTorch's defaults: TF32 convolutions on
-GPU) and "bf16" (autocast to bfloat16 + channels_last, the fastest eager setting measured).
+The networks are `nets.build`'s (torchvision / timm layouts, the sizes of the config), the losses
+those of docs/method.md §1.2 / §2.4 (OHEM as the official `ProbOhemCrossEntropy2d`, per replica),
+the optimiser SGD with momentum and the official `group_weight` split (weight decay on conv /
+linear weights only). Per MGD step: the two teachers in train mode without gradient on u0, u1, x_l
+and u_mix (8 forwards), the student on u0 and u1 without gradient, then on u_mix and x_l with
+gradient (12 network applications). The config's ablation switches (`loss.*`, `teacher_bn`,
+`student_nograd_bn_updates`, `cps.weight_rampup`) are honoured as mgd_jax honours them. Precisions:
+"fp32" (PyTorch's defaults: TF32 convolutions on GPU) and "bf16" (autocast to bfloat16 +
+channels_last, the fastest eager setting measured); on CUDA `cudnn.benchmark` is on, as in the
+official train.py. Losses are computed in float32 (float64 logits are rounded to float32 first,
+as mgd_jax's losses do).
+
+Departures from the official code (none changes what a step computes on one device with
+batch_size == replica_batch, except where said):
+- one process, no SyncBN / DDP / all-reduce: BatchNorm statistics are over the whole batch on the
+  device; with batch_size > replica_batch the losses are still reduced per replica (L_I, OHEM),
+  but the MobileNetV2 backbone BN, per GPU in the official code (ghost groups of replica_batch in
+  mgd_jax), is over the whole batch here;
+- the logged-only terms that carry no gradient (the teachers' CE against the ground truth and the
+  reverse consistency terms against the student's argmax) are left out, as mgd_jax leaves them out;
+- the teachers' forwards all run before the student's (the official code interleaves them; the
+  values are the same); `optimizer_r.step()` (a no-op, the teachers have no gradients) is left out;
+- a constant learning rate (`config.lr`, the poly schedule's first value);
+- random inputs and one fixed box CutMix mask (`random_batch`), no data loading;
+- the content-aware loss divides by max(norm, 1e-8) (the official divides by the bare norm: NaN
+  on an all-zero region), as mgd_jax does;
+- `model.output_stride` other than the official one (0) is not supported (ValueError).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +50,7 @@ from mgd_jax.pytorch.nets import build, torch
 F = torch.nn.functional
 PRECISIONS = ("fp32", "bf16")
 IGNORE = 255
+LABEL = "PyTorch port of the official step"  # how tables and JSON rows name it
 
 
 def _network(backbone: str, config: ml_collections.ConfigDict, width: float, depths: str):
@@ -33,8 +58,44 @@ def _network(backbone: str, config: ml_collections.ConfigDict, width: float, dep
                  depths=models.parse_depths(depths))
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.float()  # bf16 under autocast, float64 in tests: the losses compute in float32
+
+
 def _ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+    return F.cross_entropy(_f32(logits), labels, ignore_index=IGNORE)
+
+
+def _ohem_ce(logits: torch.Tensor, labels: torch.Tensor, thresh: float,
+             min_kept: int) -> torch.Tensor:
+    """The official `ProbOhemCrossEntropy2d` on one replica's batch."""
+    logits = _f32(logits)
+    b, c, h, w = logits.shape
+    target = labels.reshape(-1)
+    valid = target.ne(IGNORE)
+    target = target * valid.long()
+    num_valid = int(valid.sum())
+    if min_kept <= num_valid and num_valid > 0 and min_kept > 0:
+        with torch.no_grad():
+            prob = F.softmax(logits, dim=1).transpose(0, 1).reshape(c, -1)
+            prob = prob.masked_fill(~valid, 1)
+            p = prob[target, torch.arange(len(target), device=target.device)]
+            threshold = thresh
+            kth = p.sort().values[min(len(p), min_kept) - 1]
+            if kth > thresh:
+                threshold = kth
+            valid = valid & p.le(threshold)
+    target = target.masked_fill(~valid, IGNORE).view(b, h, w)
+    return F.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
+def _per_replica(fn: Callable[..., torch.Tensor], replica_batch: int,
+                 *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn` on each replica's consecutive examples, averaged (the official per-GPU loss,
+    all-reduced / world size)."""
+    groups = [fn(*parts) for parts in zip(*(t.split(replica_batch) for t in tensors),
+                                          strict=True)]
+    return torch.stack(groups).mean()
 
 
 def _mix(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,17 +108,24 @@ def _pseudo(net, u0, u1, mask) -> torch.Tensor:
 
 def _semantic_sensitive(s: torch.Tensor, t: torch.Tensor, replica_batch: int) -> torch.Tensor:
     """L_I: per replica the L1 sum of the pooled logits, averaged over replicas."""
-    diff = (s.float().mean((2, 3)) - t.float().mean((2, 3))).abs()
+    diff = (_f32(s).mean((2, 3)) - _f32(t).mean((2, 3))).abs()
     return diff.reshape(-1, replica_batch, diff.shape[-1]).sum((1, 2)).mean()
 
 
 def _content_aware(s: torch.Tensor, t: torch.Tensor, grid: int) -> torch.Tensor:
     def similarity(f):
-        q = F.adaptive_avg_pool2d(f.float(), grid).flatten(2)  # (N, C, grid^2)
+        q = F.adaptive_avg_pool2d(_f32(f), grid).flatten(2)  # (N, C, grid^2)
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-8)
         return torch.einsum("nci,ncj->nij", q, q)
 
     return F.mse_loss(similarity(s), similarity(t))
+
+
+def cps_rampup(step: int, steps: int) -> float:
+    """mgd_jax's `cps.rampup`: exp(-5 (1 - step / steps)^2) before `steps`, then 1."""
+    if steps <= 0:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - min(step / steps, 1.0)) ** 2)
 
 
 class Step:
@@ -66,6 +134,11 @@ class Step:
     def __init__(self, config: ml_collections.ConfigDict, device: Any):
         self.config, self.device = config, device
         m = config.model
+        if m.get("output_stride", 0):
+            raise ValueError(f"pytorch.step: model.output_stride={m.output_stride} is not "
+                             "supported (the official output stride only: 0)")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as the official train.py
         nets: dict[str, Any] = {}
         if config.method == "cps":
             for name in ("branch1", "branch2"):
@@ -77,49 +150,90 @@ class Step:
                 t = config[name]
                 nets[name] = _network(t.backbone, config, t.width, t.depths)
         self.nets = {k: v.to(device).train() for k, v in nets.items()}
+        if config.method == "mgd" and config.teacher_bn == "running":
+            for name in ("teacher_deep", "teacher_wide"):
+                self.nets[name].eval()
         trained = [p for k, n in self.nets.items() if not k.startswith("teacher")
                    for p in n.parameters()]
         for k, n in self.nets.items():
             if k.startswith("teacher"):
                 n.requires_grad_(False)
-        self.optimizer = torch.optim.SGD(trained, lr=config.lr, momentum=config.momentum,
+        # The official group_weight: conv / linear weights decay; biases and BN parameters not.
+        groups = [{"params": [p for p in trained if p.ndim > 1]},
+                  {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
+        self.iteration = 0  # the 0-based step, for cps.weight_rampup
 
     def to_channels_last(self) -> None:
         for n in self.nets.values():
             n.to(memory_format=torch.channels_last)
 
-    def loss(self, x_l, labels, u0, u1, mask) -> torch.Tensor:
+    def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.config.loss
+        if not loss.ohem:
+            return _ce(logits, labels)
+        return _per_replica(
+            lambda z, y: _ohem_ce(z, y, loss.ohem_thresh, loss.ohem_min_kept),
+            self.config.replica_batch, logits, labels)
+
+    def losses(self, x_l, labels, u0, u1, mask) -> dict[str, torch.Tensor]:
+        """The loss ("loss") and the metrics of mgd_jax's step for the same method, by the same
+        names."""
         method = self.config.method
         if method == "supervised":
-            return _ce(self.nets["student"](x_l)[2], labels)
+            loss = self._supervised(self.nets["student"](x_l)[2], labels)
+            return {"loss": loss, "loss_sup": loss}
         u_mix = _mix(u0, u1, mask)
         if method == "cps":
-            b1, b2 = self.nets["branch1"], self.nets["branch2"]
-            with torch.no_grad():
-                p1, p2 = _pseudo(b1, u0, u1, mask), _pseudo(b2, u0, u1, mask)
-            cps = _ce(b1(u_mix)[2], p2) + _ce(b2(u_mix)[2], p1)
-            return _ce(b1(x_l)[2], labels) + _ce(b2(x_l)[2], labels) + self.config.cps.weight * cps
-        return self._mgd_loss(x_l, labels, u0, u1, mask, u_mix)
+            return self._cps_losses(x_l, labels, u0, u1, mask, u_mix)
+        return self._mgd_losses(x_l, labels, u0, u1, mask, u_mix)
 
-    def _mgd_loss(self, x_l, labels, u0, u1, mask, u_mix) -> torch.Tensor:
+    def loss(self, x_l, labels, u0, u1, mask) -> torch.Tensor:
+        return self.losses(x_l, labels, u0, u1, mask)["loss"]
+
+    def _cps_losses(self, x_l, labels, u0, u1, mask, u_mix) -> dict[str, torch.Tensor]:
+        b1, b2 = self.nets["branch1"], self.nets["branch2"]
+        with torch.no_grad():
+            p1, p2 = _pseudo(b1, u0, u1, mask), _pseudo(b2, u0, u1, mask)
+        loss_cps = _ce(b1(u_mix)[2], p2) + _ce(b2(u_mix)[2], p1)
+        sup1 = self._supervised(b1(x_l)[2], labels)
+        sup2 = self._supervised(b2(x_l)[2], labels)
+        weight = self.config.cps.weight * cps_rampup(self.iteration, self.config.cps.weight_rampup)
+        return {"loss": sup1 + sup2 + weight * loss_cps,
+                "cps_weight": torch.tensor(weight, dtype=torch.float32),
+                "loss_sup_branch1": sup1, "loss_sup_branch2": sup2, "loss_cps": loss_cps}
+
+    def _mgd_losses(self, x_l, labels, u0, u1, mask, u_mix) -> dict[str, torch.Tensor]:
         c = self.config
+        switch = c.loss
         student, t_deep, t_wide = (self.nets[k] for k in ("student", "teacher_deep",
                                                           "teacher_wide"))
+        teachers = (t_wide, t_deep)
         with torch.no_grad():
-            pseudo_mix = [_pseudo(t, u0, u1, mask) for t in (t_wide, t_deep)]
-            pseudo_l = [t(x_l)[2].argmax(1) for t in (t_wide, t_deep)]
-            deep_mix = t_deep(u_mix)[2]
-            wide_mix = t_wide(u_mix)[1]
-            student(u0)  # BN running statistics only, as the official code
-            student(u1)
+            pseudo_mix = ([_pseudo(t, u0, u1, mask) for t in teachers]
+                          if switch.consistency_unlabeled else [])
+            pseudo_l = ([t(x_l)[2].argmax(1) for t in teachers]
+                        if switch.consistency_labeled else [])
+            deep_mix = t_deep(u_mix)[2] if switch.image else None
+            wide_mix = t_wide(u_mix)[1] if switch.region else None
+            if c.student_nograd_bn_updates:
+                student(u0)  # BN running statistics only, as the official code
+                student(u1)
         _, s_mix_decoder, s_mix = student(u_mix)
         _, _, s_l = student(x_l)
-        loss = _ce(s_l, labels)
-        loss = loss + sum(_ce(s_mix, p) for p in pseudo_mix) + sum(_ce(s_l, p) for p in pseudo_l)
-        loss = loss + c.loss.lambda_image * _semantic_sensitive(s_mix, deep_mix, c.replica_batch)
-        return loss + c.loss.lambda_region * _content_aware(s_mix_decoder, wide_mix,
-                                                            c.loss.region_grid)
+        zero = torch.zeros((), device=s_l.device)
+        loss_sup = self._supervised(s_l, labels) if switch.supervised else zero
+        unlabeled = sum((_ce(s_mix, p) for p in pseudo_mix), zero)
+        labeled = sum((_ce(s_l, p) for p in pseudo_l), zero)
+        image = (switch.lambda_image * _semantic_sensitive(s_mix, deep_mix, c.replica_batch)
+                 if switch.image else zero)
+        region = (switch.lambda_region * _content_aware(s_mix_decoder, wide_mix,
+                                                        switch.region_grid)
+                  if switch.region else zero)
+        return {"loss": loss_sup + unlabeled + labeled + image + region, "loss_sup": loss_sup,
+                "loss_consistency_unlabeled": unlabeled, "loss_consistency_labeled": labeled,
+                "loss_image": image, "loss_region": region}
 
     def __call__(self, batch: tuple[torch.Tensor, ...], autocast: bool) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -127,6 +241,7 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.iteration += 1
         return loss
 
 
@@ -180,6 +295,7 @@ def run(config: ml_collections.ConfigDict, *, batch_size: int, precision: str = 
     images = batch_size * (1 if config.method == "supervised" else 3)
     return {
         "implementation": "torch",
+        "label": LABEL,
         "precision": "bf16 autocast + channels_last" if bf16 else "fp32",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,

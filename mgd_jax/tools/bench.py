@@ -7,15 +7,14 @@ r"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
     mgd-bench compile --topology=v5e:2x4 --config=configs/voc.py:method=mgd [--max_batch]
     mgd-bench compile --table=docs/tpu_compile.jsonl [--topology=...] [--table_steps=reference]
 
-`step` times the jitted train step on random inputs (`bench.run_bench`), with
-`--compare` also the reference step and the official PyTorch step (`bench.compare`); `data`
-measures the grain pipeline's augmented examples per second, on a prepared split or on in-memory
-VOC-sized JPEGs (`data.bench`); `models` prints parameters and FLOPs per backbone
-(`models.summary`); `compile` compiles a recipe's train step and eval step with the real TPU
-compiler for a named TPU topology, no TPU needed (the `tpu` extra: libtpu), and prints per-chip
-HBM, FLOPs and the roofline floor as one JSON line per topology (`tpu_compile.compile_recipe`);
-with --table every paper recipe for every --topology, appended to a JSON-lines file and
-resumable (`tpu_compile.compile_table`).
+`step` times the jitted train step on random inputs (`bench.run_bench`), with `--compare` also the
+reference step and a PyTorch port of the official step (`bench.compare`); `data` measures the grain
+pipeline's augmented examples per second, on a prepared split or on in-memory VOC-sized JPEGs
+(`data.bench`); `models` prints parameters and FLOPs per backbone (`models.summary`); `compile`
+compiles a recipe's train step and eval step with the real TPU compiler for a named TPU topology, no
+TPU needed (the `tpu` extra: libtpu), and prints per-chip HBM, FLOPs and the roofline floor as one
+JSON line per topology (`tpu_compile.compile_recipe`); with --table every paper recipe for every
+--topology, appended to a JSON-lines file and resumable (`tpu_compile.compile_table`).
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STEPS = flags.DEFINE_integer("steps", 20, "step: timed steps (median reported).",
                               flag_values=FLAGS)
 _COMPARE = flags.DEFINE_list("compare", [], "step: also time these on the same device: "
-                             "reference (config.fused_step flipped), torch (the official PyTorch "
-                             "step; the [torch] extra).", flag_values=FLAGS)
+                             "reference (config.fused_step flipped), torch (a PyTorch port of the "
+                             "official step; the [torch] extra).", flag_values=FLAGS)
 _TORCH_PRECISIONS = flags.DEFINE_list("torch_precisions", None, "step: PyTorch precisions for "
                                       "--compare=torch (fp32, bf16; default: fp32 on CPU, both "
                                       "on an accelerator).", flag_values=FLAGS)

@@ -1,5 +1,5 @@
 """Train-step benchmark: compile time, ms/step, images/s, FLOPs, MFU and memory of a method's step,
-optionally beside the reference step and the official PyTorch step on the same device.
+optionally beside the reference step and a PyTorch port of the official step on the same device.
 
     mgd-bench step --config=configs/voc.py:method=mgd [--steps=20] \
         [--compare=reference,torch] [--json=OUT.json]
@@ -306,7 +306,8 @@ def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: in
             warmup: int = 2, batch: int | None = None, peak_tflops: float | None = None,
             precisions: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The configured step, then each of `what` ("reference": `config.fused_step=False`;
-    "torch": the official PyTorch step, `torch_step`, in `precisions`) on the same device;
+    "torch": a PyTorch port of the official step, `pytorch/step.py`, in `precisions`) on the
+    same device;
     prints one table with each row's speed-up over the PyTorch step of the same precision."""
     unknown = set(what) - set(COMPARE)
     if unknown:
@@ -345,16 +346,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         f"{first['method']} step, student {first['student']}, {first['devices']}, crop "
         f"{first['crop_size']}, global batch {first['global_batch']} "
         f"({first['images_per_step']} images/step), median of {first['steps']} steps",
-        f"{'implementation':<26} {'precision':<30} {'ms/step':>9} {'min':>9} {'peak mem':>10} "
+        f"{'implementation':<34} {'precision':<30} {'ms/step':>9} {'min':>9} {'peak mem':>10} "
         f"{'vs torch':>9}",
     ]
     for row in rows:
         name = (f"mgd_jax ({row['step']} step)" if row["implementation"] == "mgd_jax"
-                else "PyTorch (official step)")
+                else row.get("label", "PyTorch port of the official step"))
         torch_ms = _torch_ms(rows, row["precision"])
         ratio = (f"{torch_ms / row['ms_per_step']:.2f}x"
                  if torch_ms and row["implementation"] != "torch" else "")
-        lines.append(f"{name:<26} {row['precision']:<30} {row['ms_per_step']:>9.1f} "
+        lines.append(f"{name:<34} {row['precision']:<30} {row['ms_per_step']:>9.1f} "
                      f"{row['ms_min']:>9.1f} {_fmt_bytes(row.get('peak_memory_bytes')):>10} "
                      f"{ratio:>9}")
     return "\n".join(lines)
