@@ -286,3 +286,43 @@ def test_recorded_batch_moments_replay_the_running_statistics_update(group_size)
     replayed = layers.apply_moments(variables["batch_stats"], moments["batch_moments"])
     for key in ("mean", "var"):
         np.testing.assert_array_equal(replayed[key], updated["batch_stats"][key])
+
+
+@pytest.mark.parametrize("group_size", [None, 2])
+def test_batchnorm_streams_equal_a_per_stream_loop(group_size):
+    """`streams=S` on S batches merged batch-major (row b*S + s) == S separate BatchNorm calls:
+    outputs, per-stream ghost groups, (S, C) batch moments, and running statistics updated
+    stream after stream."""
+    s, b, c = 3, 4, 5
+    rng = np.random.default_rng(9)
+    xs = rng.standard_normal((s, b, 3, 4, c)) * rng.uniform(0.5, 3, (s, 1, 1, 1, c)) + np.arange(s)[
+        :, None, None, None, None
+    ]
+    plain = layers.BatchNorm(group_size=group_size, dtype=jnp.float64)
+    streamed = layers.BatchNorm(group_size=group_size, streams=s, dtype=jnp.float64)
+    with jax.enable_x64(True):
+        merged = jnp.asarray(xs.swapaxes(0, 1).reshape((b * s,) + xs.shape[2:]))
+        variables = {
+            "params": {"scale": jnp.linspace(0.5, 2, c), "bias": jnp.linspace(-1, 1, c)},
+            "batch_stats": {"mean": jnp.full((c,), 0.3), "var": jnp.full((c,), 1.7)},
+        }
+        got, moments = streamed.apply(variables, merged, train=True, mutable=["batch_moments"])
+        got_2, updated = streamed.apply(variables, merged, train=True, mutable=["batch_stats"])
+        stats = variables["batch_stats"]
+        for i in range(s):
+            ref, ref_moments = plain.apply(variables, jnp.asarray(xs[i]), train=True,
+                                           mutable=["batch_moments"])
+            np.testing.assert_allclose(got[i::s], ref, rtol=0, atol=1e-12, err_msg=f"{i}")
+            for key in ("mean", "var"):
+                assert moments["batch_moments"][key].shape == (s, c)
+                np.testing.assert_allclose(moments["batch_moments"][key][i],
+                                           ref_moments["batch_moments"][key], rtol=1e-6)
+            _, upd = plain.apply({**variables, "batch_stats": stats}, jnp.asarray(xs[i]),
+                                 train=True, mutable=["batch_stats"])
+            stats = upd["batch_stats"]
+    np.testing.assert_array_equal(got, got_2)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(updated["batch_stats"][key], stats[key], rtol=1e-6)
+    with pytest.raises(ValueError, match="streams=2 must divide"):
+        layers.BatchNorm(streams=2).apply(variables, merged[:3], train=True,
+                                          mutable=["batch_stats"])

@@ -239,7 +239,9 @@ def forward_streams(
     upsample: bool = False, remat: bool = False,
 ) -> tuple[Any, Any]:
     """S image batches (S, B, H, W, 3) through one network in one call, each with its own
-    BatchNorm batch statistics (vmap over the stream axis: the convolutions run on S*B images).
+    BatchNorm batch statistics: the streams are merged batch-major into S*B images (example b
+    of stream s at b*S + s) and every BatchNorm normalises each stream separately
+    (`model.with_bn_streams(S)`).
 
     Returns (outputs stacked on axis 0, batch moments stacked on axis 0 or None in eval mode).
     The running statistics are not touched: `replay_moments` applies the streams' updates in the
@@ -248,18 +250,30 @@ def forward_streams(
     network's inputs for the backward pass and recompute its activations there
     (`config.remat`: less memory, about one more forward; the same values, BN included).
     """
+    # Batch-major, not stream-major (what vmap over the stream axis gives): with B sharded over
+    # devices, a stream-major merged batch is no plain sharding of its dim, and the SPMD
+    # partitioner replicates the batch, running every example's convolutions on every device.
+    n_streams, batch = streams.shape[:2]
     variables = {"params": params, "batch_stats": batch_stats}
+    net = model.with_bn_streams(n_streams)
 
-    def one(images):
+    def run(images):
         if not train:
-            return model.apply(variables, images, train=False, upsample=upsample), None
-        out, moments = model.apply(variables, images, train=True, upsample=upsample,
-                                   mutable=["batch_moments"])
-        return out, moments["batch_moments"]
+            return net.apply(variables, images, train=False, upsample=upsample), None
+        out, moments = net.apply(variables, images, train=True, upsample=upsample,
+                                 mutable=["batch_moments"])
+        moments = moments["batch_moments"]
+        if n_streams == 1:  # BatchNorm records (C,) for a single stream
+            moments = jax.tree.map(lambda m: m[None], moments)
+        return out, moments
 
     if remat:
-        one = jax.checkpoint(one)
-    return jax.vmap(one)(streams)
+        run = jax.checkpoint(run)
+    merged = jnp.swapaxes(streams, 0, 1).reshape((n_streams * batch,) + streams.shape[2:])
+    out, moments = run(merged)
+    out = jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape((batch, n_streams) + x.shape[1:]), 0, 1), out)
+    return out, moments
 
 
 def replay_moments(batch_stats: Any, moments: Any, order: Any = None) -> Any:
@@ -274,10 +288,9 @@ def replay_moments(batch_stats: Any, moments: Any, order: Any = None) -> Any:
 def upsample_logits(model: Any, low_logits: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Full-resolution logits (..., H, W, C) of stacked low-resolution ones, as the network
     makes them."""
-    lead = low_logits.shape[:-3]
-    flat = low_logits.reshape((-1,) + low_logits.shape[-3:])
-    out = layers.resize_bilinear_align_corners(flat, size, method=model.resize)
-    return out.reshape(lead + out.shape[1:])
+    # No flattening of the leading dims: merging a stream axis into a batch sharded over
+    # devices stream-major would make the partitioner reshard (see `forward_streams`).
+    return layers.resize_bilinear_align_corners(low_logits, size, method=model.resize)
 
 
 def cast_kernels(variables: Variables, dtype: Any) -> Variables:

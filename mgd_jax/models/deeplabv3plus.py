@@ -60,6 +60,7 @@ class ASPP(nn.Module):
     hidden: int = 256
     out: int = 256
     rates: tuple[int, int, int] = (6, 12, 18)
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -74,7 +75,7 @@ class ASPP(nn.Module):
             kernel_init=kaiming_normal_relu,
             name=name,
         )
-        bn = lambda name: BatchNorm(dtype=dt, name=name)
+        bn = lambda name: BatchNorm(streams=self.bn_streams, dtype=dt, name=name)
         branches = [cv(self.hidden, 1, "map_convs_0")(x)]
         for i, r in enumerate(self.rates):
             branches.append(cv(self.hidden, 3, f"map_convs_{i + 1}", r)(x))
@@ -97,6 +98,7 @@ class Head(nn.Module):
 
     channels: int = 256
     reduce_channels: int = 48
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
     resize: str = "matmul"  # layers.RESIZE_METHODS
 
@@ -106,8 +108,9 @@ class Head(nn.Module):
         cv = lambda c, k, name: conv(
             c, k, padding=k // 2, dtype=dt, kernel_init=kaiming_normal_relu, name=name
         )
-        bn = lambda name: BatchNorm(dtype=dt, name=name)
-        f = ASPP(hidden=self.channels, out=self.channels, dtype=dt, name="aspp")(
+        bn = lambda name: BatchNorm(streams=self.bn_streams, dtype=dt, name=name)
+        f = ASPP(hidden=self.channels, out=self.channels, bn_streams=self.bn_streams, dtype=dt,
+                 name="aspp")(
             features[-1], train
         )
         low = features[0]
@@ -126,6 +129,9 @@ class SegmentationModel(nn.Module):
     float, RGB, ImageNet-normalised; returns `SegOutput` (`upsample=False` leaves out the
     full-resolution logits). In train mode BatchNorm uses batch statistics and updates
     `batch_stats` (apply with `mutable=["batch_stats"]`).
+
+    `with_bn_streams(S)`: the same network (same parameters) whose every BatchNorm treats its
+    input as S streams merged batch-major (`layers.BatchNorm.streams`).
     """
 
     backbone: nn.Module
@@ -134,15 +140,23 @@ class SegmentationModel(nn.Module):
     reduce_channels: int = 48
     dtype: Any = jnp.float32
     resize: str = "matmul"  # layers.RESIZE_METHODS: both compute the same (tests/test_layers.py)
+    bn_streams: int = 1  # BatchNorm.streams of the head; the backbone carries its own
+
+    def with_bn_streams(self, streams: int) -> SegmentationModel:
+        """This network with `streams` BatchNorm streams in the backbone and the head."""
+        return self.clone(bn_streams=streams, backbone=self.backbone.clone(bn_streams=streams))
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False, upsample: bool = True) -> SegOutput:
         if images.ndim != 4:
             raise ValueError(f"SegmentationModel: images must be NHWC, got shape {images.shape}")
+        if getattr(self.backbone, "bn_streams", 1) != self.bn_streams:
+            raise ValueError("SegmentationModel: set bn_streams with with_bn_streams, which sets "
+                             "the backbone's too")
         x = images.astype(self.dtype)
         features = self.backbone(x, train)
-        decoder = Head(self.head_channels, self.reduce_channels, dtype=self.dtype,
-                       resize=self.resize, name="head")(features, train)
+        decoder = Head(self.head_channels, self.reduce_channels, bn_streams=self.bn_streams,
+                       dtype=self.dtype, resize=self.resize, name="head")(features, train)
         # business_layer init: kaiming_normal (fan_in, relu) kernel; bias keeps PyTorch's default.
         logits = conv(
             self.num_classes,

@@ -114,6 +114,12 @@ class BatchNorm(nn.Module):
     mean and unbiased variance. (PyTorch would keep one set per replica and evaluate rank 0's;
     the group average is the same estimator with less noise, and it is replica-count independent.)
 
+    `streams=S` normalises S independent batches merged batch-major into one, (B*S, H, W, C) with
+    example b of stream s at row b*S + s: statistics (and ghost groups of `group_size` consecutive
+    examples) per stream, as S separate calls would. The merge keeps each example's streams
+    together, so a batch sharded over devices stays sharded (`methods.base.forward_streams`).
+    Running statistics are then updated stream after stream, and `batch_moments` is (S, C).
+
     Parameters `scale` (1) and `bias` (0) are float32; batch_stats `mean` (0) and `var` (1) are
     float32; the output has `dtype`. In train mode the running statistics are updated when
     `batch_stats` is mutable, and the batch's (mean, unbiased var) are recorded in the collection
@@ -123,6 +129,7 @@ class BatchNorm(nn.Module):
     momentum: float = BN_MOMENTUM  # PyTorch convention (weight of the new batch statistic)
     epsilon: float = 1e-5
     group_size: int | None = None
+    streams: int = 1
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -139,16 +146,21 @@ class BatchNorm(nn.Module):
             y = (x32 - ra_mean.value) * (scale * jax.lax.rsqrt(ra_var.value + self.epsilon)) + bias
             return y.astype(self.dtype)
 
-        n_batch = x.shape[0]
+        s = self.streams
+        if s < 1 or x.shape[0] % s:
+            raise ValueError(
+                f"BatchNorm {self.path}: streams={s} must divide the batch size {x.shape[0]}"
+            )
+        n_batch = x.shape[0] // s  # examples per stream
         g = n_batch if self.group_size is None else self.group_size
         if g < 1 or n_batch % g:
             raise ValueError(
                 f"BatchNorm {self.path}: bn_group_size={self.group_size} must divide the batch "
-                f"size {n_batch}"
+                f"size {n_batch}" + (f" of each of the {s} streams" if s > 1 else "")
             )
-        xg = x32.reshape((n_batch // g, g) + x.shape[1:])  # (groups, g, H, W, C)
-        axes = tuple(range(1, xg.ndim - 1))
-        n = math.prod(xg.shape[1:-1])  # values per channel per group
+        xg = x32.reshape((n_batch // g, g, s) + x.shape[1:])  # (groups, g, streams, H, W, C)
+        axes = (1,) + tuple(range(3, xg.ndim - 1))
+        n = g * math.prod(x.shape[1:-1])  # values per channel per group and stream
         if n < 2:
             raise ValueError(
                 f"BatchNorm {self.path}: train-mode BatchNorm needs more than 1 value per channel "
@@ -161,14 +173,16 @@ class BatchNorm(nn.Module):
 
         if self.is_initializing():
             return y
-        batch_mean = jnp.mean(mean.reshape(-1, c), axis=0).astype(jnp.float32)
-        batch_var = (jnp.mean(var.reshape(-1, c), axis=0) * (n / (n - 1))).astype(jnp.float32)
+        # (S, C): the average over groups of each stream's statistics
+        batch_mean = jnp.mean(mean.reshape(-1, s, c), axis=0).astype(jnp.float32)
+        batch_var = (jnp.mean(var.reshape(-1, s, c), axis=0) * (n / (n - 1))).astype(jnp.float32)
         if self.is_mutable_collection("batch_moments"):
-            self.put_variable("batch_moments", "mean", batch_mean)
-            self.put_variable("batch_moments", "var", batch_var)
+            self.put_variable("batch_moments", "mean", batch_mean if s > 1 else batch_mean[0])
+            self.put_variable("batch_moments", "var", batch_var if s > 1 else batch_var[0])
         if self.is_mutable_collection("batch_stats"):
-            ra_mean.value = ema(ra_mean.value, batch_mean, self.momentum)
-            ra_var.value = ema(ra_var.value, batch_var, self.momentum)
+            for i in range(s):  # the order S separate calls would update in
+                ra_mean.value = ema(ra_mean.value, batch_mean[i], self.momentum)
+                ra_var.value = ema(ra_var.value, batch_var[i], self.momentum)
         return y
 
 
@@ -220,26 +234,27 @@ def interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
 def resize_bilinear_align_corners(
     x: Array, size: tuple[int, int], *, method: str = "matmul"
 ) -> Array:
-    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` for NHWC `x`, in `x.dtype`.
+    """`F.interpolate(x, size, mode='bilinear', align_corners=True)` for NHWC `x`, in `x.dtype`
+    (leading dims before N are kept: stacked batches stay as they are laid out).
 
     Separable. "matmul" (default): one product with the interpolation matrix per axis, so the
     backward pass is dense too (HIGHEST precision: float32 accuracy on GPU / TPU). "gather": take
     the two neighbours and lerp (the original form; its backward is a scatter-add).
     """
-    if x.ndim != 4:
+    if x.ndim < 4:
         raise ValueError(f"resize_bilinear_align_corners expects NHWC input, got shape {x.shape}")
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method {method!r} is not one of {RESIZE_METHODS}")
     oh, ow = int(size[0]), int(size[1])
     if method == "gather":
-        return _lerp_axis(_lerp_axis(x, 1, oh), 2, ow)
-    h, w = x.shape[1:3]
+        return _lerp_axis(_lerp_axis(x, x.ndim - 3, oh), x.ndim - 2, ow)
+    h, w = x.shape[-3:-1]
     hp = jax.lax.Precision.HIGHEST
     if h != oh:
-        x = jnp.einsum("oh,nhwc->nowc", jnp.asarray(interpolation_matrix(h, oh), x.dtype), x,
+        x = jnp.einsum("oh,...hwc->...owc", jnp.asarray(interpolation_matrix(h, oh), x.dtype), x,
                        precision=hp)
     if w != ow:
-        x = jnp.einsum("pw,nowc->nopc", jnp.asarray(interpolation_matrix(w, ow), x.dtype), x,
+        x = jnp.einsum("pw,...owc->...opc", jnp.asarray(interpolation_matrix(w, ow), x.dtype), x,
                        precision=hp)
     return x
 

@@ -64,11 +64,13 @@ class InvertedResidual(nn.Module):
     expand_ratio: int
     dilation: int = 1
     bn_group_size: int | None = None
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        bn = lambda name: BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(group_size=self.bn_group_size, streams=self.bn_streams,
+                                         dtype=self.dtype, name=name)
         hidden = int(round(self.inp * self.expand_ratio))
         out = x
         k = 0  # index inside the torch `conv` Sequential
@@ -106,6 +108,7 @@ class MobileNetV2(nn.Module):
     depths: tuple[int, ...] | None = None
     output_stride: int = 32
     bn_group_size: int | None = None
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -125,7 +128,8 @@ class MobileNetV2(nn.Module):
                 f"MobileNetV2: output_stride must be 32 or 16, got {self.output_stride}"
             )
 
-        bn = lambda name: BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(group_size=self.bn_group_size, streams=self.bn_streams,
+                                         dtype=self.dtype, name=name)
         inp = make_divisible(32 * self.width)
         x = conv(inp, 3, stride=2, padding=1, dtype=self.dtype, name="features_0_0")(x)
         x = relu6(bn("features_0_1")(x, train))
@@ -149,6 +153,7 @@ class MobileNetV2(nn.Module):
                     t,
                     dilation=dilation,
                     bn_group_size=self.bn_group_size,
+                    bn_streams=self.bn_streams,
                     dtype=self.dtype,
                     name=f"features_{idx}",
                 )(x, train)

@@ -38,13 +38,15 @@ class BasicBlock(nn.Module):
     dilation: int = 1
     downsample: bool = False
     bn_group_size: int | None = None
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
 
     expansion = 1
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        bn = lambda name: BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(group_size=self.bn_group_size, streams=self.bn_streams,
+                                         dtype=self.dtype, name=name)
         d = self.dilation
         out = conv(
             self.planes,
@@ -76,13 +78,15 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     base_width: int = 64
     bn_group_size: int | None = None
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
 
     expansion = 4
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        bn = lambda name: BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(group_size=self.bn_group_size, streams=self.bn_streams,
+                                         dtype=self.dtype, name=name)
         width = self.planes * self.base_width // 64
         d = self.dilation
         out = conv(width, 1, dtype=self.dtype, name="conv1")(x)
@@ -116,13 +120,15 @@ class ResNet(nn.Module):
     base_width: int = 64
     width: float = 1.0
     bn_group_size: int | None = None
+    bn_streams: int = 1  # BatchNorm.streams
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> tuple[Array, ...]:
         if len(self.layers) != 4 or min(self.layers) < 1:
             raise ValueError(f"ResNet: depths must be 4 positive block counts, got {self.layers}")
-        bn = lambda name: BatchNorm(group_size=self.bn_group_size, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(group_size=self.bn_group_size, streams=self.bn_streams,
+                                         dtype=self.dtype, name=name)
         ch = lambda c: scale_channels(c, self.width)
         dt = self.dtype
         if self.deep_stem:
@@ -161,6 +167,7 @@ class ResNet(nn.Module):
                     dilation=dilation,
                     downsample=downsample,
                     bn_group_size=self.bn_group_size,
+                    bn_streams=self.bn_streams,
                     dtype=dt,
                     name=f"layer{stage + 1}_{j}",
                     **extra,
