@@ -30,16 +30,61 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# The core subset (`pytest -m core`; tests/test_newest_stack.py runs it on the newest releases):
+# the networks against their PyTorch references, the losses and layers, one training step of each
+# method and an interrupted run resumed from its checkpoint; picked for coverage per compile
+# (a few minutes on one core). Per file: test function names, or one parametrization's full name.
+CORE = {
+    "test_models.py": (
+        "test_small_traced_shapes", "test_full_size_parameter_counts_are_official",
+        "test_parameter_names_follow_the_mechanical_rule", "test_initialisation_follows_official",
+        "test_batch_statistics_are_global_when_sharded", "test_build_errors_are_clear",
+    ),
+    "test_parity.py": (
+        "test_eval_float32[resnet18]", "test_eval_float32[mobilenet_v2]",
+        "test_train_float64_and_running_stats[resnet18]",
+    ),
+    "test_losses.py": (
+        "test_cross_entropy_matches_numpy", "test_ohem_matches_numpy",
+        "test_semantic_sensitive_is_l1_sum", "test_content_aware_matches_numpy",
+        "test_gradients_student_nonzero_teacher_zero_under_stop_gradient",
+        "test_losses_match_torch_formulation",
+    ),
+    "test_layers.py": (
+        "test_conv_matches_torch", "test_batchnorm_train_and_running_stats_match_torch_float64",
+    ),
+    "test_train.py": (
+        "test_step_on_8_devices_equals_1_device", "test_interrupt_and_resume_is_bit_identical",
+    ),
+}
+
+
+def _mark_core(items) -> None:
+    """Marks CORE's tests `core`. A name that is no test of its file stops the run: a renamed
+    test would otherwise leave the subset silently."""
+    modules = {}
+    for item in items:
+        names = CORE.get(item.path.name, ())
+        if item.name in names or getattr(item, "originalname", None) in names:
+            item.add_marker(pytest.mark.core)
+        if names and getattr(item, "module", None) is not None:
+            modules[item.path.name] = item.module
+    for file, module in modules.items():
+        lost = [n for n in CORE[file] if not callable(getattr(module, n.split("[")[0], None))]
+        if lost:
+            raise pytest.UsageError(f"tests/conftest.py CORE: {file} has no test {lost}")
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Work units of the two xdist workers (`--dist loadgroup`): each test file is one (its module
     fixtures are built once), except the tests marked `xdist_group("processes")`, which start
     processes of their own and share one unit: run at the same time on two cores they starve
-    each other (the multi-process test's gloo connections then time out)."""
+    each other (the multi-process test's gloo connections then time out). And the `core` marks."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
+    _mark_core(items)
 
 
 # What the `ci` extra adds to `test` (pyproject.toml), by the name a test asks `need` for.
