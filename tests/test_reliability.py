@@ -391,7 +391,7 @@ import sys, time
 import jax
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
                            process_id=int(sys.argv[1]))
-from mgd_jax import interrupts
+from mgd_jax.runtime import interrupts
 with interrupts.StopSignals() as signals:
     print("ready", flush=True)
     for step in range(1, 100000):
