@@ -234,11 +234,12 @@ RESUME_SAFE = frozenset({
 })
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {"a.b.c": value} (dotted config field names)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -248,8 +249,8 @@ def resume_changes(recorded: Mapping[str, Any], config: ml_collections.ConfigDic
     """"field: recorded -> now" for every field of a workdir's recorded config (its JSON) that
     `config` changes, but the `RESUME_SAFE` ones (fields the recorded config lacks, added by a
     newer mgd_jax, keep their defaults and are not compared)."""
-    then = _flat(recorded)
-    now = _flat(json.loads(config.to_json_best_effort()))
+    then = flatten(recorded)
+    now = flatten(json.loads(config.to_json_best_effort()))
     return [f"{key}: {then[key]!r} -> {now.get(key, '(absent)')!r}"
             for key in sorted(then) if key not in RESUME_SAFE and now.get(key) != then[key]]
 

@@ -31,6 +31,27 @@ def loss_and_grads(config, batch, variables=None):
     return variables, jax.device_get((loss, metrics, grads, stats))
 
 
+def assert_steps_agree(reference, fused, *, metrics_tol: dict, trees_tol: dict) -> None:
+    """Loss > 0, every metric, the gradients and the new BN statistics of two steps agree; the
+    trees' `atol` is relative to the largest leaf of the tree."""
+    assert set(reference[1]) == set(fused[1])
+    for name in reference[1]:
+        np.testing.assert_allclose(fused[1][name], reference[1][name], **metrics_tol,
+                                   err_msg=name)
+    for part, a, b in (("grads", reference[2], fused[2]), ("batch_stats", reference[3], fused[3])):
+        flat_a = jax.tree_util.tree_leaves_with_path(a)
+        flat_b = jax.tree.leaves(b)
+        assert len(flat_a) == len(flat_b)
+        # Leaves whose exact value is 0 (e.g. a bias feeding a BatchNorm) hold rounding noise:
+        # compare against the scale of the whole tree there.
+        scale = max(float(np.max(np.abs(x))) for _, x in flat_a)
+        for (path, x), y in zip(flat_a, flat_b, strict=True):
+            np.testing.assert_allclose(y, x, rtol=trees_tol["rtol"],
+                                       atol=trees_tol["atol"] * scale,
+                                       err_msg=f"{part}{jax.tree_util.keystr(path)}")
+    assert float(reference[0]) > 0
+
+
 @pytest.mark.parametrize(
     "method, dtype, overrides",
     [
@@ -59,21 +80,7 @@ def test_fused_step_equals_reference(method, dtype, overrides, tiny_config, tiny
         variables, reference = loss_and_grads(config, batch)
         config.fused_step = True
         _, fused = loss_and_grads(config, batch, variables)
-    ref_metrics, fused_metrics = reference[1], fused[1]
-    assert set(ref_metrics) == set(fused_metrics)
-    for name in ref_metrics:
-        np.testing.assert_allclose(fused_metrics[name], ref_metrics[name], **tol, err_msg=name)
-    for part, a, b in (("grads", reference[2], fused[2]), ("batch_stats", reference[3], fused[3])):
-        flat_a = jax.tree_util.tree_leaves_with_path(a)
-        flat_b = jax.tree.leaves(b)
-        assert len(flat_a) == len(flat_b)
-        # Leaves whose exact value is 0 (e.g. a bias feeding a BatchNorm) hold rounding noise:
-        # compare against the scale of the whole tree there.
-        scale = max(float(np.max(np.abs(x))) for _, x in flat_a)
-        for (path, x), y in zip(flat_a, flat_b, strict=True):
-            np.testing.assert_allclose(y, x, rtol=tol["rtol"], atol=tol["atol"] * scale,
-                                       err_msg=f"{part}{jax.tree_util.keystr(path)}")
-    assert float(reference[0]) > 0
+    assert_steps_agree(reference, fused, metrics_tol=tol, trees_tol=tol)
 
 
 @pytest.mark.parametrize("method", ["supervised", "cps", "mgd"])
@@ -89,16 +96,5 @@ def test_fused_step_equals_reference_float32(method, tiny_config, tiny_teachers)
     variables, reference = loss_and_grads(config, batch)
     config.fused_step = True
     _, fused = loss_and_grads(config, batch, variables)
-    assert set(reference[1]) == set(fused[1])
-    for name in reference[1]:
-        np.testing.assert_allclose(fused[1][name], reference[1][name], rtol=2e-5, atol=1e-6,
-                                   err_msg=name)
-    for part, a, b in (("grads", reference[2], fused[2]), ("batch_stats", reference[3], fused[3])):
-        flat_a = jax.tree_util.tree_leaves_with_path(a)
-        flat_b = jax.tree.leaves(b)
-        assert len(flat_a) == len(flat_b)
-        scale = max(float(np.max(np.abs(x))) for _, x in flat_a)
-        for (path, x), y in zip(flat_a, flat_b, strict=True):
-            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4 * scale,
-                                       err_msg=f"{part}{jax.tree_util.keystr(path)}")
-    assert float(reference[0]) > 0
+    assert_steps_agree(reference, fused, metrics_tol=dict(rtol=2e-5, atol=1e-6),
+                       trees_tol=dict(rtol=1e-4, atol=1e-4))

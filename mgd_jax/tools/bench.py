@@ -134,17 +134,8 @@ def _models() -> list:
     return summary.print_summary(_SIZE.value, _NUM_CLASSES.value)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _compile() -> list:
+    from mgd_jax import config_lib
     from mgd_jax.workflows import tpu_compile
 
     if _TABLE.value:
@@ -160,9 +151,9 @@ def _compile() -> list:
     if _BATCH_SIZE.value:
         config = tpu_compile.resolve_precision(config)
         config.batch_size = _BATCH_SIZE.value
-    overrides = config_flags.get_override_values(FLAGS["config"])
+    overrides = config_lib.flatten(config_flags.get_override_values(FLAGS["config"]))
     recipe = " ".join([config_flags.get_config_filename(FLAGS["config"]),
-                       *(f"--config.{k}={v}" for k, v in sorted(_flat(overrides).items()))])
+                       *(f"--config.{k}={v}" for k, v in sorted(overrides.items()))])
     rows = []
     for topology in _TOPOLOGY.value:
         row = tpu_compile.compile_recipe(config, topology, recipe=recipe,
