@@ -48,8 +48,9 @@ def test_every_tool_answers_help():
 
 
 @pytest.mark.parametrize("tool, args, message", [
-    (bench, [], "expected a command: step | data | models"),
-    (bench, ["--steps=1", "stepp"], "unknown command 'stepp': expected step | data | models"),
+    (bench, [], "expected a command: step | data | models | compile"),
+    (bench, ["--steps=1", "stepp"],
+     "unknown command 'stepp': expected step | data | models | compile"),
     (grid, ["--root=r"], "expected a command: plan | collect"),
     (grid, ["plan", "collect", "--root=r"], "unexpected arguments: collect"),
 ])
