@@ -59,7 +59,7 @@ def config_file(tmp_path_factory, synthetic_dir):
     folder = tmp_path_factory.mktemp("config")
     config = tiny_run_config(synthetic_dir)
     flat = config_lib.flatten(json.loads(config.to_json_best_effort()))
-    base = config_lib._flat(json.loads(config_lib.base_config().to_json_best_effort()))
+    base = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
     (folder / "tiny.json").write_text(json.dumps({k: v for k, v in flat.items()
                                                   if base.get(k) != v}))
     (folder / "tiny.py").write_text(CONFIG_FILE)
