@@ -16,6 +16,10 @@ ARGS=()
 for arg in "$@"; do
   if [[ "$arg" == "--dry-run" ]]; then DRY_RUN=1; else ARGS+=("$arg"); fi
 done
+
+need_args() {  # need_args N "USAGE": a missing argument is a usage line (exit 2), not a bash error
+  if (( ${#ARGS[@]} < $1 )); then echo "usage: $2" >&2; exit 2; fi
+}
 # On the workers: the code (replaced by every sync) and the Python environment (kept: outside it).
 # shellcheck disable=SC2016,SC2034  # used by the scripts; $HOME expands on the workers
 CODE_DIR='$HOME/mgd_jax'
