@@ -37,5 +37,9 @@ def get_config(arg: str | None = None):
     c.loss.ohem_min_kept = 100000  # per GPU: 50000 * batch_size 16 // 8 GPUs
     # 800 px windows, stride ceil(800 * 2/3) = 534, summed logits (§4.7)
     c.eval.mode, c.eval.pad_to, c.eval.crop = "sliding", (1024, 2048), 800
+    # The official run (as configs/voc.py): u0[i], u1[i] one image; a plain-CE L_sup (loss.ohem
+    # off) averaged per replica. OHEM is per replica in any case.
+    c.loss.ce_reduction = "per_replica"
+    c.pairing = "official"
     c.eval_every = 1000
     return config_lib.apply_recipe(c, a, students=STUDENTS, teachers=TEACHERS)

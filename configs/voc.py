@@ -35,5 +35,9 @@ def get_config(arg: str | None = None):
     c.batch_size, c.replica_batch = 8, 2  # global: 4 GPUs x 2 (script.sh batch_size=8)
     c.weight_decay = 4e-4  # 4 GPUs x 1e-4: the loss / world_size scaling quirk (§4.1)
     c.eval.mode, c.eval.pad_to, c.eval.crop = "whole", (512, 512), 512  # pad to 512 (§4.7)
+    # The official run, not our cleaner alternatives (docs/reproducing.md, "Deliberate choices"):
+    # L_sup averaged per GPU (groups of replica_batch), then over GPUs; u0[i], u1[i] one image.
+    c.loss.ce_reduction = "per_replica"  # "global": one mean over the batch's valid pixels
+    c.pairing = "official"  # "independent": two random unlabeled orders
     c.eval_every = 2000
     return config_lib.apply_recipe(c, a, students=STUDENTS, teachers=TEACHERS)

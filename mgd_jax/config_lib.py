@@ -113,7 +113,9 @@ def _data_fields(c: ml_collections.ConfigDict) -> None:
     c.labeled_count = 0  # seeded partitions only: an exact labeled count instead of 1/partition
     c.crop_size = 512
     c.scales = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)  # TrainPre scale set (§4.4; no 1.25)
-    c.pairing = "independent"  # unlabeled u0/u1 orders; "official" reproduces §4.4's quirk
+    # Unlabeled u0/u1 orders: "independent" (two random orders), or "official" (§4.4: u0[i], u1[i]
+    # one image, two augmentations; one fixed order): the default of configs/voc.py, cityscapes.py
+    c.pairing = "independent"
     c.num_workers = 0  # grain worker processes (0 = in-process)
     c.prefetch = 2  # batches on the devices ahead of the step (1 = none ahead); resume stays exact
 
@@ -180,6 +182,10 @@ def _loss_fields(c: ml_collections.ConfigDict) -> None:
     c.loss.lambda_image = 0.002  # λ1, VOC ResNet-18 (exp.voc/voc8.resnet18 config.py)
     c.loss.lambda_region = 100.0  # λ2, VOC ResNet-18
     c.loss.region_grid = 7  # H_v = W_v = 7 (adaptive_avg_pool2d(F, (7, 7)))
+    # L_sup's plain CE: "per_replica" (official: mean over each `replica_batch` group's valid
+    # pixels, then over groups; the default of configs/voc.py, cityscapes.py) or "global" (one
+    # mean over the batch's valid pixels); methods/base.py CE_REDUCTIONS. OHEM is per replica.
+    c.loss.ce_reduction = "global"
     c.loss.ohem = False  # ProbOhemCrossEntropy2d for L_sup (Cityscapes)
     c.loss.ohem_thresh = 0.7
     c.loss.ohem_min_kept = 100000  # per replica: 50000 * 16 // 8 (city R18 train.py)
@@ -342,6 +348,7 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> datasets
     one_of("method", c.method, methods.names())
     one_of("precision", c.precision, models.PRECISIONS)
     one_of("pairing", c.pairing, input_pipeline.PAIRINGS)
+    one_of("loss.ce_reduction", c.loss.ce_reduction, methods.base.CE_REDUCTIONS)
     one_of("eval.mode", c.eval.mode, evaluate.MODES)
     methods.check_config(c)
     if not c.dataset:

@@ -325,12 +325,34 @@ def hard_labels(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+# How L_sup's plain cross-entropy is averaged (`config.loss.ce_reduction`).
+# "per_replica": the official one. Each GPU averages its CE over its own valid pixels and the
+# all-reduced losses are divided by the GPU count; here the groups are consecutive
+# `replica_batch` examples of the global batch (the recipe's per-GPU batch, not the devices
+# present), so the value does not depend on the machine. A group without a valid pixel counts
+# as 0: PyTorch's CE is NaN there but its gradient 0, so the official update is the same and
+# only its logged loss is NaN.
+# "global": one mean over the valid pixels of the whole global batch (equal to "per_replica"
+# when every group has as many valid pixels).
+CE_REDUCTIONS = ("per_replica", "global")
+
+
+def ce_reduction(config: ml_collections.ConfigDict) -> str:
+    """`config.loss.ce_reduction` ("global" for configs recorded before the field existed)."""
+    return config.loss.get("ce_reduction", "global")
+
+
 def supervised_loss(config: ml_collections.ConfigDict, logits: jax.Array, labels: jax.Array):
-    """L_sup: CE (mean over the global batch), or OHEM computed per replica as the official
-    code does per GPU (its min_kept is per GPU), then averaged over replicas."""
-    if not config.loss.ohem:
-        return losses.cross_entropy(logits, labels)
-    return losses.per_replica(
-        losses.ohem_cross_entropy, logits, labels, replica_batch=config.replica_batch,
-        thresh=config.loss.ohem_thresh, min_kept=config.loss.ohem_min_kept,
-    )
+    """L_sup (every method's supervised term: Sup.l, both CPS branches, the MGD student).
+
+    OHEM (`loss.ohem`) is always per replica, as the official code runs it per GPU (its min_kept
+    is per GPU); plain CE is reduced as `loss.ce_reduction` says (`CE_REDUCTIONS`)."""
+    if config.loss.ohem:
+        return losses.per_replica(
+            losses.ohem_cross_entropy, logits, labels, replica_batch=config.replica_batch,
+            thresh=config.loss.ohem_thresh, min_kept=config.loss.ohem_min_kept,
+        )
+    if ce_reduction(config) == "per_replica":
+        return losses.per_replica(losses.cross_entropy, logits, labels,
+                                  replica_batch=config.replica_batch)
+    return losses.cross_entropy(logits, labels)

@@ -216,7 +216,9 @@ class MGD(base.StudentMethod):
         switch = config.loss
         zero = jnp.zeros((), jnp.float32)
         targets_l = [pseudo_l[n] for n in pseudo_l]
-        if switch.supervised and not config.loss.ohem:
+        # L_sup shares the student's log-softmax with the L_P targets when it is a plain CE over
+        # the whole batch; otherwise `base.supervised_loss` reduces it (per replica / OHEM).
+        if switch.supervised and not config.loss.ohem and base.ce_reduction(config) == "global":
             loss_sup, *ce_l = losses.cross_entropies(s_l_logits, [labels, *targets_l])
         else:
             ce_l = losses.cross_entropies(s_l_logits, targets_l)
