@@ -8,6 +8,7 @@ that implements them (methods, models, evaluation, input pipeline).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import ml_collections
 
 from mgd_jax import methods, models
-from mgd_jax.runtime import parallel
+from mgd_jax.runtime import parallel, paths
 from mgd_jax.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -388,10 +389,33 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> datasets
         _fail("eval.crop", f"{c.eval.crop} is larger than the padded size {c.eval.pad_to}")
     for field in ("student_init", "cps.init"):
         path = c.student_init if field == "student_init" else c.cps.init
-        if path and not os.path.isdir(os.path.expanduser(path)):
+        if path and path != methods.base.RANDOM_INIT and not paths.resolve(path).is_dir():
             _fail(field, f"{path!r} does not exist (a network directory of a backbone)")
     try:
+    check_init(c, dataset)
         models.parse_depths(c.model.depths)
     except ValueError as e:
         _fail("model.depths", str(e))
     return dataset
+
+
+def needs_init(dataset: datasets.Dataset) -> bool:
+    """Whether training on `dataset` must name the networks' start: the paper's datasets (VOC,
+    Cityscapes) and a user's own (configs/own.py applies the VOC recipe, whose schedule and loss
+    weights assume ImageNet backbones); not the synthetic one (the tests, the demo)."""
+    return dataset.own is not None or dataset.table().name in ("voc", "cityscapes")
+
+
+def check_init(c: ml_collections.ConfigDict, dataset: datasets.Dataset) -> None:
+    """Refuses a run on a dataset that `needs_init` whose method's init field is empty: the
+    recipe starts every network from an ImageNet backbone, and an empty field would silently
+    train from random weights. `RANDOM_INIT` ("none") says that is meant."""
+    field = methods.method_class(c.method).init_field
+    if not field or not needs_init(dataset):
+        return
+    value = functools.reduce(lambda node, key: node[key], field.split("."), c)
+    if not value:
+        _fail(field, f"is empty: training on {c.dataset!r} starts from an ImageNet backbone "
+                     f"(docs/weights.md: mgd-import --backbone_only); pass --config.{field}=DIR, "
+                     f"or --config.{field}={methods.base.RANDOM_INIT} to train from random "
+                     "weights deliberately")

@@ -73,6 +73,7 @@ def test_official_iteration_arithmetic():
 def valid_config(tmp_path):
     c = load("voc", "method=supervised")
     c.split_dir = str(tmp_path)
+    c.student_init = "none"  # from random weights, deliberately (tests/test_refusals.py)
     return c
 
 
@@ -128,6 +129,7 @@ def test_standard_partitions_need_no_split_dir():
     """VOC and Cityscapes ship their standard partitions; other datasets need lists or seeded."""
     for name in ("voc", "cityscapes"):
         c = load(name, "method=supervised")
+        c.student_init = "none"
         assert c.split_dir == "" and c.partition_source == "lists"
         config_lib.validate(c, device_count=8)
     c.dataset, c.num_classes = "mgd_synthetic", 5

@@ -52,7 +52,7 @@ def test_stage_configs_share_the_student_setting():
         assert pre.method == "supervised" and pre.labeled_count == c.demo.synthetic.num_train
         assert pre.dataset.endswith("_f6") and pre.num_classes == 3
         assert teacher.labeled_count == sup.labeled_count
-    assert sup.student_init == mgd.student_init == ""
+    assert sup.student_init == mgd.student_init == "none"  # from scratch, said explicitly
     assert demo.stage_config(c, "pretrain_wide").num_train_steps == 4000
     # The source task's classes: the target's textures on squares, no target class in its images.
     source = synthetic.SyntheticSpec(**demo.source_sizes(c))

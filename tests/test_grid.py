@@ -65,7 +65,12 @@ def test_plan_wires_the_teachers_and_every_command_parses(tmp_path, monkeypatch)
         assert network == run.network and config.split_dir == str(splits)
         assert config.student_init == (str(ck) if run.network == "resnet18" else "")
         assert flag_values["workdir"].value == run.workdir
-        config_lib.validate(config)
+        if run.network == "resnet18":
+            config_lib.validate(config)
+        else:  # planned without an ImageNet backbone: the run would be refused, naming the field
+            field = "cps.init" if run.method == "cps" else "student_init"
+            with pytest.raises(ConfigError, match=f"config.{field}: is empty"):
+                config_lib.validate(config)
 
     with pytest.raises(ConfigError, match="partition \\[3\\]"):
         grid.plan("r", partitions=(3,))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mgd_jax.data import prepare, sources, splits
 from mgd_jax.data.datasets import custom_name
-from mgd_jax.runtime.errors import DataError
+from mgd_jax.runtime.errors import ConfigError, DataError
 from mgd_jax.tools import prepare as prepare_main
 
 from conftest import NUM_CLASSES
@@ -152,6 +152,9 @@ def test_configs_read_it_by_name(tmp_path, tiny_config):
     own = module.get_config(f"dataset=toys,data_dir={data_dir},method=cps,partition=4")
     assert (own.dataset, own.num_classes, own.partition_source) == ("toys", 5, "seeded")
     assert tuple(own.eval.pad_to) == (32, 32) and own.crop_size == 512
+    with pytest.raises(ConfigError, match="config.cps.init: is empty"):  # no ImageNet start
+        config_lib.validate(own, device_count=8)
+    own.cps.init = "none"  # from random weights, deliberately
     config_lib.validate(own, device_count=8)
 
     config = tiny_config("cps", (data_dir, "toys"))

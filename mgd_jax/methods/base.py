@@ -38,6 +38,7 @@ class Method(Protocol):
     eval_model: Any
     eval_path: tuple[str, ...]  # () for a single network; ("branch1",) for CPS
     export_meta: dict[str, Any]  # backbone, num_classes, build_options of eval_model
+    init_field: str  # the config field of its networks' start ("student_init"; "" = none)
 
     def init_variables(self, rng: jax.Array) -> Variables: ...
 
@@ -63,6 +64,9 @@ class MethodBase:
     """Defaults of the protocol: labeled data only, one network, nothing frozen or extra."""
 
     uses_unlabeled = False
+    # The config field naming the network directory its trained networks start from ("" = no
+    # such field); `config_lib.validate` refuses it empty for the datasets of the paper.
+    init_field = ""
     eval_path: tuple[str, ...] = ()
 
     def frozen_variables(self, *, random: bool = False) -> dict:
@@ -81,6 +85,8 @@ class MethodBase:
 class StudentMethod(MethodBase):
     """A method that trains the configured student (`config.student`, `config.model`,
     ImageNet init from `config.student_init`); subclasses add the loss."""
+
+    init_field = "student_init"
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
@@ -161,6 +167,11 @@ def network_meta(backbone: str, config: ml_collections.ConfigDict, options: dict
     return {"backbone": backbone, "num_classes": config.num_classes, "build_options": options}
 
 
+# An init field's value that means "from random weights, deliberately" ("" is refused for the
+# datasets of the paper, whose recipe starts from ImageNet backbones: config_lib.validate).
+RANDOM_INIT = "none"
+
+
 def init_network(
     rng: jax.Array, model: Any, config: ml_collections.ConfigDict, init_dir: str = ""
 ) -> Variables:
@@ -170,14 +181,14 @@ def init_network(
     --backbone_only`) or any trained network of the same architecture, whose
     head (trained for other classes) is left out. Its backbone leaves replace the fresh ones
     (the official partial-load semantics: e.g. torchvision ResNet-18 leaves the deep stem at its
-    initial values).
+    initial values). "" or `RANDOM_INIT`: fresh variables only.
     """
     size = min(int(config.crop_size), 64)
     # One jitted init instead of hundreds of eagerly compiled initialiser ops.
     init = jax.jit(functools.partial(model.init, train=False))
     variables = init(rng, jnp.zeros((1, size, size, 3), jnp.float32))
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    if init_dir:
+    if init_dir and init_dir != RANDOM_INIT:
         from mgd_jax import network_dir  # local: orbax only when a checkpoint is read
 
         loaded, meta = network_dir.load_variables(init_dir)

@@ -32,6 +32,7 @@ def rampup(step: jax.Array | int, steps: int) -> jax.Array:
 class CPS(base.MethodBase):
     uses_unlabeled = True
     eval_path = ("branch1",)
+    init_field = "cps.init"  # the backbone both branches start from
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config

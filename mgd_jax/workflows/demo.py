@@ -205,7 +205,9 @@ def stage_config(
         c.num_train_steps = d.teacher_steps
         c.lr = d.teacher_lr
         pretrain = "pretrain_" + stage.removeprefix("teacher_")
-        if workdir is not None and pretrain in demo.stages.split(","):
+        if pretrain not in demo.stages.split(","):
+            c.cps.init = "none"  # no pre-training stage: from random weights (methods.base)
+        elif workdir is not None:
             c.cps.init = os.path.join(workdir, pretrain, "export")
     else:
         c.method = "supervised" if stage == "student_supervised" else "mgd"
