@@ -391,8 +391,8 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> datasets
         path = c.student_init if field == "student_init" else c.cps.init
         if path and path != methods.base.RANDOM_INIT and not paths.resolve(path).is_dir():
             _fail(field, f"{path!r} does not exist (a network directory of a backbone)")
-    try:
     check_init(c, dataset)
+    try:
         models.parse_depths(c.model.depths)
     except ValueError as e:
         _fail("model.depths", str(e))
