@@ -241,6 +241,82 @@ def test_per_replica_averages_group_losses():
         )
 
 
+def _uneven(seed):
+    """4 images in 2 replica groups of 2: group 0 mostly ignored (few valid pixels), group 1
+    hardly: the per-replica and the global mean then weigh the pixels differently."""
+    logits, labels = _data(seed, n=4, h=6, w=7, ignore_frac=0.1)
+    labels[:2, :, 1:] = 255  # group 0 keeps at most 12 of its 84 pixels
+    return logits, labels
+
+
+def np_per_replica_ce(logits, labels, replica_batch):
+    """The official reduction: CE mean over each GPU's valid pixels (a GPU with none: 0, the
+    contribution it makes to the official gradient), then the mean over GPUs."""
+    groups = range(0, len(logits), replica_batch)
+    return float(np.mean([np_cross_entropy(logits[i : i + replica_batch],
+                                           labels[i : i + replica_batch]) for i in groups]))
+
+
+def test_per_replica_cross_entropy_matches_numpy_and_differs_from_global():
+    logits, labels = _uneven(26)
+    counts = [(labels[i : i + 2] != 255).sum() for i in (0, 2)]
+    assert counts[0] * 4 < counts[1]
+    got = float(losses.per_replica(losses.cross_entropy, jnp.asarray(logits),
+                                   jnp.asarray(labels), replica_batch=2))
+    want = np_per_replica_ce(logits, labels, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    global_ = np_cross_entropy(logits, labels)
+    assert abs(want - global_) > 0.05 * global_, (want, global_)  # the two reductions differ
+    # one group = the whole batch: the global mean
+    np.testing.assert_allclose(float(losses.per_replica(
+        losses.cross_entropy, jnp.asarray(logits), jnp.asarray(labels), replica_batch=4)),
+        global_, rtol=1e-5)
+
+
+def test_per_replica_equals_global_without_ignored_pixels():
+    """Why only L_sup needs the option: the pseudo-label targets of L_P and of the CPS cross
+    term never hold the ignore label, so every group has as many valid pixels and the mean of
+    the group means is the global mean."""
+    logits, labels = _data(27, n=4, ignore_frac=0.0)
+    per_replica = losses.per_replica(losses.cross_entropy, jnp.asarray(logits),
+                                     jnp.asarray(labels), replica_batch=2)
+    np.testing.assert_allclose(float(per_replica), np_cross_entropy(logits, labels), rtol=1e-5)
+
+
+def test_per_replica_cross_entropy_empty_group_matches_torch_gradient():
+    """A replica whose pixels are all ignored: PyTorch's CrossEntropyLoss(ignore_index=255) is
+    NaN there with a zero gradient, so the official update (each GPU's CE, summed over GPUs and
+    divided by their count) is the other groups' gradient / W. Here that group counts 0: the
+    same gradient, and a finite value."""
+    from torch_reference import torch
+
+    logits, labels = _uneven(28)
+    labels[:2] = 255
+    value, grad = jax.value_and_grad(
+        lambda x: losses.per_replica(losses.cross_entropy, x, jnp.asarray(labels),
+                                     replica_batch=2))(jnp.asarray(logits))
+    np.testing.assert_allclose(float(value), np_cross_entropy(logits[2:], labels[2:]) / 2,
+                               rtol=1e-5)
+
+    x = torch.tensor(logits).permute(0, 3, 1, 2).requires_grad_(True)
+    y = torch.tensor(labels).long()
+    ce = torch.nn.CrossEntropyLoss(ignore_index=255)
+    per_gpu = [ce(x[i : i + 2], y[i : i + 2]) for i in (0, 2)]
+    assert torch.isnan(per_gpu[0]) and not torch.isnan(per_gpu[1])
+    (sum(per_gpu) / 2).backward()
+    torch_grad = x.grad.permute(0, 2, 3, 1).numpy()
+    assert np.all(np.isfinite(torch_grad))
+    np.testing.assert_allclose(np.asarray(grad), torch_grad, rtol=1e-5, atol=1e-7)
+    # and with every group valid, the values agree too
+    logits, labels = _uneven(29)
+    x = torch.tensor(logits).permute(0, 3, 1, 2)
+    y = torch.tensor(labels).long()
+    official = float(sum(ce(x[i : i + 2], y[i : i + 2]) for i in (0, 2)) / 2)
+    got = losses.per_replica(losses.cross_entropy, jnp.asarray(logits), jnp.asarray(labels),
+                             replica_batch=2)
+    np.testing.assert_allclose(float(got), official, rtol=1e-5)
+
+
 def test_semantic_sensitive_is_l1_sum():
     s, _ = _data(30, n=3, h=7, w=9, c=5)
     t, _ = _data(31, n=3, h=7, w=9, c=5)
