@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import jax
 import ml_collections
 
 from mgd_jax import methods, models
@@ -180,6 +181,7 @@ def _loss_fields(c: ml_collections.ConfigDict) -> None:
     c.loss.consistency_labeled = True  # L_P on labeled images (both teachers)
     c.loss.image = True  # L_I, semantic-sensitive, vs T_D on mixed images
     c.loss.region = True  # L_R, content-aware, vs T_W on mixed images
+    c.loss.pixel_teachers = "both"  # L_P's teachers: both (official) | deep | wide (ablation)
     c.loss.lambda_image = 0.002  # λ1, VOC ResNet-18 (exp.voc/voc8.resnet18 config.py)
     c.loss.lambda_region = 100.0  # λ2, VOC ResNet-18
     c.loss.region_grid = 7  # H_v = W_v = 7 (adaptive_avg_pool2d(F, (7, 7)))
@@ -347,7 +349,9 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> datasets
             _fail(field, f"{value!r} is not one of {options}")
 
     one_of("method", c.method, methods.names())
-    one_of("precision", c.precision, models.PRECISIONS)
+    # float64 compute: for equality tests only, and only where jax runs with x64 enabled.
+    x64 = ("float64",) if jax.config.read("jax_enable_x64") else ()
+    one_of("precision", c.precision, models.PRECISIONS + x64)
     one_of("pairing", c.pairing, input_pipeline.PAIRINGS)
     one_of("loss.ce_reduction", c.loss.ce_reduction, methods.base.CE_REDUCTIONS)
     one_of("eval.mode", c.eval.mode, evaluate.MODES)
