@@ -4,13 +4,24 @@
 # of running them.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-ENV_FILE="${MGD_LAUNCH_ENV:-$HERE/env.sh}"
-if [[ ! -f "$ENV_FILE" ]]; then
-  echo "$ENV_FILE is missing: cp launch/env.example.sh launch/env.sh and edit it" >&2
-  exit 1
+# The per-command switches: a prefix on the command line (`SPOT=0 bash launch/create_tpu.sh`)
+# wins over the env file, even one that exports them unconditionally.
+PREFIXES=(SPOT QUEUED STOP_GRACE)
+declare -A GIVEN=()
+for name in "${PREFIXES[@]}"; do
+  if [[ -n "${!name+set}" ]]; then GIVEN[$name]="${!name}"; fi
+done
+# MGD_LAUNCH_NO_ENV=1: a script that needs no cloud settings (launch/recipe.sh off the TPU).
+if [[ "${MGD_LAUNCH_NO_ENV:-0}" != 1 ]]; then
+  ENV_FILE="${MGD_LAUNCH_ENV:-$HERE/env.sh}"
+  if [[ ! -f "$ENV_FILE" ]]; then
+    echo "$ENV_FILE is missing: cp launch/env.example.sh launch/env.sh and edit it" >&2
+    exit 1
+  fi
+  # shellcheck source=/dev/null
+  source "$ENV_FILE"
 fi
-# shellcheck source=/dev/null
-source "$ENV_FILE"
+for name in "${!GIVEN[@]}"; do export "$name=${GIVEN[$name]}"; done
 DRY_RUN=0
 ARGS=()
 for arg in "$@"; do

@@ -10,5 +10,5 @@ if [[ $# -lt 2 ]]; then echo "usage: launch/run.sh [--dry-run] CONFIG RUN_NAME [
 CONFIG="$1"; WORKDIR="$RUNS_DIR/$2"; shift 2
 EXTRA="--config.data_dir=$DATA_DIR ${SPLIT_DIR:+--config.split_dir=$SPLIT_DIR} $*"
 on_workers all "cd $CODE_DIR && nohup bash launch/worker_run.sh $ENV_DIR/bin/python $WORKDIR \
-  --config=$CONFIG --workdir=$WORKDIR $EXTRA > /dev/null 2>&1 < /dev/null &"
+  -m mgd_jax.main --config=$CONFIG --workdir=$WORKDIR $EXTRA > /dev/null 2>&1 < /dev/null &"
 echo "started $WORKDIR; follow with launch/tail.sh, stop with launch/stop.sh"

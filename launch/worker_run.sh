@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On one worker (started by launch/run.sh): runs `PYTHON -m mgd_jax.main ARGS...`, keeps its pid in
+# On one worker (started by launch/run.sh, or by launch/recipe.sh for each of its stages): runs
+# `PYTHON ARGS...` (e.g. `-m mgd_jax.main --config=...`) in the foreground, keeps its pid in
 # ~/mgd_jax_run/train.pid (for stop.sh) and its console in ~/mgd_jax_run/console.txt, copied to
 # WORKDIR/console/<host>.txt every minute and at the end (a local path or gs://).
 #   bash launch/worker_run.sh PYTHON WORKDIR ARGS...
@@ -17,7 +18,7 @@ target.parent.mkdir(parents=True, exist_ok=True)
 target.write_text(open(sys.argv[1], errors="replace").read())
 PY
 }
-MGD_JAX_DISTRIBUTED="${MGD_JAX_DISTRIBUTED:-1}" "$PYTHON" -m mgd_jax.main "$@" > "$CONSOLE" 2>&1 &
+MGD_JAX_DISTRIBUTED="${MGD_JAX_DISTRIBUTED:-1}" "$PYTHON" "$@" > "$CONSOLE" 2>&1 &
 pid=$!
 echo "$pid" > "$RUN_DIR/train.pid"
 while kill -0 "$pid" 2> /dev/null; do

@@ -5,6 +5,10 @@
 set -uo pipefail
 GRACE="${1:-300}"
 PID_FILE="$HOME/mgd_jax_run/train.pid"
+# Tells launch/recipe.sh on this worker that the stage ends because it was stopped: it starts no
+# further stage.
+mkdir -p "$HOME/mgd_jax_run"
+touch "$HOME/mgd_jax_run/stop_requested"
 if [[ ! -f "$PID_FILE" ]]; then echo "$(hostname): no training running"; exit 0; fi
 pid="$(cat "$PID_FILE")"
 if ! kill -TERM "$pid" 2> /dev/null; then echo "$(hostname): no training running"; exit 0; fi

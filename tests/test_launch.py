@@ -227,9 +227,15 @@ FAKE_SRUN = textwrap.dedent("""\
     """)
 
 
-def slurm_tasks(tmp_path, script="slurm.sbatch"):
-    """The tasks `sbatch <script>` starts: its #SBATCH lines become the job's environment (as
-    sbatch sets it), then the script runs with the fake srun on PATH."""
+TRAINING = ["-m", "mgd_jax.main", "--config=configs/voc.py:method=mgd,student=resnet18",
+            "--workdir=WORKDIR"]
+
+
+def slurm_tasks(tmp_path, script="slurm.sbatch", args=tuple(TRAINING), finished=True):
+    """The tasks `sbatch <script> ARGS` starts: its #SBATCH lines become the job's environment
+    (as sbatch sets it), then the script runs with the fake srun (and a fake scontrol, logging
+    to tasks.jsonl's sibling scontrol.log) on PATH. WORKDIR in `args` is a folder of tmp_path;
+    `finished`: it holds final_metrics.json, as a training that reached its last step leaves."""
     directives = dict(line.split()[1][2:].split("=", 1) for line in
                       Path(LAUNCH, script).read_text().splitlines()
                       if line.startswith("#SBATCH --") and "=" in line.split()[1])
@@ -238,8 +244,18 @@ def slurm_tasks(tmp_path, script="slurm.sbatch"):
     bin_dir, home, tasks = tmp_path / "bin", tmp_path / "home", tmp_path / "tasks.jsonl"
     bin_dir.mkdir()
     (home / "mgd_jax").mkdir(parents=True)
+    (home / "mgd_jax_env/bin").mkdir(parents=True)
+    (home / "mgd_jax_env/bin/python").write_text(
+        f'#!/usr/bin/env bash\nexec {sys.executable} "$@"\n')
+    (home / "mgd_jax_env/bin/python").chmod(0o755)
+    (tmp_path / "workdir").mkdir()
+    if finished:
+        (tmp_path / "workdir/final_metrics.json").write_text("{}")
     (bin_dir / "srun").write_text(FAKE_SRUN)
-    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "scontrol").write_text(
+        f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/scontrol.log\n')
+    for name in ("srun", "scontrol"):
+        (bin_dir / name).chmod(0o755)
     job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(nodes),
            "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_GPUS_ON_NODE": str(gpus),
            "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_NTASKS": str(nodes * per_node),
@@ -247,7 +263,8 @@ def slurm_tasks(tmp_path, script="slurm.sbatch"):
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
     env = dict(os.environ, **job, HOME=str(home), FAKE_TASKS=str(tasks),
                PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", os.path.join(LAUNCH, script)], env=env,
+    args = [a.replace("WORKDIR", str(tmp_path / "workdir")) for a in args]
+    result = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in tasks.read_text().splitlines()]
@@ -327,3 +344,335 @@ def test_slurm_startup_passes_the_gpu_and_refuses_idle_ones(monkeypatch):
     with pytest.raises(UserError, match="^Slurm: 8 tasks see 2 devices in all \\(1 here\\), "
                                         "expected one GPU each"):
         parallel.initialize_distributed(task)
+
+
+def test_slurm_requeues_a_training_stopped_before_its_end(tmp_path):
+    """A training that the time-limit signal stopped (exit 0, a checkpoint, no
+    final_metrics.json) is requeued under its job id, so it continues and the jobs that wait for
+    it (afterok) keep waiting; a finished one is not."""
+    for name in ("stopped", "finished"):
+        (tmp_path / name).mkdir()
+    slurm_tasks(tmp_path / "stopped", finished=False)
+    assert (tmp_path / "stopped/scontrol.log").read_text() == "requeue 4242\n"
+    slurm_tasks(tmp_path / "finished", finished=True)
+    assert not (tmp_path / "finished/scontrol.log").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# launch/recipe.sh: the paper's recipe on each platform, run with stand-ins for Python (below),
+# gcloud (fake_cloud), sbatch and srun. The fake Python plays each tool by its contract: it logs
+# its arguments, refuses (exit 3) to start a stage whose input is not there yet (an init or a
+# teacher without its meta.json, a student without final_metrics.json), and leaves the files a
+# finished stage leaves (written by worker 0 only, as process 0 writes them); FAKE_STOP=<stage
+# folder> stops that training before its end (exit 0, no final_metrics.json).
+FAKE_PYTHON = textwrap.dedent(f"""\
+    #!{sys.executable}
+    import json, os, sys, time
+    args = sys.argv[1:]
+    if args[:1] == ["-"]:  # worker_run.sh's console copy
+        sys.exit(0)
+    if args[0] == "-c":
+        if "local_device_count" in args[1]:
+            print(os.environ.get("FAKE_DEVICES", "1"))
+        sys.exit(0)
+    worker = os.environ.get("TPU_WORKER_ID", "0")
+    with open(os.environ["FAKE_LOG"], "a") as f:
+        f.write(json.dumps({{"args": args, "worker": worker, "home": os.environ["HOME"],
+                            "jax_platforms": os.environ.get("JAX_PLATFORMS", "")}}) + "\\n")
+    module = args[1]
+    opts = dict(a[2:].split("=", 1) for a in args[2:] if a.startswith("--") and "=" in a)
+
+    def need(path):
+        if not os.path.exists(path):
+            print(f"fake python: {{path}} is not there yet")
+            sys.exit(3)
+
+    def leave(path):
+        if worker == "0":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "w").write("{{}}")
+
+    time.sleep(float(os.environ.get("FAKE_SECONDS", "0")))
+    if module == "mgd_jax.tools.import_weights":
+        need(opts["torch"])
+        leave(opts["output"] + "/meta.json")
+    elif module == "mgd_jax.main":
+        for key in ("config.cps.init", "config.student_init", "config.teacher_deep.checkpoint",
+                    "config.teacher_wide.checkpoint"):
+            if key in opts:
+                need(opts[key] + "/meta.json")
+        if os.path.basename(opts["workdir"]) != os.environ.get("FAKE_STOP"):
+            leave(opts["workdir"] + "/export/meta.json")
+            leave(opts["workdir"] + "/final_metrics.json")
+    elif module == "mgd_jax.tools.evaluate":
+        need(opts["checkpoint"] + "/final_metrics.json")
+        leave(opts["checkpoint"] + "/eval_val.json")
+    elif module == "mgd_jax.tools.export":
+        need(opts["checkpoint"] + "/final_metrics.json")
+        leave(opts["output"] + "/deploy.json")
+    """)
+
+# sbatch stand-in: logs its arguments (JSON) and answers --parsable with the next job id
+FAKE_SBATCH = textwrap.dedent(f"""\
+    #!{sys.executable}
+    import json, os, sys
+    log = os.environ["FAKE_LOG"]
+    jobs = sum(1 for line in open(log) if line.startswith('{{"sbatch"'))
+    with open(log, "a") as f:
+        f.write(json.dumps({{"sbatch": sys.argv[1:]}}) + "\\n")
+    print(f"{{100 + jobs}};cluster")
+    """)
+
+WEIGHT_FILES = ("resnet18-f37072fd.pth", "mobilenet_v2-b0353104.pth", "resnet101_v1c.pth",
+                "wide_resnet50_2-95faca4d.pth", "teacher-voc8-resnet101.pth",
+                "teacher-voc8-wideresnet34.pth")
+STAGE_ORDER = ("import", "teacher_deep", "teacher_wide", "student", "eval", "export")
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    """run(platform, *args, **env) -> CompletedProcess of launch/recipe.sh with the fake Python
+    (and sbatch) and a folder of (empty) downloads; .calls() -> the fake Python's calls so far."""
+    bin_dir, weights, log = tmp_path / "rbin", tmp_path / "downloads", tmp_path / "python.log"
+    bin_dir.mkdir()
+    weights.mkdir()
+    for name in WEIGHT_FILES:
+        (weights / name).write_text("")
+    for name, text in (("python", FAKE_PYTHON), ("sbatch", FAKE_SBATCH)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log.write_text("")
+
+    class Recipe:
+        workdir = tmp_path / "work"
+        base_env = dict({k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+                        FAKE_LOG=str(log),
+                        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+        def run(self, platform, *args, **env):
+            return subprocess.run(
+                ["bash", os.path.join(LAUNCH, "recipe.sh"), f"--platform={platform}",
+                 f"--weights={weights}", f"--workdir={self.workdir}",
+                 f"--python={bin_dir / 'python'}", *args],
+                env={**self.base_env, **env}, capture_output=True, text=True, timeout=120)
+
+        def calls(self):
+            return [json.loads(line) for line in log.read_text().splitlines()]
+
+    return Recipe()
+
+
+def _stage(args):
+    """The recipe stage a logged command is (by its module and workdir / output)."""
+    opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    module = args[args.index("-m") + 1]
+    if module == "mgd_jax.tools.import_weights":
+        return "import" if "backbone_only" in " ".join(args) else os.path.basename(opts["output"])
+    if module == "mgd_jax.main":
+        return os.path.basename(opts["workdir"])
+    return {"mgd_jax.tools.evaluate": "eval", "mgd_jax.tools.export": "export"}[module]
+
+
+def _assert_inits(args):
+    """A training command names its start: the init of its method (an imported backbone of the
+    workdir, never empty or "none") and, for MGD, both teachers."""
+    opts = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    method = "mgd" if "method=mgd" in opts["config"] else "cps"
+    init = opts["config.student_init" if method == "mgd" else "config.cps.init"]
+    assert init not in ("", "none") and "/imagenet/" in init, args
+    if method == "mgd":
+        assert opts["config.teacher_deep.checkpoint"] and opts["config.teacher_wide.checkpoint"]
+
+
+def _printed(stdout):
+    """The commands a --dry-run printed (`+ ` lines), split as bash would."""
+    import shlex
+
+    return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize("platform", ["gpu", "multi-gpu", "colab", "slurm"])
+def test_recipe_dry_run_prints_every_stage_in_order_with_its_init(recipe, platform):
+    result = recipe.run(platform, "--dry-run", "--", "--config.batch_size=16")
+    assert result.returncode == 0, result.stderr
+    assert recipe.calls() == []  # nothing ran
+    commands = [c for c in _printed(result.stdout) if "-m" in c]
+    stages = [_stage(c) for c in commands]
+    assert [STAGE_ORDER.index(s) for s in stages] == sorted(map(STAGE_ORDER.index, stages))
+    assert stages == ["import"] * 3 + ["teacher_deep", "teacher_wide", "student", "eval", "export"]
+    for command in commands:
+        if "mgd_jax.main" in command:
+            _assert_inits(command)
+            assert command[-1] == "--config.batch_size=16"
+    if platform == "slurm":  # each job after the jobs of the stages it needs
+        after = {_stage(c): next((a.split(":", 1)[1] for a in c if a.startswith(
+            "--dependency=afterok:")), "") for c in commands}
+        assert after["student"] == "JOB1:JOB4:JOB5"  # its backbone's import, both teachers
+        assert (after["teacher_deep"], after["teacher_wide"]) == ("JOB2", "JOB3")
+        assert after["eval"] == after["export"] == "JOB6"
+
+
+def test_recipe_runs_each_stage_after_the_ones_it_needs_and_continues_after_a_stop(recipe):
+    """One GPU: the stages in order (the fake Python refuses one whose input is missing); a
+    training stopped before its end starts nothing after it; the same command then continues
+    there, and once finished runs nothing again."""
+    first = recipe.run("gpu", FAKE_STOP="teacher_wide")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "teacher_wide stopped before it finished" in first.stdout
+    stages = [_stage(c["args"]) for c in recipe.calls()]
+    assert stages == ["import"] * 3 + ["teacher_deep", "teacher_wide"]
+    second = recipe.run("gpu")
+    assert second.returncode == 0, second.stdout + second.stderr
+    calls = recipe.calls()
+    assert [_stage(c["args"]) for c in calls[5:]] == [
+        "teacher_wide", "student", "eval", "export"]
+    for call in calls:
+        if "mgd_jax.main" in call["args"]:
+            _assert_inits(call["args"])
+    assert (recipe.workdir / "student_deploy/deploy.json").exists()
+    third = recipe.run("gpu")
+    assert third.returncode == 0 and len(recipe.calls()) == len(calls)
+    assert third.stdout.count(": done (") == 8
+
+
+def test_recipe_official_teachers_replace_the_teacher_trainings(recipe):
+    result = recipe.run("gpu", "--teachers=official")
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = [c["args"] for c in recipe.calls()]
+    assert [_stage(c) for c in calls] == ["import", "teacher_deep_official",
+                                          "teacher_wide_official", "student", "eval", "export"]
+    assert "--prefix=branch1" in calls[1] and "--num_classes=21" in calls[2]
+    refused = recipe.run("gpu", "--teachers=official", "--partition=4")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error: --teachers=official: the authors published 1/8 "
+                                      "teachers only (--partition=8)")
+
+
+def test_recipe_multi_gpu_refuses_a_single_device(recipe):
+    one = recipe.run("multi-gpu", FAKE_DEVICES="1")
+    assert one.returncode == 2 and one.stderr.startswith(
+        "error: --platform=multi-gpu: jax sees 1 device(s)"), one.stderr
+    assert recipe.calls() == []
+    assert recipe.run("multi-gpu", FAKE_DEVICES="4").returncode == 0
+
+
+def test_recipe_slurm_submits_each_stage_after_the_ones_it_needs(recipe):
+    def jobs():
+        submitted = [c["sbatch"] for c in map(json.loads, Path(
+            recipe.base_env["FAKE_LOG"]).read_text().splitlines()) if "sbatch" in c]
+        out = {}
+        for number, args in enumerate(submitted, 100):
+            command = args[args.index(os.path.join(LAUNCH, "slurm.sbatch")) + 1:]
+            dependency = next((a for a in args if a.startswith("--dependency=")), "")
+            out[_stage(command) if "--backbone_only" not in command
+                else "import_" + command[command.index("--backbone_only") + 1][11:]] = (
+                number, dependency, args, command)
+        return out
+
+    result = recipe.run("slurm", "--nodes=2", "--gpus_per_node=4")
+    assert result.returncode == 0, result.stdout + result.stderr
+    first = jobs()
+    ids = {name: str(job[0]) for name, job in first.items()}
+    assert first["teacher_deep"][1] == f"--dependency=afterok:{ids['import_resnet101']}"
+    assert first["teacher_wide"][1] == f"--dependency=afterok:{ids['import_wide_resnet50_2']}"
+    assert first["student"][1] == "--dependency=afterok:" + ":".join(
+        ids[n] for n in ("import_resnet18", "teacher_deep", "teacher_wide"))
+    assert first["eval"][1] == first["export"][1] == f"--dependency=afterok:{ids['student']}"
+    for name in ("teacher_deep", "teacher_wide", "student"):
+        _, _, args, command = first[name]
+        assert {"--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4"} <= set(args)
+        _assert_inits(command)
+    assert {"--nodes=1", "--gpus-per-node=1", "--ntasks-per-node=1"} <= set(first["eval"][2])
+    # the deep teacher (and the imports) finished meanwhile: resubmitting skips them
+    for name in ("resnet101", "wide_resnet50_2", "resnet18"):
+        (recipe.workdir / "imagenet" / name).mkdir(parents=True)
+        (recipe.workdir / "imagenet" / name / "meta.json").write_text("{}")
+    (recipe.workdir / "teacher_deep").mkdir()
+    (recipe.workdir / "teacher_deep/final_metrics.json").write_text("{}")
+    Path(recipe.base_env["FAKE_LOG"]).write_text("")
+    assert recipe.run("slurm").returncode == 0
+    second = jobs()
+    assert set(second) == {"teacher_wide", "student", "eval", "export"}
+    assert second["teacher_wide"][1] == ""
+    assert second["student"][1] == f"--dependency=afterok:{second['teacher_wide'][0]}"
+
+
+def test_recipe_on_tpu_recreates_deletes_first_honours_prefixes_and_expands_on_the_worker(
+        fake_cloud):
+    """From your machine (--dry-run: nothing reaches a VM): --recreate deletes the VM before it
+    creates it; SPOT / QUEUED prefixes win over env.sh, which here exports them unconditionally
+    (SPOT=1 QUEUED=0); the remote command carries env.sh's values, expanded here, and the
+    workers' own paths ($HOME) unexpanded, for the worker's shell."""
+    env, log, _, runs = fake_cloud
+    recipe_args = ["--dry-run", "--recreate", "--", "--config.batch_size=16"]
+    for prefix, delete, create in (
+            ({}, "tpu-vm delete mgd-v4-32", "tpu-vm create mgd-v4-32"),
+            ({"SPOT": "0"}, "tpu-vm delete mgd-v4-32", "tpu-vm create mgd-v4-32"),
+            ({"QUEUED": "1"}, "queued-resources delete mgd-v4-32",
+             "queued-resources create mgd-v4-32")):
+        result = _script("recipe.sh", "--platform=tpu", "--weights=gs://b/weights", *recipe_args,
+                         env=dict(env, **prefix))
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        deleted = next(i for i, line in enumerate(lines) if delete in line)
+        created = next(i for i, line in enumerate(lines) if create in line)
+        assert deleted < created, lines
+        assert ("--spot" in lines[created]) == (prefix.get("SPOT", "1") == "1"), lines[created]
+    assert log.read_text() == ""
+    remote = _printed(lines[-2] + "\n")[0]
+    command = remote[remote.index("--command") + 1]
+    assert command.startswith("cd $HOME/mgd_jax && nohup bash launch/recipe.sh "
+                              "--python=$HOME/mgd_jax_env/bin/python --platform=tpu-worker ")
+    assert f"--workdir={runs}/voc8_resnet18 " in command
+    assert f"--data_dir={env['MGD_LAUNCH_ENV'][:-len('env.sh')]}data " in command
+    assert "--weights=gs://b/weights" in command and "-- --config.batch_size=16" in command
+    # the workers cannot read this machine's folders
+    local = _script("recipe.sh", "--platform=tpu", "--weights=/home/me/downloads", "--dry-run",
+                    env=env)
+    assert local.returncode == 2 and "gcloud storage cp" in local.stderr
+
+
+def test_recipe_on_tpu_workers_runs_single_process_tools_on_worker_0_only(recipe, tmp_path):
+    """Each worker runs the stages in order (what --platform=tpu starts on every worker): the
+    trainings and the evaluation on every worker through worker_run.sh (pid for stop.sh,
+    console), the imports and the export on worker 0 alone, on the CPU; worker 1 waits for what
+    worker 0 writes. A stage stopped by launch/stop.sh starts nothing after it."""
+    procs = {}
+    for worker in ("1", "0"):
+        home = tmp_path / f"home{worker}"
+        home.mkdir()
+        procs[worker] = subprocess.Popen(
+            ["bash", os.path.join(LAUNCH, "recipe.sh"), "--platform=tpu-worker",
+             f"--weights={tmp_path / 'downloads'}", f"--workdir={recipe.workdir}",
+             f"--python={tmp_path / 'rbin/python'}"],
+            env=dict(recipe.base_env, HOME=str(home), TPU_WORKER_ID=worker,
+                     MGD_RECIPE_POLL="0.1", FAKE_SECONDS="0.3"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for worker, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (worker, out)
+    by_worker = {w: [(_stage(c["args"]), c["jax_platforms"]) for c in recipe.calls()
+                     if c["worker"] == w] for w in procs}
+    assert by_worker["0"] == [("import", "cpu")] * 3 + [
+        (s, "") for s in ("teacher_deep", "teacher_wide", "student", "eval")] + [("export", "cpu")]
+    assert by_worker["1"] == [(s, "") for s in ("teacher_deep", "teacher_wide", "student", "eval")]
+    for worker in procs:  # worker_run.sh ran them: its console, its pid file (removed at the end)
+        assert (tmp_path / f"home{worker}/mgd_jax_run/console.txt").exists()
+        assert not (tmp_path / f"home{worker}/mgd_jax_run/train.pid").exists()
+    # stopped by launch/stop.sh (its flag) during the student: no evaluation, no export
+    for name in ("student", "student_deploy"):
+        subprocess.run(["rm", "-rf", str(recipe.workdir / name)], check=True)
+    stopper = tmp_path / "rbin/python_stopping"
+    stopper.write_text(f"#!/usr/bin/env bash\nif [[ \"$*\" == *mgd_jax.main* ]]; then mkdir -p "
+                       f"$HOME/mgd_jax_run; touch $HOME/mgd_jax_run/stop_requested; exit 0; fi\n"
+                       f"exec {tmp_path / 'rbin/python'} \"$@\"\n")
+    stopper.chmod(0o755)
+    stopped = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "recipe.sh"), "--platform=tpu-worker",
+         f"--weights={tmp_path / 'downloads'}", f"--workdir={recipe.workdir}",
+         f"--python={stopper}"],
+        env=dict(recipe.base_env, HOME=str(tmp_path / "home1"), TPU_WORKER_ID="1"),
+        capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "student stopped before it finished" in stopped.stdout
+    assert "recipe: eval" not in stopped.stdout

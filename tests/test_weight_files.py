@@ -235,3 +235,35 @@ def test_what_only_torch_reads(tmp_path, monkeypatch):
     (tmp_path / "w.npz").write_bytes(buf.getvalue())
     np.testing.assert_array_equal(importer.load_torch_file(str(tmp_path / "w.npz"))["w"],
                                   np.ones(3))
+
+
+def test_import_records_what_it_read_and_checks_torch_hub_names(tmp_path, capsys):
+    """mgd-import writes the file's size and SHA-256 (hashlib over the bytes on disk) into
+    meta.json and prints them; a name in torch.hub's form (`-<hex>.`) must match the SHA-256's
+    first digits, as torch.hub checks a download: a mismatch is one error naming both."""
+    import hashlib
+    import json
+    import shutil
+
+    import safetensors.torch
+
+    source = tmp_path / "r18.safetensors"
+    safetensors.torch.save_file(_small_resnet18(), source)
+    data = source.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    flags = ["--backbone=resnet18", "--backbone_only", "--width=0.25", "--depths=1,1,1,1"]
+    good = tmp_path / f"resnet18-{sha[:8]}.safetensors"
+    bad = tmp_path / f"resnet18-{'0' if sha[0] != '0' else '1'}{sha[1:8]}.safetensors"
+    shutil.copy(source, good)
+    shutil.copy(source, bad)
+    for name, out in ((source, tmp_path / "plain"), (good, tmp_path / "named")):
+        assert import_main.main(["mgd-import", f"--torch={name}", *flags, f"--output={out}"]) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        assert (meta["source_bytes"], meta["source_sha256"]) == (len(data), sha)
+        assert f"read {len(data)} bytes, sha256 {sha}" in capsys.readouterr().out
+    assert import_main.main(["mgd-import", f"--torch={bad}", *flags,
+                             f"--output={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {bad}: its name says its SHA-256 starts "
+                                               f"with {bad.name[9:17]}") and sha in err[0], err
+    assert not (tmp_path / "bad").exists()

@@ -181,6 +181,7 @@ class ImportReport:
     missing: list[str] = dataclasses.field(default_factory=list)  # part's leaves not in the file
     # Model leaves that kept their `into` value (set by a merge; head + classifier for a backbone).
     initialised: list[str] = dataclasses.field(default_factory=list)
+    source_file: weight_files.Digest | None = None  # the file as read (import_file)
 
     def summary(self) -> str:
         where = f"{self.source}" + (f" [prefix {self.prefix!r}]" if self.prefix else "")
@@ -190,6 +191,9 @@ class ImportReport:
             f"{len(self.missing)} model leaves not in the file"
             + (f", {len(self.initialised)} left initialised" if self.initialised else "")
         ]
+        if self.source_file is not None:
+            lines.append(f"read {self.source_file.size} bytes, sha256 {self.source_file.sha256} "
+                         "(recorded in meta.json; compare with docs/weights.md)")
         if self.skipped:
             lines.append("skipped (known unused):")
             counters = [k for k in self.skipped if k.endswith("num_batches_tracked")]
@@ -575,6 +579,7 @@ def import_file(
 ) -> ImportReport:
     """Converts a PyTorch file and writes it as a network directory (`network_dir.save_network`)."""
     part = "backbone" if backbone_only else "model"
+    read = weight_files.digest(torch_file)  # recorded: the file can be compared afterwards
     checkpoint = load_torch_file(torch_file, allow_pickle=allow_pickle)
     variables, report = convert(
         checkpoint, backbone, num_classes, prefix=prefix, part=part, source=torch_file,
@@ -586,9 +591,12 @@ def import_file(
         "build_options": build_options,
         "part": report.part,
         "source": torch_file,
+        "source_bytes": read.size,
+        "source_sha256": read.sha256,
         "prefix": prefix,
         "skipped": sorted(report.skipped),
         "missing": report.missing,
     }
     network_dir.save_network(out, variables, meta, overwrite=overwrite)
+    report.source_file = read
     return report

@@ -15,16 +15,24 @@ back to torch when it is installed.
 The safetensors format is parsed here too (an 8-byte header length, a JSON header of
 name -> dtype / shape / byte range, then the bytes): the `safetensors` package's numpy API cannot
 return bfloat16 tensors.
+
+`digest` gives a file's size and SHA-256, which the importer records (`meta.json`) so that a file
+whose checksum is published nowhere (Google Drive, Hugging Face) can be compared afterwards. A
+name in torch.hub's form (`resnet18-f37072fd.pth`: the first hex digits of the SHA-256 after the
+last `-`) is checked against them, as torch.hub checks what it downloads.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
 import pickle
+import re
 import zipfile
 from typing import Any
 
@@ -66,6 +74,42 @@ class NeedsTorch(WeightImportError):
 
 class RefusedPickle(NeedsTorch):
     """The pickle names a global outside the allow-list; nothing of it was called."""
+
+
+# torch.hub's HASH_REGEX, from 8 hex digits on (torchvision's names carry 8; a shorter run, as in
+# `model-1.pth`, is a version, not a checksum)
+_NAME_HASH = re.compile(r"-([a-f0-9]{8,})\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Digest:
+    """A weight file as read: its byte count and SHA-256 (hex)."""
+
+    size: int
+    sha256: str
+
+
+def digest(path: str | os.PathLike) -> Digest:
+    """The size and SHA-256 of a file (local or `gs://`), read in 16 MiB blocks; a name in
+    torch.hub's form whose hex prefix the SHA-256 does not start with is refused (a truncated or
+    other file than the name says)."""
+    file = epath.Path(path)
+    if not file.is_file():
+        raise WeightImportError(f"{path}: no such file")
+    sha, size = hashlib.sha256(), 0
+    with file.open("rb") as f:
+        while block := f.read(1 << 24):
+            sha.update(block)
+            size += len(block)
+    result = Digest(size, sha.hexdigest())
+    named = _NAME_HASH.search(file.name)
+    if named and not result.sha256.startswith(named.group(1)):
+        raise WeightImportError(
+            f"{path}: its name says its SHA-256 starts with {named.group(1)} (torch.hub's naming), "
+            f"but the file's is {result.sha256} ({size} bytes): a truncated download or another "
+            "file; download it again"
+        )
+    return result
 
 
 def read(path: str | os.PathLike) -> Any:
