@@ -168,3 +168,91 @@ def test_configs_read_it_by_name(tmp_path, tiny_config):
     assert sum(int(b["valid"].any(axis=(1, 2)).sum()) for b in passes) == 3
     names = evaluate.class_names(input_pipeline.eval_source(config), config)
     assert names == CLASSES
+
+
+def _own_config(data_dir, name, arg=""):
+    spec = importlib.util.spec_from_file_location("own", ROOT / "configs" / "own.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(f"dataset={name},data_dir={data_dir},method=cps{arg}")
+
+
+def test_unlabeled_images_without_masks_and_a_labeled_list(tmp_path, tiny_config):
+    """A folder of unlabeled images (no masks) joins the train split; a run labels the images
+    with masks (or those of a list file) and never one without a mask (UniMatch issues #33,
+    #72, #79 ask for exactly this)."""
+    from mgd_jax import config_lib
+    from mgd_jax.data import input_pipeline
+    from mgd_jax.runtime.errors import ConfigError
+
+    _make_folder(tmp_path, n=8)
+    rng = np.random.default_rng(5)
+    (tmp_path / "unlabeled" / "more").mkdir(parents=True)
+    for i in range(10):
+        image = rng.integers(0, 256, (30 + i, 32, 3), np.uint8)
+        sub = "more/" if i == 4 else ""
+        Image.fromarray(image).save(tmp_path / "unlabeled" / f"{sub}u{i:02d}.jpg", quality=95)
+    data_dir = tmp_path / "data"
+    assert prepare_main.main([
+        "prepare_main", "--dataset=folder", "--name=mixed", f"--images={tmp_path / 'images'}",
+        f"--masks={tmp_path / 'masks'}", f"--classes={tmp_path / 'classes.txt'}",
+        f"--unlabeled_images={tmp_path / 'unlabeled'}", "--val_fraction=0.25",
+        f"--data_dir={data_dir}"]) == 0
+    unlabeled = [f"u{i:02d}" for i in range(10)]
+    train = sources.open_split("mixed", "train", data_dir)
+    val = sources.open_split("mixed", "val", data_dir)
+    assert len(train) == 6 + 10 and len(val) == 2  # val is held out of the masked images only
+    assert train.unlabeled_only == set(unlabeled) and not val.unlabeled_only
+    assert not set(val.keys) & set(unlabeled)
+    for key in unlabeled:
+        ex = train[train.index_of(key)]
+        assert (ex["label"] == 255).all() and ex["image"].shape[:2] == ex["label"].shape
+    masked = sorted(set(train.keys) - set(unlabeled))
+
+    own = _own_config(data_dir, "mixed")
+    assert own.partition_source == "masks" and own.labeled_list == ""
+    own.cps.init = "none"
+    config_lib.validate(own)
+    config = tiny_config("cps", (str(data_dir), "mixed"), partition_source="masks")
+    streams = input_pipeline.create_streams(config, with_unlabeled=True)
+    assert (streams.num_labeled, streams.num_unlabeled) == (6, 10)
+    batch = next(iter(streams.train))
+    assert (batch["labeled"]["label"] != 255).any()
+
+    # a list file of labeled ids: those only; every other train image is unlabeled
+    (tmp_path / "labeled.txt").write_text("\n".join(masked[:3]) + "\n")
+    own = _own_config(data_dir, "mixed", f",labeled_list={tmp_path / 'labeled.txt'}")
+    assert own.partition_source == "masks"
+    config.labeled_list = own.labeled_list
+    labeled, rest, how = input_pipeline.partition_keys(config, train.keys,
+                                                       unlabeled_only=train.unlabeled_only)
+    assert labeled == masked[:3] and rest == sorted(masked[3:] + unlabeled)
+    assert "labeled.txt" in how
+    streams = input_pipeline.create_streams(config, with_unlabeled=True)
+    assert (streams.num_labeled, streams.num_unlabeled) == (3, 13)
+
+    # a seeded draw never labels an image without a mask
+    config.labeled_list, config.partition_source, config.partition = "", "seeded", 2
+    labeled, rest, _ = input_pipeline.partition_keys(config, train.keys,
+                                                     unlabeled_only=train.unlabeled_only)
+    assert len(labeled) == 3 and set(labeled) <= set(masked) and set(unlabeled) <= set(rest)
+
+    # refusals, each naming what is wrong
+    config.partition_source = "masks"
+    for ids, message in (([masked[0], "u03"], "prepared without a mask.*u03"),
+                         (["nope"], "not in the train split: nope")):
+        (tmp_path / "bad.txt").write_text("\n".join(ids) + "\n")
+        config.labeled_list = str(tmp_path / "bad.txt")
+        with pytest.raises(DataError, match=message):
+            input_pipeline.partition_keys(config, train.keys, unlabeled_only=train.unlabeled_only)
+    config.partition_source = "seeded"
+    with pytest.raises(ConfigError, match="labeled_list=.* is read with partition_source=masks"):
+        input_pipeline.partition_keys(config, train.keys)
+    with pytest.raises(ConfigError, match="labeled_list='missing.txt': no such file"):
+        _own_config(data_dir, "mixed", ",labeled_list=missing.txt")
+    # an unlabeled image named like a labeled one
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "unlabeled" / "img01.png")
+    with pytest.raises(DataError, match=r"1 unlabeled image\(s\) have the name of a labeled one"):
+        prepare.prepare_folder("clash", tmp_path / "images", tmp_path / "masks",
+                               tmp_path / "classes.txt", data_dir, quiet=True,
+                               unlabeled_images=tmp_path / "unlabeled")

@@ -50,7 +50,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import grain
@@ -62,10 +62,12 @@ from mgd_jax.data import augment, cutmix, splits
 from mgd_jax.data.datasets import IGNORE_INDEX, Dataset, as_dataset
 from mgd_jax.data.sources import Source, Subset, keys_to_indices, open_split
 from mgd_jax.runtime import parallel
-from mgd_jax.runtime.errors import ConfigError
+from mgd_jax.runtime.errors import ConfigError, DataError
 
 PAIRINGS = ("independent", "official")  # of the two unlabeled streams (module doc)
-PARTITION_SOURCES = ("lists", "seeded")  # standard split lists, or a seeded random partition
+# Where the labeled images come from: the standard split lists; a seeded random draw; or "masks":
+# the images prepared with a mask (a dataset of your own), or those of `config.labeled_list`.
+PARTITION_SOURCES = ("lists", "seeded", "masks")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,11 +358,31 @@ class Streams:
 
 
 def partition_keys(config: ml_collections.ConfigDict, keys: list[str],
-                   dataset: Dataset | None = None) -> tuple[list, list, str]:
+                   dataset: Dataset | None = None, unlabeled_only: Collection[str] = (),
+                   ) -> tuple[list, list, str]:
     """(labeled, unlabeled, how) for the configured partition (`dataset`: the config's, resolved;
-    else its name is)."""
+    else its name is). `unlabeled_only`: keys prepared without a mask; they are never labeled
+    (a seeded draw leaves them out, a list that names one is refused) and always unlabeled."""
     dataset = config.dataset if dataset is None else dataset
-    if config.partition_source == "lists" and config.split_dir:
+    unlabeled_only = set(unlabeled_only)
+    masked = [k for k in keys if k not in unlabeled_only]
+    labeled_list = config.get("labeled_list", "")
+    if labeled_list and config.partition_source != "masks":
+        raise ConfigError(f"config.labeled_list={labeled_list!r} is read with "
+                          f"partition_source=masks, not {config.partition_source!r}")
+    if labeled_list:
+        labeled = sorted(splits.read_list(os.path.expanduser(labeled_list)))
+        present = set(keys)
+        unknown = [k for k in labeled if k not in present]
+        if unknown:
+            raise DataError(f"{labeled_list}: {len(unknown)} listed id(s) are not in the train "
+                            f"split: {', '.join(unknown[:10])}")
+        unlabeled = sorted(set(keys) - set(labeled))
+        how = f"labeled ids from {labeled_list}"
+    elif config.partition_source == "masks":
+        labeled, unlabeled = sorted(masked), sorted(unlabeled_only)
+        how = "the images prepared with a mask"
+    elif config.partition_source == "lists" and config.split_dir:
         labeled, unlabeled = splits.standard_lists(
             dataset, config.partition, os.path.expanduser(config.split_dir)
         )
@@ -373,15 +395,21 @@ def partition_keys(config: ml_collections.ConfigDict, keys: list[str],
     else:
         if config.labeled_count > 0:
             labeled, unlabeled = splits.partition(
-                keys, count=config.labeled_count, seed=config.seed
+                masked, count=config.labeled_count, seed=config.seed
             )
             how = f"seeded partition: {config.labeled_count} labeled (seed {config.seed})"
         else:
             labeled, unlabeled = splits.partition(
-                keys, fraction=1.0 / config.partition, seed=config.seed
+                masked, fraction=1.0 / config.partition, seed=config.seed
             )
             how = f"seeded partition 1/{config.partition} (seed {config.seed})"
+        unlabeled = sorted(unlabeled + sorted(unlabeled_only))
         logging.warning("Using a %s, not the standard split lists.", how)
+    maskless = [k for k in labeled if k in unlabeled_only]
+    if maskless:
+        where = labeled_list or config.split_dir or "the labeled ids"
+        raise DataError(f"{where}: {len(maskless)} labeled id(s) were prepared without a mask "
+                        f"(unlabeled images): {', '.join(maskless[:10])}")
     return labeled, unlabeled, how
 
 
@@ -436,7 +464,13 @@ def create_streams(config: ml_collections.ConfigDict, dataset: Dataset | None = 
             f"config.num_classes={config.num_classes} but {config.dataset} has "
             f"{info.num_classes} classes"
         )
-    labeled_keys, unlabeled_keys, how = partition_keys(config, list(train_source.keys), dataset)
+    labeled_keys, unlabeled_keys, how = partition_keys(
+        config, list(train_source.keys), dataset,
+        unlabeled_only=getattr(train_source, "unlabeled_only", ()))
+    for what, chosen in (("labeled", labeled_keys), ("unlabeled", unlabeled_keys)):
+        if not chosen and (what == "labeled" or with_unlabeled):
+            raise DataError(f"{config.dataset}: {how} leaves no {what} image in the train split "
+                            f"of {len(train_source)}")
     labeled = Subset(train_source, keys_to_indices(train_source, labeled_keys))
     unlabeled = Subset(train_source, keys_to_indices(train_source, unlabeled_keys))
 

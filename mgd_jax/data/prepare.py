@@ -151,10 +151,12 @@ def prepare_folder(name: str, images: str | os.PathLike, masks: str | os.PathLik
                    *, palette: str | os.PathLike | None = None, ignore_value: int = IGNORE_INDEX,
                    val_images: str | os.PathLike | None = None,
                    val_masks: str | os.PathLike | None = None, val_fraction: float = 0.1,
-                   val_seed: int = 0, mask_suffix: str = "", overwrite: bool = False,
+                   val_seed: int = 0, mask_suffix: str = "",
+                   unlabeled_images: str | os.PathLike | None = None, overwrite: bool = False,
                    num_workers: int | None = None, quiet: bool = False) -> str:
-    """A dataset of your own (folders of images and index masks, see builders/folder.py) ->
-    ``mgd_folder/<name>``; returns the name configs use (``config.dataset``)."""
+    """A dataset of your own (folders of images and index masks, optionally a folder of
+    unlabeled images; see builders/folder.py) -> ``mgd_folder/<name>``; returns the name
+    configs use (``config.dataset``)."""
     from mgd_jax.data.builders.folder import (
         FolderConfig,
         dataset_info,
@@ -179,7 +181,8 @@ def prepare_folder(name: str, images: str | os.PathLike, masks: str | os.PathLik
     colours = read_palette(palette, len(class_names)) if palette else None
     plan, summary = plan_folder(images, masks, val_images=val_images, val_masks=val_masks,
                                 val_fraction=val_fraction, val_seed=val_seed,
-                                mask_suffix=mask_suffix, num_workers=num_workers)
+                                mask_suffix=mask_suffix, unlabeled_images=unlabeled_images,
+                                num_workers=num_workers)
     summary.update(classes=str(classes), palette=str(palette) if palette else None,
                    ignore_value=ignore_value)
     info = dataset_info(name, class_names, colours,

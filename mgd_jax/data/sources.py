@@ -183,12 +183,14 @@ class PreparedSplit:
     """Random-access reader of one prepared split; decoded examples as numpy uint8."""
 
     def __init__(self, directory: str | os.PathLike, split: str, keys: Sequence[str],
-                 info: DatasetInfo, rebuild: str = ""):
+                 info: DatasetInfo, rebuild: str = "", unlabeled_only: Sequence[str] = ()):
         self.directory = str(directory)
         self.rebuild = rebuild  # the command that rebuilds a damaged dataset
         self.split = split
         self.info = info
         self._keys = list(keys)
+        # keys of images prepared without a mask (their label is all ignore): never labeled
+        self.unlabeled_only = frozenset(unlabeled_only)
         self._ds = None  # never pickled: each worker process opens its own
         self._index: dict[str, int] | None = None
         # Opened here, in the constructing thread: tfds imports its modules under etils'
@@ -297,8 +299,10 @@ def open_split(dataset: str | Dataset, split: str, data_dir: str | os.PathLike) 
             f"Dataset {dataset.name!r} at {path} has no split {split!r}; available: "
             f"{sorted(splits)}"
         )
+    unlabeled = meta.get("source", {}).get("unlabeled_only", []) if split == info.train_split \
+        else []
     return PreparedSplit(path, split, splits[split]["keys"], info,
-                         rebuild=prepare_command(dataset, data_dir))
+                         rebuild=prepare_command(dataset, data_dir), unlabeled_only=unlabeled)
 
 
 def keys_to_indices(source: PreparedSplit | Sequence[str], keys: Iterable[str]) -> np.ndarray:

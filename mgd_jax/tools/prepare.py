@@ -4,7 +4,8 @@ r"""Data preparation: a dataset -> tfds array_record files under --data_dir (`da
     mgd-prepare --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
     mgd-prepare --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
     mgd-prepare --dataset=folder --name=mine --images=DIR --masks=DIR \
-        --classes=classes.txt [--palette=FILE --ignore_value=255 --val_images=DIR --val_masks=DIR]
+        --classes=classes.txt [--unlabeled_images=DIR --palette=FILE --ignore_value=255 \
+        --val_images=DIR --val_masks=DIR]
 
 Every listed id's image and mask are located and checked before anything is written; an
 interrupted run never leaves a dataset that training accepts.
@@ -58,6 +59,9 @@ _VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.1, "folder: the fraction of
                                    flag_values=FLAGS)
 _VAL_SEED = flags.DEFINE_integer("val_seed", 0, "folder: the seed of the held-out val images.",
                                  flag_values=FLAGS)
+_UNLABELED = flags.DEFINE_string("unlabeled_images", None, "folder: a folder of images without "
+                                 "masks, added to the train split as unlabeled images.",
+                                 flag_values=FLAGS)
 _MASK_SUFFIX = flags.DEFINE_string("mask_suffix", "", "folder: the mask of image <name>.<ext> "
                                    "is <name><mask_suffix>.png.", flag_values=FLAGS)
 _SPEC = synthetic.SyntheticSpec()
@@ -86,7 +90,8 @@ def _prepare() -> None:
             palette=_PALETTE.value, ignore_value=_IGNORE_VALUE.value,
             val_images=_VAL_IMAGES.value, val_masks=_VAL_MASKS.value,
             val_fraction=_VAL_FRACTION.value, val_seed=_VAL_SEED.value,
-            mask_suffix=_MASK_SUFFIX.value, overwrite=_OVERWRITE.value,
+            mask_suffix=_MASK_SUFFIX.value, unlabeled_images=_UNLABELED.value,
+            overwrite=_OVERWRITE.value,
             num_workers=_NUM_WORKERS.value)
         print(f"Train on it with --config=configs/own.py:dataset={name},data_dir={_DATA_DIR.value}"
               f" (or --config.dataset={name} --config.data_dir={_DATA_DIR.value})")

@@ -69,11 +69,12 @@ class ZipPool:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One example to write: its key, image file and label file (+ how to read the label)."""
+    """One example to write: its key, image file and label file (+ how to read the label);
+    `label=None`: an unlabeled image (its stored mask is all `IGNORE_INDEX`)."""
 
     key: str
     image: FileRef
-    label: FileRef
+    label: FileRef | None
     label_kind: str = INDEX_PNG
 
 
@@ -213,6 +214,9 @@ def make_example(entry: Entry, num_classes: int, store_format: str,
     `ignore_value` is stored as `IGNORE_INDEX` (see `decode_image` for `keep_modes`)."""
     image_bytes, (h, w) = decode_image(entry.image, read_bytes(entry.image, zips), store_format,
                                        keep_modes)
+    if entry.label is None:  # an unlabeled image: every pixel ignored (a tiny constant PNG)
+        label = np.full((h, w), IGNORE_INDEX, np.uint8)
+        return {"image": image_bytes, "label": png_bytes(label), "key": entry.key}
     label = decode_label(entry.label, read_bytes(entry.label, zips), entry.label_kind)
     if label.shape != (h, w):
         raise DataError(

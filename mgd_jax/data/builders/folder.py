@@ -1,11 +1,14 @@
-"""``mgd_folder``: a dataset of your own, from a folder of images and a folder of index masks.
+"""``mgd_folder``: a dataset of your own, from a folder of images and a folder of index masks,
+plus, optionally, a folder of unlabeled images (no masks).
 
 Images and masks pair by file name: ``<images>/<sub>/<stem>.<ext>`` with
 ``<masks>/<sub>/<stem><mask_suffix>.png`` (sub-folders allowed; stems must be unique, they are the
 example keys). A mask holds class ids, 0..C-1 for the C names of the class-names file, plus one
 ignore value (default 255; another value is stored as 255). The val split is a second pair of
-folders, or a seeded held-out fraction of the images. One tfds config per dataset name; the
-prepared directory's sidecar records the class table, so configs name the dataset alone.
+folders, or a seeded held-out fraction of the images. Unlabeled images join the train split with
+an all-ignore mask, and the sidecar lists their keys (``source.unlabeled_only``) so that a run
+never draws them as labeled. One tfds config per dataset name; the prepared directory's sidecar
+records the class table, so configs name the dataset alone.
 """
 
 from __future__ import annotations
@@ -136,9 +139,9 @@ def pair_files(images: str | os.PathLike, masks: str | os.PathLike,
 
 
 def _size(entry: Entry) -> tuple[int, int]:
-    """(h, w) of an image whose mask has the same size (headers only)."""
+    """(h, w) of an image whose mask (if any) has the same size (headers only)."""
     sizes = []
-    for ref in (entry.image, entry.label):
+    for ref in (entry.image, entry.label or entry.image):
         try:
             with Image.open(ref.path) as im:
                 sizes.append(im.size)
@@ -155,9 +158,11 @@ def plan_folder(images: str | os.PathLike, masks: str | os.PathLike, *,
                 val_images: str | os.PathLike | None = None,
                 val_masks: str | os.PathLike | None = None, val_fraction: float = 0.1,
                 val_seed: int = 0, mask_suffix: str = "",
+                unlabeled_images: str | os.PathLike | None = None,
                 num_workers: int | None = None) -> tuple[dict[str, list[Entry]], dict]:
     """The train / val entries and a summary (with each split's largest image size); every
-    pair is found and its sizes compared before anything is written."""
+    pair is found and its sizes compared before anything is written. `unlabeled_images`: a
+    folder of images without masks, added to the train split (never to val)."""
     entries = pair_files(images, masks, mask_suffix)
     summary = {"images": str(images), "masks": str(masks), "mask_suffix": mask_suffix}
     if (val_images is None) != (val_masks is None):
@@ -181,6 +186,19 @@ def plan_folder(images: str | os.PathLike, masks: str | os.PathLike, *,
         plan = {"train": [e for e in entries if e.key not in held],
                 "val": [e for e in entries if e.key in held]}
         summary.update(val_fraction=val_fraction, val_seed=val_seed)
+    if unlabeled_images is not None:
+        folder = Path(unlabeled_images).expanduser()
+        files = _index(folder, IMAGE_SUFFIXES, "unlabeled image")
+        unlabeled = [Entry(Path(rel).name, FileRef(str(path)), None)
+                     for rel, path in files.items()]
+        taken = {e.key: str(e.image) for items in plan.values() for e in items}
+        both = sorted(f"{taken[e.key]} and {e.image}" for e in unlabeled if e.key in taken)
+        if both:
+            raise DataError(f"{len(both)} unlabeled image(s) have the name of a labeled one "
+                            f"(file names are the example keys): {_listing(both)}")
+        plan["train"] = sorted(plan["train"] + unlabeled, key=lambda e: e.key)
+        summary.update(unlabeled_images=str(unlabeled_images),
+                       unlabeled_only=sorted(e.key for e in unlabeled))
     workers = default_workers() if num_workers is None else num_workers
     summary["max_size"] = {}
     for split, items in plan.items():
