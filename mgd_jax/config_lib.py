@@ -194,10 +194,12 @@ def _loss_fields(c: ml_collections.ConfigDict) -> None:
     c.loss.ohem_min_kept = 100000  # per replica: 50000 * 16 // 8 (city R18 train.py)
     # The student's no-grad forwards on u0/u1 only update its BN running statistics (§1.2).
     c.student_nograd_bn_updates = True
-    # The batched step: the streams of one network in one call, each with its own BN statistics,
-    # running-statistics updates in the official order (docs/performance.md). False: the
-    # reference step, one network application per stream; both compute the same.
-    c.fused_step = True
+    # True: the batched step (the streams of one network in one call, each with its own BN
+    # statistics, running-statistics updates in the official order; docs/performance.md).
+    # False: the reference step, one network application per stream; both compute the same.
+    # Unset: the backend's default (methods.base.FUSED_STEP_DEFAULT); a run records the value
+    # it used in config.json (`resolve_backend_defaults`).
+    c.fused_step = ml_collections.config_dict.placeholder(bool)
     # Recompute the trained networks' activations in the backward pass instead of keeping them
     # (fused step of cps / mgd): less device memory (e.g. 800 px crops), same values.
     c.remat = False
@@ -241,6 +243,15 @@ RESUME_SAFE = frozenset({
     "eval_every", "checkpoint_every", "keep_checkpoints", "eval.panels", "eval.progress_seconds",
     "eval.batch_size", "evaluate_teachers", "remat", "skip_nonfinite", "allow_config_change",
 })
+
+
+def resolve_backend_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `c` with the fields left to the backend set to what this backend uses (the
+    step kind), so that a run's config.json says what ran."""
+    c = c.copy_and_resolve_references()
+    with c.unlocked():
+        c.fused_step = methods.base.fused(c)
+    return c
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

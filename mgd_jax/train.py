@@ -192,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     run logs also goes to `<workdir>/log.txt` (`logs.log_file`; primary process).
     """
     dataset = config_lib.validate(config, device_count=jax.device_count())
+    config = config_lib.resolve_backend_defaults(config)
     workdir = paths.resolve(workdir)
     check_workdir(workdir)
     is_main = jax.process_index() == 0

@@ -142,10 +142,20 @@ def student_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+# The step each backend gets where `config.fused_step` is unset: the fused step only where it is
+# shown ahead. CPU: measured slower (docs/performance.md); GPU: not measured yet; TPU: compiled
+# for v5e, it needs less HBM but no fewer FLOPs or bytes (docs/performance.md, TPU section).
+FUSED_STEP_DEFAULT = {"cpu": False, "gpu": False, "tpu": False}
+
+
 def fused(config: ml_collections.ConfigDict) -> bool:
-    """`config.fused_step`: the batched step (True, default) or the reference step (one network
-    application per stream, gather resize, full-resolution L_I); both compute the same."""
-    return bool(config.get("fused_step", True))
+    """`config.fused_step`: the batched step (True) or the reference step (False: one network
+    application per stream, gather resize, full-resolution L_I); both compute the same. Unset
+    (None): `FUSED_STEP_DEFAULT` for this backend."""
+    value = config.get("fused_step")
+    if value is None:
+        return FUSED_STEP_DEFAULT.get(jax.default_backend(), False)
+    return bool(value)
 
 
 def remat(config: ml_collections.ConfigDict) -> bool:
