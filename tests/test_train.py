@@ -197,7 +197,7 @@ def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_con
         network_dir.load_network(workdir, step=3)
 
 
-def test_a_run_resolves_its_dataset_name_once(synthetic_dir, tmp_path, tiny_config, monkeypatch):
+def test_a_run_resolves_its_dataset_name_once_and_records_its_step_kind(synthetic_dir, tmp_path, tiny_config, monkeypatch):
     # The name is read at the top (config_lib.validate); the data modules take the result.
     from mgd_jax.data import datasets
 
@@ -206,6 +206,10 @@ def test_a_run_resolves_its_dataset_name_once(synthetic_dir, tmp_path, tiny_conf
     config = tiny_config("supervised", synthetic_dir, num_train_steps=2)
     assert train.train_and_evaluate(config, str(tmp_path / "run"))["steps"] == 2
     assert names == [synthetic_dir[1]]
+    # and config.json records the step kind this backend chose for the unset field (CPU: reference)
+    assert config.fused_step is None
+    recorded = (tmp_path / "run" / "config.json").read_text()
+    assert '"fused_step": false' in recorded
 
 
 def test_bad_config_fails_before_compiling(tmp_path):
