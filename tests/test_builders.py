@@ -2,6 +2,7 @@
 CPS/MGD pascal_voc layout, Cityscapes zips and folders; the synthetic generator; bad inputs."""
 
 import io
+import tarfile
 import time
 import zipfile
 from pathlib import Path
@@ -164,6 +165,50 @@ def test_voc_cps_layout(tmp_path):
     _check_split(open_split("voc", "val", tmp_path / "data"), truth, VOC_VAL)
 
 
+def make_voc_archives(root: Path, downloads: Path) -> dict:
+    """The devkit tree of `make_devkit` packed as the two downloads: VOCtrainval_11-May-2012.tar
+    (plain tar) and benchmark.tgz (gzip), with the official folder names inside."""
+    truth = make_devkit(root)
+    downloads.mkdir(parents=True)
+    with tarfile.open(downloads / "VOCtrainval_11-May-2012.tar", "w") as tar:
+        tar.add(root / "VOCdevkit", arcname="VOCdevkit")
+    with tarfile.open(downloads / "benchmark.tgz", "w:gz") as tar:
+        tar.add(root / "benchmark_RELEASE", arcname="benchmark_RELEASE")
+    return truth
+
+
+def test_voc_archives_read_in_place(tmp_path, monkeypatch):
+    truth = make_voc_archives(tmp_path / "raw", tmp_path / "dl")
+    # With the archives' real md5 published (the tiny ones here are not the downloads):
+    # checked and read in place, nothing extracted.
+    for name in ("VOCtrainval_11-May-2012.tar", "benchmark.tgz"):
+        monkeypatch.setitem(common.ARCHIVES, name,
+                            (common.md5sum(tmp_path / "dl" / name), "", "this test"))
+    data = tmp_path / "data"
+    prepare.prepare_voc(tmp_path / "dl", data, quiet=True, num_workers=2)
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == [
+        "VOCtrainval_11-May-2012.tar", "benchmark.tgz"]
+    _check_split(open_split("voc", "train_aug", data), truth, TRAIN_AUG)
+    _check_split(open_split("voc", "val", data), truth, VOC_VAL)
+    meta = (dataset_dir("voc", data) / "mgd_dataset.json").read_text()
+    assert "benchmark.tgz:benchmark_RELEASE/dataset" in meta and '"SBD cls": 3' in meta
+
+
+def test_voc_archive_with_another_checksum_is_one_error_line(tmp_path, capsys):
+    make_voc_archives(tmp_path / "raw", tmp_path / "dl")
+    argv = ["prepare_main", "--dataset=voc", f"--manual_dir={tmp_path / 'dl'}",
+            f"--data_dir={tmp_path / 'data'}"]
+    assert prepare_main.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"error: {tmp_path / 'dl' / 'VOCtrainval_11-May-2012.tar'}: md5 "), err
+    assert "is not the published 6cd6e144f989b92b3379bac3b3de84fd" in err[0]
+    assert "--skip_checksum" in err[0]
+    assert not (tmp_path / "data" / "mgd_voc_aug").exists()
+    assert prepare_main.main(argv + ["--skip_checksum"]) == 0  # the escape hatch
+    assert len(open_split("voc", "train_aug", tmp_path / "data")) == len(TRAIN_AUG)
+
+
 def test_voc_missing_manual_files_message(tmp_path):
     with pytest.raises(DataError, match="VOCtrainval_11-May-2012.tar"):
         prepare.prepare_voc(tmp_path, tmp_path / "data", quiet=True)
@@ -315,7 +360,12 @@ def make_cityscapes(root: Path, *, zipped: bool) -> dict:
 @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "folder"])
 def test_cityscapes(tmp_path, zipped):
     truth = make_cityscapes(tmp_path / "raw", zipped=zipped)
-    prepare.prepare_cityscapes(tmp_path / "raw", tmp_path / "data", quiet=True)
+    if zipped:  # tiny zips of the official names: not the published md5
+        with pytest.raises(DataError, match=r"leftImg8bit_trainvaltest\.zip: md5 [0-9a-f]{32} is "
+                                            r"not the published 0a6e97e94b616a514066c9e2adb0c97f"):
+            prepare.prepare_cityscapes(tmp_path / "raw", tmp_path / "data", quiet=True)
+    prepare.prepare_cityscapes(tmp_path / "raw", tmp_path / "data", quiet=True,
+                               skip_checksum=zipped)
     for split, keys in CITY_FILES.items():
         src = open_split("cityscapes", split, tmp_path / "data")
         assert src.keys == sorted(keys)

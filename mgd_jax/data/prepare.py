@@ -113,15 +113,20 @@ def _verify(dataset: Dataset, data_dir, plan, quiet: bool) -> None:
 def prepare_voc(manual_dir: str | os.PathLike, data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *,
                 train_list: str | os.PathLike | None = None,
                 val_list: str | os.PathLike | None = None, overwrite: bool = False,
-                num_workers: int | None = None, quiet: bool = False) -> Path:
-    """VOC 2012 + SBD -> ``mgd_voc_aug`` (train_aug, val). See builders/voc_aug.py for layouts."""
+                num_workers: int | None = None, quiet: bool = False,
+                skip_checksum: bool = False) -> Path:
+    """VOC 2012 + SBD -> ``mgd_voc_aug`` (train_aug, val). See builders/voc_aug.py for layouts;
+    the archives read in place are checked against their published md5 unless
+    `skip_checksum`."""
     from mgd_jax.data.builders.voc_aug import plan_voc
 
     dataset = resolve("voc")
     if is_prepared(dataset, data_dir) and not overwrite:
         return _build(dataset, data_dir, quiet=quiet)
+    _say(quiet, f"Reading {manual_dir} (an archive read in place is checked against its "
+         "published md5 first: seconds per GB) ...")
     plan, summary = plan_voc(manual_dir, train_list=train_list, val_list=val_list,
-                             progress=not quiet)
+                             progress=not quiet, verify_checksums=not skip_checksum)
     summary["manual_dir"] = str(manual_dir)
     _say(quiet, "VOC label sources: " + ", ".join(
         f"{s}: {c}" for s, c in summary["label_sources"].items()))
@@ -133,14 +138,19 @@ def prepare_cityscapes(manual_dir: str | os.PathLike,
                        data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *,
                        train_list: str | os.PathLike | None = None,
                        val_list: str | os.PathLike | None = None, overwrite: bool = False,
-                       num_workers: int | None = None, quiet: bool = False) -> Path:
-    """Cityscapes zips / folders -> ``mgd_cityscapes`` (train, val; trainIds)."""
+                       num_workers: int | None = None, quiet: bool = False,
+                       skip_checksum: bool = False) -> Path:
+    """Cityscapes zips / folders -> ``mgd_cityscapes`` (train, val; trainIds); the zips are
+    checked against their published md5 unless `skip_checksum`."""
     from mgd_jax.data.builders.cityscapes import plan_cityscapes
 
     dataset = resolve("cityscapes")
     if is_prepared(dataset, data_dir) and not overwrite:
         return _build(dataset, data_dir, quiet=quiet)
-    plan, summary = plan_cityscapes(manual_dir, train_list=train_list, val_list=val_list)
+    _say(quiet, f"Reading {manual_dir} (a zip read in place is checked against its published "
+         "md5 first: seconds per GB) ...")
+    plan, summary = plan_cityscapes(manual_dir, train_list=train_list, val_list=val_list,
+                                    verify_checksums=not skip_checksum)
     summary["manual_dir"] = str(manual_dir)
     return _build(dataset, data_dir, plan=plan, summary=summary, overwrite=overwrite,
                   num_workers=num_workers, quiet=quiet)
@@ -191,6 +201,9 @@ def prepare_folder(name: str, images: str | os.PathLike, masks: str | os.PathLik
                           description=f"{name}: {len(class_names)} classes from {images}")
     _build(dataset, data_dir, plan=plan, summary=summary, config=config, overwrite=overwrite,
            num_workers=num_workers, quiet=quiet)
+    if summary.get("unlabeled_only"):
+        _say(quiet, f"  of train: {len(summary['unlabeled_only'])} unlabeled images (no mask, "
+             f"from {unlabeled_images}); a run labels only images with a mask")
     return name
 
 

@@ -60,6 +60,11 @@ def read_list(path: str | os.PathLike) -> list[str]:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read split list ({e})") from e
+    return parse_list(text, str(path))
+
+
+def parse_list(text: str, where: str) -> list[str]:
+    """`read_list` of a list file's text (`where` names it in the warning)."""
     keys, seen, dups = [], set(), []
     for line in text.splitlines():  # handles \n, \r\n and \r
         if not line.strip():
@@ -71,8 +76,8 @@ def read_list(path: str | os.PathLike) -> list[str]:
         seen.add(key)
         keys.append(key)
     if dups:
-        warnings.warn(f"{path}: {len(dups)} duplicate id(s) ignored, e.g. {dups[:5]}",
-                      stacklevel=2)
+        warnings.warn(f"{where}: {len(dups)} duplicate id(s) ignored, e.g. {dups[:5]}",
+                      stacklevel=3)
     return keys
 
 

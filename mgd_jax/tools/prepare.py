@@ -1,6 +1,6 @@
 r"""Data preparation: a dataset -> tfds array_record files under --data_dir (`data.prepare`).
 
-    mgd-prepare --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data
+    mgd-prepare --dataset=voc --manual_dir=/data/voc --data_dir=~/mgd_data   # [--skip_checksum]
     mgd-prepare --dataset=cityscapes --manual_dir=/data/city --data_dir=DIR
     mgd-prepare --dataset=synthetic --data_dir=DIR [--num_train=400 ...]
     mgd-prepare --dataset=folder --name=mine --images=DIR --masks=DIR \
@@ -33,6 +33,9 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "voc / cityscapes: the fol
 _TRAIN_LIST = flags.DEFINE_string("train_list", None, "Optional list of train ids (default: "
                                   "derived, see docs/data.md).", flag_values=FLAGS)
 _VAL_LIST = flags.DEFINE_string("val_list", None, "Optional list of val ids.", flag_values=FLAGS)
+_SKIP_CHECKSUM = flags.DEFINE_bool(
+    "skip_checksum", False, "voc / cityscapes: read a downloaded archive even when its md5 is not "
+    "the published one (docs/data.md).", flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild if already prepared.",
                                flag_values=FLAGS)
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "Decode/check threads (default: "
@@ -100,7 +103,8 @@ def _prepare() -> None:
         raise cli.UserError(f"--dataset={_DATASET.value} needs --manual_dir (the downloads)")
     fn = prepare.prepare_voc if _DATASET.value == "voc" else prepare.prepare_cityscapes
     fn(_MANUAL_DIR.value, _DATA_DIR.value, train_list=_TRAIN_LIST.value,
-       val_list=_VAL_LIST.value, overwrite=_OVERWRITE.value, num_workers=_NUM_WORKERS.value)
+       val_list=_VAL_LIST.value, overwrite=_OVERWRITE.value, num_workers=_NUM_WORKERS.value,
+       skip_checksum=_SKIP_CHECKSUM.value)
 
 
 def main(argv: Sequence[str]) -> int:

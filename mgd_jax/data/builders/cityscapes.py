@@ -6,7 +6,8 @@ Sources, in order of preference, looked up independently for images and labels i
 * extracted folders ``leftImg8bit/{train,val}/<city>/<key>_leftImg8bit.png`` and
   ``gtFine/{train,val}/<city>/<key>_gtFine_labelIds.png`` (labelIds -> trainIds with the
   official table, ``datasets.CITYSCAPES_LABELS``);
-* the official zips ``leftImg8bit_trainvaltest.zip`` / ``gtFine_trainvaltest.zip`` (read in place);
+* the official zips ``leftImg8bit_trainvaltest.zip`` / ``gtFine_trainvaltest.zip`` (read in place,
+  each checked against its published md5 first, ``common.ARCHIVES``, unless told not to);
 * the CPS / MGD ``DATA/city`` layout: ``images/{train,val}/<key>.png`` and
   ``segmentation/{train,val}/<key>_gtFine.png`` (already trainIds).
 
@@ -28,6 +29,7 @@ from mgd_jax.data.builders.common import (
     Entry,
     FileRef,
     MgdBuilder,
+    verify_archive,
 )
 from mgd_jax.data.datasets import DATASETS
 from mgd_jax.data.splits import read_list
@@ -36,8 +38,8 @@ from mgd_jax.runtime.errors import DataError
 SPLITS = ("train", "val")
 
 INSTRUCTIONS = """\
-Put the Cityscapes files (https://www.cityscapes-dataset.com/downloads/, login required) in the
-manual directory, as the two zips or extracted:
+Put the Cityscapes files (https://www.cityscapes-dataset.com/downloads/, login required;
+docs/data.md lists them) in the manual directory, as the two zips (read in place) or extracted:
   <manual_dir>/leftImg8bit_trainvaltest.zip   (11 GB)  or  <manual_dir>/leftImg8bit/{train,val}/
   <manual_dir>/gtFine_trainvaltest.zip        (241 MB) or  <manual_dir>/gtFine/{train,val}/
 or the CPS / MGD layout (DATA/city): <manual_dir>/images/{train,val}/<key>.png and
@@ -67,7 +69,8 @@ def _index_folder(folder: Path, pattern: re.Pattern, kind: str) -> Index:
     return out
 
 
-def _index_zip(path: Path, pattern: re.Pattern, kind: str) -> Index:
+def _index_zip(path: Path, pattern: re.Pattern, kind: str, verify: bool = True) -> Index:
+    verify_archive(path, verify=verify)
     out: Index = {s: {} for s in SPLITS}
     try:
         with zipfile.ZipFile(path) as zf:
@@ -92,7 +95,7 @@ def _index_cps(folder: Path, suffix: str, kind: str) -> Index:
     return out
 
 
-def _find(manual_dir: Path) -> tuple[Index, Index, dict]:
+def _find(manual_dir: Path, verify: bool = True) -> tuple[Index, Index, dict]:
     m = manual_dir
     cps_roots = [m, m / "city", m / "DATA" / "city"]
     images = labels = None
@@ -103,7 +106,7 @@ def _find(manual_dir: Path) -> tuple[Index, Index, dict]:
             break
     if images is None and (m / "leftImg8bit_trainvaltest.zip").is_file():
         path = m / "leftImg8bit_trainvaltest.zip"
-        images, desc["images"] = _index_zip(path, _IMG_RE, ""), str(path)
+        images, desc["images"] = _index_zip(path, _IMG_RE, "", verify), str(path)
     if images is None:
         for r in cps_roots:
             if (r / "images" / "train").is_dir():
@@ -116,7 +119,8 @@ def _find(manual_dir: Path) -> tuple[Index, Index, dict]:
             break
     if labels is None and (m / "gtFine_trainvaltest.zip").is_file():
         path = m / "gtFine_trainvaltest.zip"
-        labels, desc["labels"] = _index_zip(path, _GT_RE, CITYSCAPES_LABEL_IDS), str(path)
+        labels = _index_zip(path, _GT_RE, CITYSCAPES_LABEL_IDS, verify)
+        desc["labels"] = str(path)
     if labels is None:
         for r in cps_roots:
             if (r / "segmentation" / "train").is_dir():
@@ -132,14 +136,15 @@ def _find(manual_dir: Path) -> tuple[Index, Index, dict]:
 
 def plan_cityscapes(manual_dir: str | os.PathLike, *, train_list: str | os.PathLike | None = None,
                     val_list: str | os.PathLike | None = None, progress: bool = True,
-                    ) -> tuple[dict[str, list[Entry]], dict]:
+                    verify_checksums: bool = True) -> tuple[dict[str, list[Entry]], dict]:
     """Finds every split's image and label; raises :class:`DataError` naming the keys that lack
-    either, before anything is written. Returns (split -> entries sorted by key, summary)."""
+    either (or a zip whose md5 is not the published one), before anything is written. Returns
+    (split -> entries sorted by key, summary)."""
     del progress  # listing is instantaneous
     m = Path(manual_dir).expanduser()
     if not m.is_dir():
         raise DataError(f"Cityscapes manual directory {m} does not exist.\n{INSTRUCTIONS}")
-    images, labels, desc = _find(m)
+    images, labels, desc = _find(m, verify_checksums)
     lists = {"train": train_list, "val": val_list}
     plan: dict[str, list[Entry]] = {}
     for split in SPLITS:

@@ -1,4 +1,5 @@
-"""Shared pieces of the tfds builders: file references (plain files or zip members), strict
+"""Shared pieces of the tfds builders: file references (plain files, zip or tar members), the
+downloads' published checksums, folders on disk or inside archives read in place (`Tree`), strict
 image / mask decoding with errors that name the file, and the base builder that writes the
 ``mgd_dataset.json`` sidecar inside tfds' temporary directory (so it is renamed into place
 together with the data, or not at all)."""
@@ -9,13 +10,17 @@ import abc
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import io
 import json
 import os
+import posixpath
 import sys
+import tarfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,10 +42,13 @@ CITYSCAPES_LABEL_IDS = "cityscapes_label_ids"  # *_gtFine_labelIds.png, mapped t
 
 @dataclasses.dataclass(frozen=True)
 class FileRef:
-    """A file on disk, or a member of a zip archive."""
+    """A file on disk, or a member of an archive: of a zip, or of an uncompressed tar (`span`:
+    its data's byte offset and size), or one read from a compressed tar (`data`)."""
 
     path: str
     member: str | None = None
+    span: tuple[int, int] | None = None
+    data: bytes | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.path}:{self.member}" if self.member else self.path
@@ -57,14 +65,142 @@ class ZipPool:
         self._local = threading.local()
 
     def read(self, ref: FileRef) -> bytes:
-        if ref.member is None:
+        if ref.data is not None:
+            return ref.data
+        if ref.member is None or ref.span is not None:
             with open(ref.path, "rb") as f:
-                return f.read()
+                if ref.span is None:
+                    return f.read()
+                f.seek(ref.span[0])
+                data = f.read(ref.span[1])
+            if len(data) != ref.span[1]:
+                raise OSError(f"the archive ends {ref.span[1] - len(data)} bytes early")
+            return data
         cache = self._local.__dict__.setdefault("zips", {})
         zf = cache.get(ref.path)
         if zf is None:
             zf = cache[ref.path] = zipfile.ZipFile(ref.path)
         return zf.read(ref.member)
+
+
+# The official downloads whose checksums are published: name -> (md5, size, where published).
+ARCHIVES = {
+    "VOCtrainval_11-May-2012.tar": (
+        "6cd6e144f989b92b3379bac3b3de84fd", "1.9 GB",
+        "torchvision.datasets.VOCSegmentation (torchvision/datasets/voc.py)"),
+    "benchmark.tgz": (
+        "82b4d87ceb2ed10f6038a1cba92111cb", "1.4 GB",
+        "torchvision.datasets.SBDataset (torchvision/datasets/sbd.py)"),
+    "leftImg8bit_trainvaltest.zip": (
+        "0a6e97e94b616a514066c9e2adb0c97f", "11 GB",
+        "the Cityscapes download page (www.cityscapes-dataset.com/downloads, packageID=3)"),
+    "gtFine_trainvaltest.zip": (
+        "4237c19de34c8a376e9ba46b495d6f66", "241 MB",
+        "the Cityscapes download page (www.cityscapes-dataset.com/downloads, packageID=1)"),
+}
+
+
+def md5sum(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_archive(path: str | os.PathLike, *, verify: bool = True) -> None:
+    """Checks a download against its published md5 (`ARCHIVES`, by file name); archives of
+    other names, and `verify=False`, pass unchecked."""
+    path = Path(path)
+    if not verify or path.name not in ARCHIVES:
+        return
+    want, _, where = ARCHIVES[path.name]
+    got = md5sum(path)
+    if got != want:
+        raise DataError(f"{path}: md5 {got} is not the published {want} (from {where}): a "
+                        "damaged or different download; download it again, or pass "
+                        "--skip_checksum to use it anyway")
+
+
+class Archive:
+    """The members of a tar (plain or compressed) read in place, by name. A plain tar's members
+    are read by byte range when needed; a compressed one is read once, in order, keeping the
+    bytes of the members `keep(name)` selects (the others are listed, not readable)."""
+
+    def __init__(self, path: str | os.PathLike, keep=lambda name: True):
+        self.path = Path(path)
+        self.files: dict[str, FileRef | None] = {}
+        self.dirs: dict[str, list[str]] = {"": []}
+        try:
+            with open(self.path, "rb") as f:
+                compressed = f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
+            with tarfile.open(self.path, "r|*" if compressed else "r:") as tar:
+                for info in tar:
+                    if info.isfile():
+                        self._add(info, tar, compressed, keep)
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise DataError(f"{self.path}: cannot read tar archive ({type(e).__name__}: "
+                            f"{e})") from e
+
+    def _add(self, info: tarfile.TarInfo, tar: tarfile.TarFile, compressed: bool, keep) -> None:
+        name = posixpath.normpath(info.name).lstrip("/")  # "./a/b" -> "a/b"
+        ref = None
+        if not compressed:
+            ref = FileRef(str(self.path), name, span=(info.offset_data, info.size))
+        elif keep(name):
+            ref = FileRef(str(self.path), name, data=tar.extractfile(info).read())
+        self.files[name] = ref
+        parent, base = posixpath.split(name)
+        self.dirs.setdefault(parent, []).append(base)
+        while parent:  # every ancestor is a folder (a tar need not list folders)
+            parent = posixpath.dirname(parent)
+            self.dirs.setdefault(parent, [])
+
+    def ref(self, name: str) -> FileRef:
+        ref = self.files.get(name)
+        if ref is None:
+            raise DataError(f"{self.path}:{name}: not read from the compressed archive; "
+                            "extract the archive and point --manual_dir at the extracted folder")
+        return ref
+
+
+class Tree:
+    """A folder on disk, or a folder inside an `Archive`: the few path operations the planners
+    use (`/`, is_dir, is_file, names, ref, read_text)."""
+
+    def __init__(self, path: str | os.PathLike, archive: Archive | None = None,
+                 member: str = ""):
+        self.path, self.archive, self.member = Path(path), archive, member
+
+    def __truediv__(self, name: str) -> Tree:
+        if self.archive is None:
+            return Tree(self.path / name)
+        return Tree(self.path, self.archive, posixpath.join(self.member, name))
+
+    def __str__(self) -> str:
+        return str(self.path) if self.archive is None else f"{self.path}:{self.member}"
+
+    def is_dir(self) -> bool:
+        return self.path.is_dir() if self.archive is None else self.member in self.archive.dirs
+
+    def is_file(self) -> bool:
+        return self.path.is_file() if self.archive is None else self.member in self.archive.files
+
+    def names(self) -> list[str]:
+        """The files directly inside (none when it is no folder)."""
+        if self.archive is None:
+            return os.listdir(self.path) if self.path.is_dir() else []
+        return list(self.archive.dirs.get(self.member, []))
+
+    def ref(self) -> FileRef:
+        return FileRef(str(self.path)) if self.archive is None else self.archive.ref(self.member)
+
+    def read_text(self) -> str:
+        try:
+            data = read_bytes(self.ref())
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{self}: not a text file ({e})") from e
 
 
 @dataclasses.dataclass(frozen=True)

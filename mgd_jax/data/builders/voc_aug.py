@@ -3,8 +3,12 @@ and ``val`` = 1,449), from a manual directory in one of two layouts:
 
 * VOCdevkit: ``VOCdevkit/VOC2012/{JPEGImages, SegmentationClass, ImageSets/Segmentation}`` plus
   either SBD (``benchmark_RELEASE/dataset/{cls/*.mat, img/*.jpg, train.txt, val.txt}``) or the
-  ``SegmentationClassAug`` index masks (or both). ``train_aug`` = VOC2012 seg train + SBD train +
-  SBD val - VOC2012 seg val (or: every SegmentationClassAug mask not in val).
+  ``SegmentationClassAug`` index masks (or both); VOC and SBD either extracted or as the archives
+  downloaded, read in place (``VOCtrainval_11-May-2012.tar``: members by byte range;
+  ``benchmark.tgz``: one pass keeping its ``cls/*.mat`` and lists in memory), each checked against
+  its published md5 (``common.ARCHIVES``) unless told not to.
+  ``train_aug`` = VOC2012 seg train + SBD train + SBD val - VOC2012 seg val (or: every
+  SegmentationClassAug mask not in val).
 * CPS / MGD ``DATA/pascal_voc``: ``train_aug/{image,label}``, ``val/{image,label}``, with the ids
   from ``train_aug.txt`` / ``val.txt`` when present.
 
@@ -22,20 +26,34 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 from tqdm.auto import tqdm
 
-from mgd_jax.data.builders.common import INDEX_PNG, SBD_MAT, Entry, FileRef, MgdBuilder
+from mgd_jax.data.builders.common import (
+    INDEX_PNG,
+    SBD_MAT,
+    Archive,
+    Entry,
+    MgdBuilder,
+    Tree,
+    verify_archive,
+)
 from mgd_jax.data.datasets import DATASETS
-from mgd_jax.data.splits import read_list
+from mgd_jax.data.splits import parse_list, read_list
 from mgd_jax.runtime.errors import DataError
 
-INSTRUCTIONS = """\
-Put the PASCAL VOC 2012 + SBD files in the manual directory, in either layout:
+VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
+SBD_ARCHIVE = "benchmark.tgz"
 
- (a) VOCdevkit layout (as the archives extract):
+INSTRUCTIONS = """\
+Put the PASCAL VOC 2012 + SBD files in the manual directory (docs/data.md lists the downloads),
+in either layout:
+
+ (a) VOCdevkit layout, the archives as downloaded (read in place) or extracted:
+     <manual_dir>/VOCtrainval_11-May-2012.tar  or
      <manual_dir>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation}
-         from VOCtrainval_11-May-2012.tar (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/)
+         (http://host.robots.ox.ac.uk/pascal/VOC/voc2012/)
      plus the SBD annotations, one or both of:
+     <manual_dir>/benchmark.tgz  or
      <manual_dir>/benchmark_RELEASE/dataset/{cls,img,train.txt,val.txt}
-         from benchmark.tgz (http://home.bharathh.info/pubs/codes/SBD/download.html)
+         (http://home.bharathh.info/pubs/codes/SBD/download.html)
      <manual_dir>/SegmentationClassAug/*.png  (or VOCdevkit/VOC2012/SegmentationClassAug)
          the widely shared index-mask conversion of SBD (SegmentationClassAug.zip)
  (b) the CPS / MGD layout (DATA/pascal_voc of TorchSemiSeg / MGD-SSSS):
@@ -48,22 +66,31 @@ Put the PASCAL VOC 2012 + SBD files in the manual directory, in either layout:
 @dataclasses.dataclass(frozen=True)
 class VocLayout:
     kind: str  # "devkit" | "cps"
-    root: Path  # VOC2012 folder (devkit) or the pascal_voc folder (cps)
-    sbd: Path | None = None  # folder holding cls/ (and img/, train.txt, val.txt)
-    aug: Path | None = None  # SegmentationClassAug folder
+    root: Tree  # VOC2012 folder (devkit) or the pascal_voc folder (cps)
+    sbd: Tree | None = None  # folder holding cls/ (and img/, train.txt, val.txt)
+    aug: Tree | None = None  # SegmentationClassAug folder
 
 
-def _first_dir(candidates: Iterable[Path], *required: str) -> Path | None:
+def _first_dir(candidates: Iterable[Tree], *required: str) -> Tree | None:
     for c in candidates:
         if c.is_dir() and all((c / r).is_dir() for r in required):
             return c
     return None
 
 
-def find_layout(manual_dir: str | os.PathLike) -> VocLayout:
-    m = Path(manual_dir).expanduser()
-    if not m.is_dir():
-        raise DataError(f"VOC manual directory {m} does not exist.\n{INSTRUCTIONS}")
+def _sbd_member(name: str) -> bool:
+    """What a pass over benchmark.tgz keeps: the class masks and the split lists (its img/
+    JPEGs are VOC2012's own, read from JPEGImages)."""
+    return name.endswith(".txt") or ("/cls/" in name and name.endswith(".mat"))
+
+
+def find_layout(manual_dir: str | os.PathLike, *, verify_checksums: bool = True) -> VocLayout:
+    """The layout of the manual directory; an archive is read (and its md5 checked) only where
+    no extracted folder stands for it."""
+    path = Path(manual_dir).expanduser()
+    if not path.is_dir():
+        raise DataError(f"VOC manual directory {path} does not exist.\n{INSTRUCTIONS}")
+    m = Tree(path)
     cps = _first_dir([m, m / "pascal_voc", m / "DATA" / "pascal_voc"],
                      "train_aug/image", "val/image")
     if cps is not None:
@@ -73,13 +100,22 @@ def find_layout(manual_dir: str | os.PathLike) -> VocLayout:
          m / "VOCtrainval_11-May-2012" / "VOCdevkit" / "VOC2012"],
         "JPEGImages",
     )
+    if voc is None and (path / VOC_ARCHIVE).is_file():
+        verify_archive(path / VOC_ARCHIVE, verify=verify_checksums)
+        voc = _first_dir([Tree(path / VOC_ARCHIVE, Archive(path / VOC_ARCHIVE))
+                          / "VOCdevkit" / "VOC2012"], "JPEGImages")
     if voc is None:
-        raise DataError(f"No VOC2012 JPEGImages folder found under {m}.\n{INSTRUCTIONS}")
+        raise DataError(f"No VOC2012 JPEGImages folder found under {path}.\n{INSTRUCTIONS}")
     sbd = _first_dir(
         [m / "benchmark_RELEASE" / "dataset", m / "benchmark_RELEASE", m / "SBD" / "dataset",
          m / "SBD", m / "sbd" / "dataset", m / "sbd", m / "dataset", m],
         "cls",
     )
+    if sbd is None and (path / SBD_ARCHIVE).is_file():
+        verify_archive(path / SBD_ARCHIVE, verify=verify_checksums)
+        archive = Archive(path / SBD_ARCHIVE, keep=_sbd_member)
+        sbd = _first_dir([Tree(path / SBD_ARCHIVE, archive) / "benchmark_RELEASE" / "dataset"],
+                         "cls")
     aug = _first_dir(
         [voc / "SegmentationClassAug", m / "SegmentationClassAug" / "SegmentationClassAug",
          m / "SegmentationClassAug", m / "VOCdevkit" / "SegmentationClassAug"],
@@ -87,26 +123,28 @@ def find_layout(manual_dir: str | os.PathLike) -> VocLayout:
     return VocLayout("devkit", voc, sbd, aug)
 
 
-def _stems(folder: Path, suffix: str) -> set[str]:
-    if not folder.is_dir():
-        return set()
-    return {n[: -len(suffix)] for n in os.listdir(folder) if n.endswith(suffix)}
+def _stems(folder: Tree, suffix: str) -> set[str]:
+    return {n[: -len(suffix)] for n in folder.names() if n.endswith(suffix)}
 
 
-def _ids(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"{path} not found (needed for the {what} ids).\n{INSTRUCTIONS}")
-    return read_list(path)
+def _read(file: Tree) -> list[str]:
+    return parse_list(file.read_text(), str(file))
+
+
+def _ids(file: Tree, what: str) -> list[str]:
+    if not file.is_file():
+        raise DataError(f"{file} not found (needed for the {what} ids).\n{INSTRUCTIONS}")
+    return _read(file)
 
 
 def _split_ids(layout: VocLayout, train_list, val_list) -> dict[str, list[str]]:
     if layout.kind == "cps":
         r = layout.root
         val = (read_list(val_list) if val_list else
-               read_list(r / "val.txt") if (r / "val.txt").is_file() else
+               _read(r / "val.txt") if (r / "val.txt").is_file() else
                sorted(_stems(r / "val" / "image", ".jpg")))
         train = (read_list(train_list) if train_list else
-                 read_list(r / "train_aug.txt") if (r / "train_aug.txt").is_file() else
+                 _read(r / "train_aug.txt") if (r / "train_aug.txt").is_file() else
                  sorted(_stems(r / "train_aug" / "image", ".jpg")))
         return {"train_aug": train, "val": val}
 
@@ -114,10 +152,10 @@ def _split_ids(layout: VocLayout, train_list, val_list) -> dict[str, list[str]]:
     val = read_list(val_list) if val_list else _ids(sets / "val.txt", "val")
     if train_list:
         return {"train_aug": read_list(train_list), "val": val}
-    voc_train = read_list(sets / "train.txt") if (sets / "train.txt").is_file() else []
+    voc_train = _read(sets / "train.txt") if (sets / "train.txt").is_file() else []
     sbd = layout.sbd
     if sbd is not None and (sbd / "train.txt").is_file() and (sbd / "val.txt").is_file():
-        pool = set(voc_train) | set(read_list(sbd / "train.txt")) | set(read_list(sbd / "val.txt"))
+        pool = set(voc_train) | set(_read(sbd / "train.txt")) | set(_read(sbd / "val.txt"))
     elif layout.aug is not None:
         pool = set(voc_train) | _stems(layout.aug, ".png")
     else:
@@ -139,10 +177,11 @@ def _missing_error(split: str, what: str, missing: list[str], total: int, looked
 
 def plan_voc(manual_dir: str | os.PathLike, *, train_list: str | os.PathLike | None = None,
              val_list: str | os.PathLike | None = None, progress: bool = True,
-             ) -> tuple[dict[str, list[Entry]], dict]:
+             verify_checksums: bool = True) -> tuple[dict[str, list[Entry]], dict]:
     """Finds every split's image and mask files; raises :class:`DataError` naming the ids that
-    lack either, before anything is written. Returns (split -> entries sorted by id, summary)."""
-    layout = find_layout(manual_dir)
+    lack either (or an archive whose md5 is not the published one), before anything is written.
+    Returns (split -> entries sorted by id, summary)."""
+    layout = find_layout(manual_dir, verify_checksums=verify_checksums)
     ids = _split_ids(layout, train_list, val_list)
     plan: dict[str, list[Entry]] = {}
     counts: dict[str, dict[str, int]] = {}
@@ -158,8 +197,8 @@ def plan_voc(manual_dir: str | os.PathLike, *, train_list: str | os.PathLike | N
                 if missing:
                     raise _missing_error(split, what, missing, len(keys), looked)
             plan[split] = [
-                Entry(k, FileRef(str(folder / "image" / f"{k}.jpg")),
-                      FileRef(str(folder / "label" / f"{k}.png")))
+                Entry(k, (folder / "image" / f"{k}.jpg").ref(),
+                      (folder / "label" / f"{k}.png").ref())
                 for k in keys
             ]
             counts[split] = {"label": len(keys)}
@@ -177,20 +216,20 @@ def plan_voc(manual_dir: str | os.PathLike, *, train_list: str | os.PathLike | N
             for k in tqdm(keys, desc=f"checking VOC {split}", disable=not progress,
                           mininterval=1.0):
                 if k in jpeg:
-                    image = FileRef(str(voc / "JPEGImages" / f"{k}.jpg"))
+                    image = (voc / "JPEGImages" / f"{k}.jpg").ref()
                 elif k in sbd_img:
-                    image = FileRef(str(sbd / "img" / f"{k}.jpg"))
+                    image = (sbd / "img" / f"{k}.jpg").ref()
                 else:
                     no_image.append(k)
                     continue
                 if k in aug_png:
-                    label, kind = FileRef(str(aug / f"{k}.png")), INDEX_PNG
+                    label, kind = (aug / f"{k}.png").ref(), INDEX_PNG
                     s = "SegmentationClassAug"
                 elif k in voc_png:
-                    label, kind, s = (FileRef(str(voc / "SegmentationClass" / f"{k}.png")),
+                    label, kind, s = ((voc / "SegmentationClass" / f"{k}.png").ref(),
                                       INDEX_PNG, "SegmentationClass")
                 elif k in sbd_mat:
-                    label, kind, s = FileRef(str(sbd / "cls" / f"{k}.mat")), SBD_MAT, "SBD cls"
+                    label, kind, s = (sbd / "cls" / f"{k}.mat").ref(), SBD_MAT, "SBD cls"
                 else:
                     no_mask.append(k)
                     continue
