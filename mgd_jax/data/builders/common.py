@@ -86,7 +86,7 @@ class ZipPool:
 # The official downloads whose checksums are published: name -> (md5, size, where published).
 ARCHIVES = {
     "VOCtrainval_11-May-2012.tar": (
-        "6cd6e144f989b92b3379bac3b3de84fd", "1.9 GB",
+        "6cd6e144f989b92b3379bac3b3de84fd", "2 GB",
         "torchvision.datasets.VOCSegmentation (torchvision/datasets/voc.py)"),
     "benchmark.tgz": (
         "82b4d87ceb2ed10f6038a1cba92111cb", "1.4 GB",
