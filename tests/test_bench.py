@@ -1,11 +1,9 @@
 """bench: the real train step runs and is timed on random inputs (tiny networks, 32 px, 1 step);
-its FLOPs are counted from the program; it runs without the data / checkpoint stacks; the
-PyTorch step of the comparison runs beside it."""
+its FLOPs are counted from the program; the PyTorch step of the comparison runs beside it; rows
+timed in separate processes make one table per configuration."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -82,39 +80,86 @@ def test_mgd_gets_random_teachers_without_checkpoints():
     assert wide.shape[-1] == 2 * deep.shape[-1]  # the wide teacher is wide
 
 
-BLOCKER = """
-import sys
-BLOCKED = {"grain", "tensorflow_datasets", "tensorflow", "cv2", "clu", "orbax", "torch"}
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, Blocker())
-from mgd_jax.tools import bench
-status = bench.main(["mgd-bench", "step", "--config=configs/voc.py:method=mgd", "--steps=1",
-                     "--warmup=0", "--batch_size=2"] + sys.argv[1:])
-print("loaded:", sorted({m.split(".")[0] for m in sys.modules} & BLOCKED))
-sys.exit(status)
-"""
+# That the step bench runs without the data, checkpoint and OpenCV stacks: tests/test_gpu_bench.py
+# (launch/gpu_bench.sh --offline with them unimportable, end to end).
 
 
-@pytest.mark.slow
-def test_step_bench_runs_without_the_data_and_checkpoint_stacks():
-    """A bare accelerator machine has jax, flax, optax, numpy, ml-collections and absl only."""
-    overrides = ["--config.num_classes=5", "--config.crop_size=32"] + [
-        f"--config.{name}.{field}={value}" for name in TINY_NETS
-        for field, value in (("width", 0.125), ("depths", "1,1,1,1"))
-    ]
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, *overrides], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "loaded: []" in proc.stdout
-    row = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
-    assert row["method"] == "mgd" and row["step"] == "fused" and np.isfinite(row["loss"])
+def row(implementation, precision, ms, **fields):
+    """A row as `mgd-bench step --implementation=... --json` writes one (the fields tables read)."""
+    base = {"implementation": implementation, "precision": precision, "ms_per_step": ms,
+            "ms_min": ms - 1, "peak_memory_bytes": 3 * 2**30, "method": "mgd",
+            "student": "resnet18", "crop_size": 512, "global_batch": 8, "images_per_step": 24,
+            "steps": 10, "card": "NVIDIA H100 80GB HBM3", "driver": "580.159.04",
+            "cuda": "13.0", "cudnn": "9.10.2", "python": "3.12.3"}
+    if implementation == "torch":
+        base.update(label="PyTorch port of the official step", torch="2.11.0+cu130")
+    else:
+        base.update(step="fused" if implementation == "mgd_jax" else "reference",
+                    devices="1 x NVIDIA H100 80GB HBM3", jax="0.11.2", jaxlib="0.11.2")
+    return {**base, **fields}
+
+
+def test_table_gathers_the_rows_of_separate_processes(tmp_path, capsys):
+    from mgd_jax.tools import bench as tool
+
+    mgd, cps = tmp_path / "rows" / "mgd_resnet18", tmp_path / "rows" / "cps_resnet101"
+    mgd.mkdir(parents=True)
+    cps.mkdir()
+    files = {mgd / "torch_bf16.json": {"implementation": "torch", "precision": "bf16",
+                                       "failed": "exit status 1 after 9 s; log x.log"},
+             mgd / "torch_fp32.json": row("torch", "fp32", 300.0),
+             mgd / "mgd_jax.json": row("mgd_jax", "bfloat16", 100.0),
+             mgd / "reference.json": [row("reference", "float32", 150.0)],
+             cps / "mgd_jax.json": {"implementation": "mgd_jax", "step": "configured",
+                                    "failed": "exit status 137 after 80 s; log y.log"}}
+    for path, content in files.items():
+        path.write_text(json.dumps(content))
+    (cps / "torch_fp32.json").write_text("{")  # cut short
+    assert tool.main(["mgd-bench", "table", f"--rows={tmp_path / 'rows'}",
+                      f"--json={tmp_path / 'all.json'}"]) == 0
+    out = capsys.readouterr().out
+    gathered = json.loads((tmp_path / "all.json").read_text())
+    assert list(gathered) == ["cps_resnet101", "mgd_resnet18"]
+    assert [r["implementation"] for r in gathered["mgd_resnet18"]] == [
+        "mgd_jax", "reference", "torch", "torch"]
+    cps_table, mgd_table = out.strip().split("\n\n")
+    lines = mgd_table.splitlines()
+    assert lines[0].startswith("mgd_resnet18: mgd step, student resnet18, 1 x NVIDIA H100")
+    assert lines[1] == ("  mgd_jax: NVIDIA H100 80GB HBM3, driver 580.159.04, jax 0.11.2, "
+                        "jaxlib 0.11.2, CUDA 13.0, cuDNN 9.10.2, Python 3.12.3")
+    assert lines[2].startswith("  torch: NVIDIA H100 80GB HBM3, driver 580.159.04, "
+                               "torch 2.11.0+cu130")
+    # bf16 has no PyTorch time to compare with; float32 has
+    assert lines[4].startswith("mgd_jax (fused step)") and not lines[4].rstrip().endswith("x")
+    assert lines[5].startswith("mgd_jax (reference step)") and lines[5].endswith("2.00x")
+    assert lines[6].startswith("PyTorch port of the official step  fp32")
+    assert lines[7].startswith("PyTorch port of the official step  bf16")
+    assert lines[7].endswith("failed: exit status 1 after 9 s; log x.log")
+    assert cps_table.splitlines()[0] == "cps_resnet101: no row measured"
+    assert "mgd_jax (configured step)" in cps_table and "exit status 137" in cps_table
+    assert "failed: unreadable" in cps_table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["table"], "table needs --rows"),
+    (["table", "--rows=/nonexistent"], "--rows=/nonexistent: no such directory"),
+    (["step", f"--config={ROOT}/configs/voc.py", "--implementation=torch", "--compare=torch"],
+     "--implementation times one implementation: not with --compare"),
+])
+def test_bench_user_errors(capsys, args, message):
+    from mgd_jax.tools import bench as tool
+
+    assert tool.main(["mgd-bench", *args]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
+def test_machine_fields():
+    assert bench.cudnn_text(91002) == "9.10.2" and bench.cudnn_text(8907) == "8.9.7"
+    assert bench.cudnn_text(None) is None
+    env = bench.jax_environment()
+    assert env["jax"] == jax.__version__ and env["python"]
+    if jax.default_backend() == "cpu":
+        assert env["card"] == "cpu" and env["cudnn"] == env["driver"] == "n/a (cpu)"
 
 
 @pytest.mark.parametrize("method", ["supervised", "cps", "mgd"])
@@ -133,8 +178,12 @@ def test_compare_prints_one_table_with_the_ratio(capsys):
     rows = bench.compare(tiny("mgd"), ["torch"], steps=1, warmup=0, batch=jax.device_count())
     assert [r["implementation"] for r in rows] == ["mgd_jax", "torch"]
     table = capsys.readouterr().out.split("mgd step, student resnet18")[-1]
-    fused, torch_row = table.strip().splitlines()[2:4]
+    lines = table.strip().splitlines()
+    assert lines[1].startswith("  mgd_jax: cpu, driver n/a (cpu), jax ")
+    assert lines[2].startswith("  torch: cpu, driver n/a (cpu), torch ")
+    jax_row, torch_row = lines[4:6]
     ratio = rows[1]["ms_per_step"] / rows[0]["ms_per_step"]
-    assert fused.startswith("mgd_jax (fused step)") and fused.endswith(f"{ratio:.2f}x")
+    assert jax_row.startswith(f"mgd_jax ({rows[0]['step']} step)")
+    assert jax_row.endswith(f"{ratio:.2f}x")
     assert torch_row.startswith("PyTorch port of the official step")
     assert rows[1]["label"] == "PyTorch port of the official step"

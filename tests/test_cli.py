@@ -48,9 +48,9 @@ def test_every_tool_answers_help():
 
 
 @pytest.mark.parametrize("tool, args, message", [
-    (bench, [], "expected a command: step | data | models | compile"),
+    (bench, [], "expected a command: step | data | models | compile | table"),
     (bench, ["--steps=1", "stepp"],
-     "unknown command 'stepp': expected step | data | models | compile"),
+     "unknown command 'stepp': expected step | data | models | compile | table"),
     (grid, ["--root=r"], "expected a command: plan | collect"),
     (grid, ["plan", "collect", "--root=r"], "unexpected arguments: collect"),
 ])

@@ -1,20 +1,25 @@
 r"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
 
     mgd-bench step --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
-        [--compare=reference,torch]
+        [--compare=reference,torch | --implementation=mgd_jax|reference|torch]
+    mgd-bench table --rows=DIR [--json=OUT]
     mgd-bench data [--dataset=voc --data_dir=DIR] [--num_workers=0,2,4]
     mgd-bench models [--size=512] [--num_classes=21]
     mgd-bench compile --topology=v5e:2x4 --config=configs/voc.py:method=mgd [--max_batch]
     mgd-bench compile --table=docs/tpu_compile.jsonl [--topology=...] [--table_steps=reference]
 
 `step` times the jitted train step on random inputs (`bench.run_bench`), with `--compare` also the
-reference step and a PyTorch port of the official step (`bench.compare`); `data` measures the grain
-pipeline's augmented examples per second, on a prepared split or on in-memory VOC-sized JPEGs
-(`data.bench`); `models` prints parameters and FLOPs per backbone (`models.summary`); `compile`
-compiles a recipe's train step and eval step with the real TPU compiler for a named TPU topology, no
-TPU needed (the `tpu` extra: libtpu), and prints per-chip HBM, FLOPs and the roofline floor as one
-JSON line per topology (`tpu_compile.compile_recipe`); with --table every paper recipe for every
---topology, appended to a JSON-lines file and resumable (`tpu_compile.compile_table`).
+reference step and a PyTorch port of the official step (`bench.compare`), with `--implementation`
+one of them alone (`bench.run_one`: one process per row, as launch/gpu_bench.sh runs them; a torch
+run leaves JAX off the devices); `table` prints the rows such runs wrote to
+DIR/<configuration>/<implementation>.json as one table per configuration (`bench.gather`); `data`
+measures the grain pipeline's augmented examples per second, on a prepared split or on in-memory
+VOC-sized JPEGs (`data.bench`); `models` prints parameters and FLOPs per backbone
+(`models.summary`); `compile` compiles a recipe's train step and eval step with the real TPU
+compiler for a named TPU topology, no TPU needed (the `tpu` extra: libtpu), and prints per-chip
+HBM, FLOPs and the roofline floor as one JSON line per topology (`tpu_compile.compile_recipe`);
+with --table every paper recipe for every --topology, appended to a JSON-lines file and resumable
+(`tpu_compile.compile_table`).
 """
 
 from __future__ import annotations
@@ -52,7 +57,15 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Labeled batch (step: glo
 _PEAK = flags.DEFINE_float("peak_tflops", None, "step: TFLOP/s per device MFU is quoted "
                            "against (default: a matmul rate measured on the device).",
                            flag_values=FLAGS)
+_IMPLEMENTATION = flags.DEFINE_enum("implementation", None, ["mgd_jax", "reference", "torch"],
+                                     "step: time this one alone: mgd_jax (the configured step), "
+                                     "reference (config.fused_step flipped), torch (the PyTorch "
+                                     "port, in --torch_precisions); not with --compare.",
+                                     flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
+# table
+_ROWS = flags.DEFINE_string("rows", None, "table: the folder of <configuration>/<implementation>"
+                            ".json rows (launch/gpu_bench.sh's OUT/rows).", flag_values=FLAGS)
 # data
 _DATASET = flags.DEFINE_string("dataset", "", "data: a prepared dataset (default: the config's, "
                                "else fake VOC-sized JPEGs).", flag_values=FLAGS)
@@ -99,6 +112,12 @@ def _step() -> dict | list:
         raise UserError("step needs --config")
     options = dict(steps=_STEPS.value, warmup=_WARMUP.value, batch=_BATCH_SIZE.value,
                    peak_tflops=_PEAK.value)
+    if _IMPLEMENTATION.value:
+        if _COMPARE.value:
+            raise UserError("--implementation times one implementation: not with --compare")
+        rows = bench.run_one(_CONFIG.value, _IMPLEMENTATION.value,
+                             precisions=_TORCH_PRECISIONS.value, **options)
+        return rows[0] if len(rows) == 1 else rows
     if not _COMPARE.value:
         return bench.run_bench(_CONFIG.value, **options)
     return bench.compare(_CONFIG.value, _COMPARE.value, precisions=_TORCH_PRECISIONS.value,
@@ -126,6 +145,18 @@ def _data() -> list:
                      seconds=_SECONDS.value, read_threads=_READ_THREADS.value,
                      labeled_only=_LABELED_ONLY.value, seed=config.seed if config else 0,
                      description=what)
+
+
+def _table() -> dict:
+    from mgd_jax.workflows import bench
+
+    if not _ROWS.value:
+        raise UserError("table needs --rows")
+    groups = bench.gather(_ROWS.value)
+    if not groups:
+        raise UserError(f"--rows={_ROWS.value}: no <configuration>/<implementation>.json rows")
+    print(bench.format_groups(groups))
+    return groups
 
 
 def _models() -> list:
@@ -177,11 +208,24 @@ def _bench(measure: Callable[[], dict | list]) -> Callable[[], None]:
 
 def main(argv: Sequence[str]) -> int:
     commands = {"step": _bench(_step), "data": _bench(_data), "models": _bench(_models),
-                "compile": _bench(_compile)}
+                "compile": _bench(_compile), "table": _bench(_table)}
     # compile runs no step on this machine's devices: no multi-process start-up; a topology's
     # devices come from libtpu whatever platforms jax initialises
     compiling = any(arg == "compile" for arg in argv[1:] if not arg.startswith("-"))
-    return cli.run(FLAGS, argv, commands, distributed=not compiling)
+    return cli.run(FLAGS, argv, commands,
+                   distributed=not (compiling or _without_jax_devices(argv[1:])))
+
+
+def _without_jax_devices(args: Sequence[str]) -> bool:
+    """`table`, and `step --implementation=torch`, whose process leaves the devices to PyTorch."""
+    if "table" in args:
+        return True
+    for i, arg in enumerate(args):
+        if arg == "--implementation" and i + 1 < len(args):
+            return args[i + 1] == "torch"
+        if arg.startswith("--implementation="):
+            return arg.split("=", 1)[1] == "torch"
+    return False
 
 
 run = cli.entry(main)

@@ -14,6 +14,10 @@ donation, the batch sharded on the `data` mesh axis) on random inputs: no datase
 It needs only jax, flax, optax, numpy, ml-collections and absl (no grain, tfds, OpenCV, clu or
 orbax on this path), plus the `[torch]` extra for `--compare=torch`.
 
+`run_one` times one implementation per process (`mgd-bench step --implementation=...`, what
+launch/gpu_bench.sh runs: one out-of-memory error loses one row), `gather` / `format_groups` put
+the rows of such runs back into one table per configuration (`mgd-bench table`).
+
 Reported (and printed as one JSON line per run):
 - compile: seconds to lower + compile the step;
 - ms/step: median of `steps` timed steps after `warmup` untimed ones (min / max too);
@@ -24,7 +28,10 @@ Reported (and printed as one JSON line per run):
   (`matmul_tflops`; `peak_tflops` overrides it);
 - memory: the device's peak bytes in use before the first step and after the timed steps (if the
   second is larger, the step set the peak), and XLA's static estimate of the step alone
-  (arguments + outputs + temporaries - aliased).
+  (arguments + outputs + temporaries - aliased);
+- the machine: card, NVIDIA driver, CUDA and cuDNN versions as the framework sees them, jax /
+  jaxlib or torch, Python ("n/a (...)" where there is none, e.g. on a CPU); whether the step's
+  program came from the persistent compilation cache (then compile is a load time).
 """
 
 from __future__ import annotations
@@ -32,7 +39,12 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import platform
+import re
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,6 +60,7 @@ from mgd_jax.runtime import parallel
 from mgd_jax.runtime.errors import ConfigError
 
 COMPARE = ("reference", "torch")
+IMPLEMENTATIONS = ("mgd_jax", "reference", "torch")  # run_one: the step, flipped, PyTorch
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabeled: bool,
@@ -148,6 +161,93 @@ def matmul_tflops(dtype: Any, *, n: int | None = None, reps: int = 10) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------------
+# The machine a row was measured on
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver's version (the kernel module's, else nvidia-smi's), else why not."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            found = re.search(r"Kernel Module\s+([0-9][0-9.]*)", f.read())
+        if found:
+            return found.group(1)
+    except OSError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+            out = subprocess.run(query, capture_output=True, text=True, timeout=30)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return "n/a (no NVIDIA driver found)"
+
+
+def cudnn_text(version: int | None) -> str | None:
+    """cuDNN's integer version as major.minor.patch (9.x: M*10000 + m*100 + p; 8.x: M*1000...)."""
+    if not version:
+        return None
+    base = 10000 if version >= 90000 else 1000
+    return f"{version // base}.{version % base // 100}.{version % 100}"
+
+
+def _cuda_text(version: int | None) -> str | None:
+    return f"{version // 1000}.{version % 1000 // 10}" if version else None
+
+
+def jax_environment() -> dict[str, Any]:
+    """card, driver, CUDA / cuDNN (those jax's CUDA plugin was loaded with), jax, jaxlib, Python."""
+    import jaxlib
+
+    device = jax.local_devices()[0]
+    env = {"card": device.device_kind if device.platform != "cpu" else "cpu",
+           "platform": device.platform, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+           "python": platform.python_version()}
+    if device.platform != "gpu":
+        return {**env, "driver": f"n/a ({device.platform})", "cuda": f"n/a ({device.platform})",
+                "cudnn": f"n/a ({device.platform})"}
+    cuda = cudnn = None
+    try:  # private: the versions module of the CUDA plugin jax loaded (absent on ROCm)
+        from jax._src.lib import cuda_versions
+
+        if cuda_versions is not None:
+            cuda = _cuda_text(cuda_versions.cuda_runtime_get_version())
+            cudnn = cudnn_text(cuda_versions.cudnn_get_version())
+    except Exception:  # noqa: BLE001 - a jax without that private module: say so, don't fail
+        pass
+    return {**env, "driver": nvidia_driver(), "cuda": cuda or "n/a (not reported by jax)",
+            "cudnn": cudnn or "n/a (not reported by jax)"}
+
+
+def torch_environment(torch: Any, device: str) -> dict[str, Any]:
+    """card, driver, CUDA / cuDNN (PyTorch's build), torch, Python, for a row on `device`."""
+    env = {"torch": torch.__version__, "python": platform.python_version()}
+    if device != "cuda":
+        return {**env, "card": "cpu", "driver": f"n/a ({device})", "cuda": f"n/a ({device})",
+                "cudnn": f"n/a ({device})"}
+    return {**env, "card": torch.cuda.get_device_name(0), "driver": nvidia_driver(),
+            "cuda": torch.version.cuda or "n/a (not a CUDA build)",
+            "cudnn": cudnn_text(torch.backends.cudnn.version()) or "n/a (no cuDNN)"}
+
+
+_CACHE_HITS: list[int] = []  # programs loaded from the persistent compilation cache; [] = unwatched
+
+
+def _count_cache_hits(event: str, **_: Any) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _CACHE_HITS[0] += 1
+
+
+def _cache_hits() -> int:
+    """Cache hits in this process so far (the listener is registered on the first call)."""
+    if not _CACHE_HITS:
+        _CACHE_HITS.append(0)
+        jax.monitoring.register_event_listener(_count_cache_hits)
+    return _CACHE_HITS[0]
+
+
+# ------------------------------------------------------------------------------------------------
 # The JAX step
 
 
@@ -192,8 +292,13 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     setup_s = time.perf_counter() - t0
 
     step = functools.partial(train.train_step, method=method, tx=tx, schedule=schedule)
-    flops = count_flops(step, state, frozen, batch_arrays) / n_dev
-    timed = _time_step(step, state, frozen, batch_arrays, steps=steps, warmup=warmup)
+    # one trace serves the FLOP count and the compilation (a full step's trace takes seconds)
+    hits = _cache_hits()
+    t0 = time.perf_counter()
+    traced = jax.jit(step, donate_argnums=(0,)).trace(state, frozen, batch_arrays)
+    trace_s = time.perf_counter() - t0
+    flops = jaxpr_flops(traced.jaxpr.jaxpr) / n_dev
+    timed = _time_step(traced, state, frozen, batch_arrays, steps=steps, warmup=warmup)
     times = timed.pop("times")
     step_s = statistics.median(times)
 
@@ -216,7 +321,8 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
         "images_per_step": images,
         "crop_size": int(config.crop_size),
         "setup_s": setup_s,
-        "compile_s": timed["compile_s"],
+        "compile_s": trace_s + timed["compile_s"],
+        "compile_cache_hit": _cache_hits() > hits,
         "ms_per_step": 1e3 * step_s,
         "ms_min": 1e3 * min(times),
         "ms_max": 1e3 * max(times),
@@ -232,18 +338,19 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
         "loss": timed["loss"],
         "steps": steps,
         "warmup": warmup,
-        "jax": jax.__version__,
+        **jax_environment(),
     }
     _say_result(result, say)
     return result
 
 
-def _time_step(step: Callable, state: Any, frozen: Any, batch: Any, *, steps: int, warmup: int
+def _time_step(traced: Any, state: Any, frozen: Any, batch: Any, *, steps: int, warmup: int
                ) -> dict[str, Any]:
-    """Compiles `step` and times `steps` calls after `warmup` ones: the compile seconds, the
-    per-step seconds, the last loss, peak memory before / after the steps, XLA's estimate."""
+    """Compiles the traced step and times `steps` calls after `warmup` ones: the lowering +
+    compile seconds, the per-step seconds, the last loss, peak memory before / after the steps,
+    XLA's estimate."""
     t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, batch).compile()
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
     try:
         mem = compiled.memory_analysis()
@@ -274,7 +381,9 @@ def _say_result(result: dict[str, Any], say: Callable[..., None]) -> None:
         f"{result['global_batch']} ({result['images_per_step']} images/step), "
         f"crop {result['crop_size']}")
     say(f"  setup      {result['setup_s']:8.1f} s (networks, state, random batch)")
-    say(f"  compile    {result['compile_s']:8.1f} s")
+    say(f"  compile    {result['compile_s']:8.1f} s"
+        + (" (loaded from the persistent compilation cache)" if result["compile_cache_hit"]
+           else ""))
     say(f"  step       {result['ms_per_step']:8.1f} ms median of {result['steps']} "
         f"(min {result['ms_min']:.1f}, max {result['ms_max']:.1f}; {result['warmup']} warm-up)")
     say(f"  throughput {result['images_per_s']:8.1f} images/s")
@@ -302,60 +411,176 @@ def torch_precisions() -> tuple[str, ...]:
     return ("fp32",) if jax.default_backend() == "cpu" else ("fp32", "bf16")
 
 
+def flipped(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with the other step kind (`config.fused_step` flipped)."""
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.fused_step = not methods.base.fused(config)
+    return other
+
+
+def run_torch(config: ml_collections.ConfigDict, *, precision: str, steps: int = 20,
+              warmup: int = 2, batch: int | None = None) -> dict[str, Any]:
+    """The PyTorch port of the official step (`pytorch/step.py`, the [torch] extra) timed on the
+    first CUDA device, else the CPU: its row with the configuration's fields (method, student,
+    crop, batch) and the machine's, so that it makes a table beside mgd_jax's rows."""
+    from mgd_jax.pytorch import step as torch_step  # local: the [torch] extra
+
+    batch_size = int(batch or config.batch_size)
+    method = methods.get(config)
+    context = {"method": config.method, "student": method.export_meta["backbone"],
+               "global_batch": batch_size, "images_per_step": method.images_per_step(batch_size),
+               "crop_size": int(config.crop_size)}
+    row = torch_step.run(config, batch_size=batch_size, precision=precision, steps=steps,
+                         warmup=warmup)
+    device = "cuda" if torch_step.torch.cuda.is_available() else "cpu"
+    row = {**context, **row, **torch_environment(torch_step.torch, device)}
+    print(f"{row['label']}, {row['precision']}, {row['card']}: {row['ms_per_step']:.1f} ms/step "
+          f"median of {steps} (min {row['ms_min']:.1f}, max {row['ms_max']:.1f}; {warmup} "
+          f"warm-up), {row['images_per_s']:.1f} images/s, peak "
+          f"{_fmt_bytes(row['peak_memory_bytes'])}")
+    print(json.dumps(row))
+    return row
+
+
+def run_one(config: ml_collections.ConfigDict, implementation: str, *, steps: int = 20,
+            warmup: int = 2, batch: int | None = None, peak_tflops: float | None = None,
+            precisions: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One implementation of `IMPLEMENTATIONS` on its own: "mgd_jax" (the configured step),
+    "reference" (`flipped`), "torch" (`run_torch` in each of `precisions`; default fp32 and,
+    with CUDA, bf16). A "torch" run never starts JAX on a device."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"--implementation={implementation} is not one of {IMPLEMENTATIONS}")
+    if implementation != "torch":
+        chosen = config if implementation == "mgd_jax" else flipped(config)
+        return [run_bench(chosen, steps=steps, warmup=warmup, batch=batch,
+                          peak_tflops=peak_tflops)]
+    if not precisions:
+        from mgd_jax.pytorch.nets import torch  # local: the [torch] extra
+
+        precisions = ("fp32", "bf16") if torch.cuda.is_available() else ("fp32",)
+    return [run_torch(config, precision=p, steps=steps, warmup=warmup, batch=batch)
+            for p in precisions]
+
+
 def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: int = 20,
             warmup: int = 2, batch: int | None = None, peak_tflops: float | None = None,
             precisions: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The configured step, then each of `what` ("reference": `config.fused_step=False`;
-    "torch": a PyTorch port of the official step, `pytorch/step.py`, in `precisions`) on the
-    same device;
-    prints one table with each row's speed-up over the PyTorch step of the same precision."""
+    """The configured step, then each of `what` ("reference": `config.fused_step` flipped;
+    "torch": a PyTorch port of the official step, `pytorch/step.py`, in `precisions`) in this
+    process on the same device; prints one table with each row's speed-up over the PyTorch step
+    of the same precision."""
     unknown = set(what) - set(COMPARE)
     if unknown:
         raise ConfigError(f"--compare: {sorted(unknown)} not in {COMPARE}")
     rows = [run_bench(config, steps=steps, warmup=warmup, batch=batch, peak_tflops=peak_tflops)]
     if "reference" in what:
-        reference = ml_collections.ConfigDict(config.to_dict())
-        reference.fused_step = not methods.base.fused(config)
-        rows.append(run_bench(reference, steps=steps, warmup=warmup, batch=batch,
+        rows.append(run_bench(flipped(config), steps=steps, warmup=warmup, batch=batch,
                               peak_tflops=peak_tflops))
     if "torch" in what:
-        from mgd_jax.pytorch import step as torch_step  # local: the [torch] extra
-
         for precision in precisions or torch_precisions():
-            row = torch_step.run(config, batch_size=rows[0]["global_batch"],
-                                 precision=precision, steps=steps, warmup=warmup)
-            print(json.dumps(row))
-            rows.append(row)
+            rows.append(run_torch(config, precision=precision, steps=steps, warmup=warmup,
+                                  batch=rows[0]["global_batch"]))
     print(format_table(rows))
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables of rows measured in separate processes
+
+# the row files of one configuration, in table order (launch/gpu_bench.sh names them so)
+ROW_FILES = ("mgd_jax", "reference", "torch_fp32", "torch_bf16")
+LABEL_TORCH = "PyTorch port of the official step"  # pytorch/step.py's LABEL, torch not imported
+
+
+def gather(rows_dir: str) -> dict[str, list[dict[str, Any]]]:
+    """{configuration: rows} from `rows_dir/<configuration>/<implementation>.json` files, each
+    one row (or a list of rows) as `mgd-bench step --json` writes it, or `{"failed": why, ...}`
+    where a run wrote none (launch/gpu_bench.sh: an out-of-memory error, a crash)."""
+    if not os.path.isdir(rows_dir):
+        raise ConfigError(f"--rows={rows_dir}: no such directory")
+    groups = {}
+    for name in sorted(os.listdir(rows_dir)):
+        folder = os.path.join(rows_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        files = sorted((f for f in os.listdir(folder) if f.endswith(".json")),
+                       key=lambda f: (ROW_FILES.index(f[:-5]) if f[:-5] in ROW_FILES
+                                      else len(ROW_FILES), f))
+        rows = []
+        for file in files:
+            path = os.path.join(folder, file)
+            try:
+                with open(path) as f:
+                    loaded = json.load(f)
+            except (OSError, ValueError) as e:
+                loaded = {"implementation": file[:-5], "failed": f"unreadable {path}: {e}"}
+            rows += loaded if isinstance(loaded, list) else [loaded]
+        if rows:
+            groups[name] = rows
+    return groups
+
+
+def format_groups(groups: dict[str, list[dict[str, Any]]]) -> str:
+    """One `format_table` per configuration of `gather`."""
+    return "\n\n".join(format_table(rows, name=name) for name, rows in groups.items())
 
 
 def _torch_ms(rows: list[dict[str, Any]], precision: str) -> float | None:
     family = "bf16" if precision.startswith("bf") else "fp32"
     for row in rows:
-        if row["implementation"] == "torch" and row["precision"].startswith(family):
+        if (row["implementation"] == "torch" and "ms_per_step" in row
+                and row["precision"].startswith(family)):
             return row["ms_per_step"]
     return None
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """Rows of `compare` as a table; "vs torch" = PyTorch ms / this row's ms at the same
-    precision family (float32 vs fp32, bfloat16 vs bf16 autocast)."""
-    first = rows[0]
-    lines = [
-        f"{first['method']} step, student {first['student']}, {first['devices']}, crop "
-        f"{first['crop_size']}, global batch {first['global_batch']} "
-        f"({first['images_per_step']} images/step), median of {first['steps']} steps",
-        f"{'implementation':<34} {'precision':<30} {'ms/step':>9} {'min':>9} {'peak mem':>10} "
-        f"{'vs torch':>9}",
-    ]
+def _row_name(row: dict[str, Any]) -> str:
+    if row["implementation"] == "torch":
+        return row.get("label", LABEL_TORCH)
+    return f"mgd_jax ({row.get('step', row['implementation'])} step)"
+
+
+def _machine_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each framework's rows ran: card, driver, versions (rows without them: none)."""
+    lines = []
+    for implementation, software in (("mgd_jax", "jax {jax}, jaxlib {jaxlib}"),
+                                      ("torch", "torch {torch}")):
+        row = next((r for r in rows if r["implementation"] == implementation and "card" in r),
+                   None)
+        if row is None and implementation == "mgd_jax":  # a run of the flipped step only
+            row = next((r for r in rows if r["implementation"] == "reference" and "card" in r),
+                       None)
+        if row is not None:
+            lines.append(f"  {implementation}: {row['card']}, driver {row['driver']}, "
+                         + software.format(**row) + f", CUDA {row['cuda']}, cuDNN "
+                         f"{row['cudnn']}, Python {row['python']}")
+    return lines
+
+
+def format_table(rows: list[dict[str, Any]], name: str | None = None) -> str:
+    """Rows of one configuration as a table; "vs torch" = PyTorch ms / this row's ms at the same
+    precision family (float32 vs fp32, bfloat16 vs bf16 autocast); a failed row says why."""
+    measured = [r for r in rows if "ms_per_step" in r]
+    if measured:
+        first = measured[0]
+        head = (f"{first['method']} step, student {first['student']}, "
+                f"{first.get('devices', first.get('card', '?'))}, crop {first['crop_size']}, "
+                f"global batch {first['global_batch']} ({first['images_per_step']} images/step), "
+                f"median of {first['steps']} steps")
+    else:
+        head = "no row measured"
+    lines = [f"{name}: {head}" if name else head, *_machine_lines(measured),
+             f"{'implementation':<34} {'precision':<30} {'ms/step':>9} {'min':>9} {'peak mem':>10} "
+             f"{'vs torch':>9}"]
     for row in rows:
-        name = (f"mgd_jax ({row['step']} step)" if row["implementation"] == "mgd_jax"
-                else row.get("label", "PyTorch port of the official step"))
+        if "ms_per_step" not in row:
+            lines.append(f"{_row_name(row):<34} {row.get('precision', ''):<30} failed: "
+                         f"{row.get('failed', 'no time in its row')}")
+            continue
         torch_ms = _torch_ms(rows, row["precision"])
         ratio = (f"{torch_ms / row['ms_per_step']:.2f}x"
                  if torch_ms and row["implementation"] != "torch" else "")
-        lines.append(f"{name:<34} {row['precision']:<30} {row['ms_per_step']:>9.1f} "
+        lines.append(f"{_row_name(row):<34} {row['precision']:<30} {row['ms_per_step']:>9.1f} "
                      f"{row['ms_min']:>9.1f} {_fmt_bytes(row.get('peak_memory_bytes')):>10} "
                      f"{ratio:>9}")
     return "\n".join(lines)
