@@ -108,7 +108,9 @@ fi
 [[ -n "$WEIGHTS" ]] || { echo "$USAGE" >&2; fail "--weights is required"; }
 WORKDIR="${WORKDIR%/}" WEIGHTS="${WEIGHTS%/}"
 absolute() {  # the stages run from the repository root: a relative local path is made absolute
-  if [[ -z "$1" || "$1" == gs://* || "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
+  # shellcheck disable=SC2088  # the quoted ~ is the text the shell left unexpanded after =
+  if [[ "$1" == "~/"* ]]; then echo "$HOME/${1#"~/"}"
+  elif [[ -z "$1" || "$1" == gs://* || "$1" == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi
 }
 if [[ "$PLATFORM" != tpu ]]; then
   WORKDIR="$(absolute "$WORKDIR")" WEIGHTS="$(absolute "$WEIGHTS")"

@@ -70,7 +70,8 @@ def fake_cloud(tmp_path):
     env_file.write_text(textwrap.dedent(f"""\
         export PROJECT=p ZONE=z TPU_NAME=mgd-v4-32 ACCELERATOR_TYPE=v4-32
         export RUNTIME_VERSION=tpu-ubuntu2204-base SPOT=1 QUEUED=0 PYTHON_VERSION=3.11
-        export EXTRAS=tpu,gcs BUCKET=b RUNS_DIR={runs} MOUNT_BUCKET=0 DATA_DIR={tmp_path}/data
+        export EXTRAS=tpu,gcs BUCKET=b RUNS_DIR={runs} MOUNT_BUCKET=0 MOUNT={tmp_path}/mnt
+        export DATA_DIR={tmp_path}/data
         export SPLIT_DIR= STOP_GRACE=3 REPO_REF=HEAD
         """))
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
@@ -110,6 +111,10 @@ def test_dry_run_prints_the_commands_and_runs_nothing(fake_cloud):
     queued = _script("create_tpu.sh", "--dry-run", env=dict(env, MGD_LAUNCH_ENV=str(queued_env))
                      ).stdout
     assert "queued-resources create mgd-v4-32 --node-id=mgd-v4-32" in queued
+    # a bucket folder given relative: env.sh's mount, expanded here (not in the user's shell)
+    prepare = _script("prepare_data.sh", "--dry-run", "voc", "raw/voc", env=env).stdout
+    mount = Path(env["MGD_LAUNCH_ENV"]).with_name("mnt")
+    assert f"--manual_dir={mount}/raw/voc " in prepare.replace("\\", ""), prepare
 
 
 def test_setup_and_sync_twice_then_the_run_finds_its_environment(fake_cloud):
@@ -676,3 +681,58 @@ def test_recipe_on_tpu_workers_runs_single_process_tools_on_worker_0_only(recipe
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "student stopped before it finished" in stopped.stdout
     assert "recipe: eval" not in stopped.stdout
+
+
+def _slug(heading):
+    """GitHub's anchor of a markdown heading: lower case, punctuation other than - and _
+    dropped, spaces as hyphens."""
+    import re
+
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    text = re.sub(r"\]\([^)]*\)", "", text).replace("[", "")  # a link's text stays
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_linked_file_and_anchor_exists():
+    """Every relative link of the repository's markdown (README.md, docs/, launch/, ...) and
+    every docs/*.md named in the launch scripts and the configs points at a file
+    that exists, and at a heading of it where it names one (what env.example.sh's link to a
+    docs/scaling.md that never existed would have failed)."""
+    import re
+
+    skip = {".git", ".venv", "node_modules", "build", "dist"}
+    markdown, sources = [], []
+    for folder, dirs, names in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".")]
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(".md"):
+                markdown.append(path)
+            elif name.endswith((".py", ".sh", ".sbatch")) and os.path.relpath(
+                    folder, ROOT).split(os.sep)[0] in ("launch", "configs"):
+                sources.append(path)
+    links = []  # (file, target path, anchor)
+    for path in markdown:
+        text = re.sub(r"```.*?```", "", Path(path).read_text(), flags=re.S)  # code is no link
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            links.append((path, os.path.normpath(os.path.join(os.path.dirname(path), file))
+                          if file else path, anchor))
+    for path in sources:
+        for file, anchor in re.findall(r"\b(docs/[\w.-]+\.md)(?:#([\w-]+))?",
+                                       Path(path).read_text()):
+            links.append((path, os.path.join(ROOT, file), anchor))
+    assert len(markdown) >= 5 and links
+    broken = []
+    for source, target, anchor in links:
+        where = f"{os.path.relpath(source, ROOT)} -> {os.path.relpath(target, ROOT)}"
+        if not os.path.exists(target):
+            broken.append(where)
+        elif anchor and target.endswith(".md"):
+            headings = re.findall(r"^#+\s+(.+?)\s*$", re.sub(
+                r"```.*?```", "", Path(target).read_text(), flags=re.S), re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                broken.append(f"{where}#{anchor}")
+    assert not broken, broken
