@@ -5,7 +5,9 @@
 runs six stages (each teacher's pre-training on a source task, CPS teacher T_D, CPS teacher T_W,
 Sup.l student, MGD student) and prints one table. `configs/demo.py:stage=student_mgd` gives a
 single stage's plain config (set --config.data_dir and the teacher checkpoints yourself);
-`configs/demo.py:seeds=0,1,2` runs the whole demo per seed and adds the gain's mean +- std.
+`configs/demo.py:seeds=0,1,2` runs the whole demo per seed and adds the gain's mean +- std;
+`configs/demo.py:ablation=1` adds students trained with some of MGD's terms only and their table
+(docs/demo.md, "The ablation"), reusing the stages a finished demo left in the workdir.
 The networks are depth/width-reduced members of the official families; the Sup.l and MGD students
 share architecture, steps, labeled subset, initialisation and seed, so any gain comes from the
 method alone. Departures from the official recipe, all for a CPU in minutes: 48 px images, the
@@ -21,9 +23,10 @@ from mgd_jax.workflows import demo
 
 
 def get_config(arg: str | None = None):
-    a = config_lib.parse_arg(arg, stage="", seeds=(0,))
+    a = config_lib.parse_arg(arg, stage="", seeds=(0,), ablation=False)
     c = config_lib.base_config()
-    c.stages = ",".join(demo.STAGES)
+    # ablation=1: the ablation's students too (demo.ABLATION), after the demo's own stages
+    c.stages = ",".join(demo.STAGES + (demo.ABLATION_STAGES if a.ablation else ()))
     c.dataset = demo.DATASET
     c.data_dir = ""  # "" = <workdir>/data, built on first use
     c.train_split = "train"

@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 import pytest
 from PIL import Image
 
+from mgd_jax import config_lib
 from mgd_jax.data import synthetic
 from mgd_jax.runtime.errors import ConfigError, UserError
 from mgd_jax.workflows import demo
@@ -136,12 +138,14 @@ def test_demo_claim_holds_for_five_seeds(tmp_path):
 
 
 # A stand-in for a stage process (`demo.stage_command`): notes when it ran, writes its result
-# after `seconds`, exits with `code`. Once its handler is in place it writes `ready`; on SIGTERM
-# or SIGINT it stops "with a checkpoint" (exit 75) after 0.3 s, counting the signals it got in
-# `stopped` (a second one would abort a real stage's checkpoint).
+# (mIoU `miou`) after `seconds`, exits with `code`. Once its handler is in place it writes
+# `ready`; on SIGTERM or SIGINT it stops "with a checkpoint" (exit 75) after 0.3 s, counting the
+# signals it got in `stopped` (a second one would abort a real stage's checkpoint). Each start
+# adds a line to `runs`.
 FAKE_STAGE = """
 import json, os, signal, sys, time
-stage_dir, seconds, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+stage_dir, seconds, code, miou = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+open(os.path.join(stage_dir, "runs"), "a").write("run\\n")
 count = 0
 def stop(*_):
     global count
@@ -156,17 +160,26 @@ open(os.path.join(stage_dir, "ready"), "w").close()
 start = time.time()
 print("training", flush=True)
 time.sleep(seconds)
-json.dump({"miou": 0.5, "params": 1, "start": start, "end": time.time()},
+json.dump({"miou": float(miou), "params": 1, "start": start, "end": time.time()},
           open(os.path.join(stage_dir, "final_metrics.json"), "w"))
+os.makedirs(os.path.join(stage_dir, "export"), exist_ok=True)
 sys.exit(code)
 """
 
 
-def fake_stages(monkeypatch, behaviour):
-    """`behaviour`: stage -> (seconds, exit status)."""
+def fake_stages(monkeypatch, behaviour, miou=lambda stage_dir: 0.5, record=False):
+    """`behaviour`: stage -> (seconds, exit status); `miou`: the stage directory -> its result;
+    `record`: each stage's config.json is written as a real stage writes it (which, with its
+    export/ and final_metrics.json, lets the demo reuse the stage)."""
     def command(stage_dir):
+        if record:
+            with open(os.path.join(stage_dir, demo.STAGE_CONFIG_FILE), "rb") as f:
+                config = config_lib.resolve_backend_defaults(pickle.load(f))
+            with open(os.path.join(stage_dir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort())
         seconds, code = behaviour[os.path.basename(stage_dir)]
-        return [sys.executable, "-c", FAKE_STAGE, stage_dir, str(seconds), str(code)]
+        return [sys.executable, "-c", FAKE_STAGE, stage_dir, str(seconds), str(code),
+                str(miou(stage_dir))]
 
     monkeypatch.setattr(demo, "stage_command", command)
 
@@ -271,7 +284,8 @@ def test_a_stopped_demo_says_so_and_the_same_command_continues(monkeypatch, tmp_
     from mgd_jax.data import prepare
 
     monkeypatch.setattr(prepare, "ensure_synthetic", lambda *a, **k: demo.DATASET)
-    monkeypatch.setattr(demo, "student_gain", lambda config, seed_dir: (0.1, 0.01))
+    monkeypatch.setattr(demo, "student_gains",
+                        lambda config, seed_dir, stages: {s: (0.1, 0.01) for s in stages})
     monkeypatch.setattr(demo, "save_panels", lambda config, seed_dir: None)
     argv = ["mgd-train", f"--config={ROOT}/configs/demo.py", f"--workdir={tmp_path}"]
     fake_stages(monkeypatch, {s: (60.0 if s.startswith("student") else 0.3, 0)

@@ -4,7 +4,8 @@
 Routing, as in the official train.py:
   L_sup  CE (or OHEM) of S(x_l) against the ground truth;
   L_P    hard-label CE of S(u_mix) against the mixed pseudo-labels of T_W and of T_D (from their
-         forwards on the unmixed u0 / u1), and of S(x_l) against argmax T_W(x_l) and T_D(x_l);
+         forwards on the unmixed u0 / u1), and of S(x_l) against argmax T_W(x_l) and T_D(x_l)
+         (`loss.pixel_teachers`: one teacher's two terms only, an ablation);
   L_I    λ1 · semantic-sensitive(S(u_mix), T_D(u_mix)), the L1 sum scaled per replica;
   L_R    λ2 · content-aware(S's decoder feature, T_W's decoder feature), both on u_mix.
 Teachers never enter the optimizer or the checkpoint. The teacher-side CE terms of the official
@@ -28,6 +29,15 @@ from mgd_jax.runtime.errors import ConfigError
 
 TEACHERS = ("teacher_deep", "teacher_wide")  # T_D, T_W
 TEACHER_BN = ("batch", "running")  # official: batch statistics (train-mode BN, §1.2)
+# `loss.pixel_teachers`: whose pseudo-labels L_P uses. Official: both; one alone is an ablation
+# (the demo's, docs/demo.md); L_I and L_R keep their teacher whatever this says.
+PIXEL_TEACHERS = {"both": TEACHERS, "deep": ("teacher_deep",), "wide": ("teacher_wide",)}
+
+
+def pixel_teachers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The teachers whose pseudo-labels enter L_P (`loss.pixel_teachers`; a config recorded
+    before the field existed means both)."""
+    return PIXEL_TEACHERS[config.loss.get("pixel_teachers", "both")]
 
 
 def load_teacher(config: ml_collections.ConfigDict, name: str) -> base.Network:
@@ -82,6 +92,10 @@ class MGD(base.StudentMethod):
                                   "trained teacher (a CPS run's export/ or an imported network)")
             if not os.path.isdir(os.path.expanduser(path)):
                 raise ConfigError(f"config.{name}.checkpoint: {path!r} does not exist")
+        chosen = config.loss.get("pixel_teachers", "both")
+        if chosen not in PIXEL_TEACHERS:
+            raise ConfigError(f"config.loss.pixel_teachers: {chosen!r} is not one of "
+                              f"{tuple(PIXEL_TEACHERS)}")
         if config.loss.lambda_image < 0 or config.loss.lambda_region < 0:
             raise ConfigError("config.loss.lambda_image / lambda_region: must be >= 0")
 
@@ -127,7 +141,7 @@ class MGD(base.StudentMethod):
         # Teacher passes (no gradient). Pseudo-labels for u_mix come from the unmixed images.
         pseudo_mix, pseudo_l = {}, {}
         image_target = region_target = None
-        for name in TEACHERS:
+        for name in pixel_teachers(config):
             if switch.consistency_unlabeled:
                 logits_0 = teacher(name, u0).logits
                 logits_1 = teacher(name, u1).logits
@@ -162,9 +176,10 @@ class MGD(base.StudentMethod):
         x_l, _, u0, u1, mask, u_mix = inputs
         size = x_l.shape[1:3]
         images = {"u0": u0, "u1": u1, "x_l": x_l, "u_mix": u_mix}
+        pixel = pixel_teachers(config)
         wanted = {name: ((["u0", "u1"] if switch.consistency_unlabeled else [])
                          + (["x_l"] if switch.consistency_labeled else []))
-                  for name in TEACHERS}
+                  if name in pixel else [] for name in TEACHERS}
         if switch.image:
             wanted["teacher_deep"].append("u_mix")
         if switch.region:

@@ -33,6 +33,13 @@ name. The first SIGTERM / SIGINT to the demo stops it: every running stage stops
 checkpoint (one started while the signal landed too), no further stage starts, the demo says so
 on its last line and in `<workdir>/stopped.json`, and exits 0; the same command continues.
 
+`configs/demo.py:ablation=1` adds the ablation's students (`ABLATION`): the MGD student with
+some of its loss terms switched off, or L_P from one teacher, each distilled from the same
+teachers; a stage already trained in the workdir with the same config is reused, not trained
+again, so run after the demo it trains only them. It prints one more table (a row per student:
+mIoU, gain over Sup.l and its bootstrap SE; mean +- std over seeds) and adds it to results.json
+under `ablation`.
+
 The top-level fields the demo sets for each stage (`PER_STAGE_FIELDS`: the seed, steps, learning
 rate, networks, ...) are refused when changed, naming the `demo.*` field to use instead.
 """
@@ -63,8 +70,29 @@ from mgd_jax.runtime.errors import ConfigError, UserError
 
 STAGES = ("pretrain_deep", "pretrain_wide", "teacher_deep", "teacher_wide",
           "student_supervised", "student_mgd")
+# The ablation (`configs/demo.py:ablation=1`): extra students, each the MGD student's stage config
+# with only these loss switches changed (same init, steps, labeled subset and seed), distilled
+# from the same teachers. Every variant keeps L_sup; the full MGD student and Sup.l are the
+# demo's own stages, so they close the table without training again.
+ABLATION = {
+    "ablation_pixel_deep": ("L_sup + L_P, T_D only",
+                            {"loss.image": False, "loss.region": False,
+                             "loss.pixel_teachers": "deep"}),
+    "ablation_pixel_wide": ("L_sup + L_P, T_W only",
+                            {"loss.image": False, "loss.region": False,
+                             "loss.pixel_teachers": "wide"}),
+    "ablation_pixel": ("L_sup + L_P", {"loss.image": False, "loss.region": False}),
+    "ablation_pixel_image": ("L_sup + L_P + L_I", {"loss.region": False}),
+    "ablation_pixel_region": ("L_sup + L_P + L_R", {"loss.image": False}),
+}
+ABLATION_STAGES = tuple(ABLATION)
+# The ablation table's rows, in order: (stage, what its student is trained with).
+ABLATION_ROWS = (("student_supervised", "L_sup only (Sup.l)"),
+                 *((stage, name) for stage, (name, _) in ABLATION.items()),
+                 ("student_mgd", "L_sup + L_P + L_I + L_R (MGD)"))
+# The stages that must finish first.
 NEEDS = {"teacher_deep": {"pretrain_deep"}, "teacher_wide": {"pretrain_wide"},
-         "student_mgd": {"teacher_deep", "teacher_wide"}}  # stages that must finish first
+         **{s: {"teacher_deep", "teacher_wide"} for s in ("student_mgd", *ABLATION_STAGES)}}
 RESULT_NAMES = {
     "teacher_deep": "teacher_resnet101",
     "teacher_wide": "teacher_wide_resnet50_2",
@@ -181,10 +209,17 @@ def stage_config(
 ) -> ml_collections.ConfigDict:
     """The plain training config of one demo stage (no `stages` or `demo.seeds` field).
 
-    With `workdir`, the MGD stage points at the teachers exported by the earlier stages.
+    With `workdir`, the MGD stage points at the teachers exported by the earlier stages. An
+    ablation stage (`ABLATION`) is the MGD stage with its loss switches changed, nothing else.
     """
+    if stage in ABLATION:
+        c = stage_config(demo, "student_mgd", workdir)
+        for name, value in ABLATION[stage][1].items():
+            parent, key = name.rsplit(".", 1)
+            _field(c, parent)[key] = value
+        return c
     if stage not in STAGES:
-        raise ConfigError(f"demo stage {stage!r} is not one of {STAGES}")
+        raise ConfigError(f"demo stage {stage!r} is not one of {STAGES + ABLATION_STAGES}")
     c = _plain_copy(demo)
     d = c.demo
     backbone, c.model.width, c.model.depths = _architecture(d, _role(stage))
@@ -253,25 +288,103 @@ def format_seeds(per_seed: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def student_gain(config: ml_collections.ConfigDict, seed_dir: str) -> tuple[float, float]:
-    """MGD - Sup.l val mIoU of the two exported students, with its bootstrap standard error
-    over the val images (`evaluate.bootstrap_difference`)."""
+def ablation_table(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ablation's rows (`ABLATION_ROWS`) from each seed's: per row what the student is
+    trained with, the switches it changes against the MGD student, its mIoU, gain over Sup.l
+    and that gain's bootstrap SE per seed, and the mean and std over seeds (std 0 for one seed;
+    Sup.l's gain is None)."""
+    def spread(values: list[float | None]) -> tuple[float | None, float | None]:
+        if None in values:
+            return None, None
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+    table = {}
+    for stage, name in ABLATION_ROWS:
+        rows = {str(seed): r["ablation"][stage] for seed, r in per_seed.items()}
+        miou_mean, miou_std = spread([row["miou"] for row in rows.values()])
+        gain_mean, gain_std = spread([row["gain"] for row in rows.values()])
+        table[stage] = {"variant": name, "switches": ABLATION.get(stage, (None, {}))[1],
+                        "seeds": rows, "miou_mean": miou_mean, "miou_std": miou_std,
+                        "gain_mean": gain_mean, "gain_std": gain_std}
+    if "student_supervised" in table:
+        table["student_supervised"]["switches"] = None  # another method, not a switch of MGD's
+    return table
+
+
+def format_ablation(table: dict[str, dict[str, Any]]) -> str:
+    """One row per student: its mIoU and gain over Sup.l (bootstrap SE) per seed; with several
+    seeds, the mean +- std (over seeds) of both."""
+    seeds = list(next(iter(table.values()))["seeds"])
+    several = len(seeds) > 1
+    header = f"{'student trained with':<32}" + "".join(f"{'seed ' + s:>23}" for s in seeds)
+    if several:
+        header += f"{'mIoU mean +- std':>20}{'gain mean +- std':>20}"
+    lines = ["ablation: mIoU % and gain over Sup.l (its bootstrap SE over the val images) of "
+             "the same student (init, steps, labeled subset, seed) trained with", header]
+    for row in table.values():
+        cells = ""
+        for r in row["seeds"].values():
+            gain = ("" if r["gain"] is None
+                    else f"{100 * r['gain']:+7.2f} ({100 * r['gain_se']:.2f})")
+            cells += f"{100 * r['miou']:>8.2f}{gain:>15}"
+        if several:
+            cells += f"{100 * row['miou_mean']:>12.2f} +- {100 * row['miou_std']:4.2f}"
+            cells += ("" if row["gain_mean"] is None else
+                      f"{100 * row['gain_mean']:>+12.2f} +- {100 * row['gain_std']:4.2f}")
+        lines.append(f"{row['variant']:<32}{cells}".rstrip())
+    return "\n".join(lines)
+
+
+def student_gains(config: ml_collections.ConfigDict, seed_dir: str, stages: Sequence[str]
+                  ) -> dict[str, tuple[float, float]]:
+    """For each of `stages` (students exported in `seed_dir`): its val mIoU minus Sup.l's, with
+    the bootstrap standard error over the val images (`evaluate.bootstrap_difference`, paired:
+    the same resamples for both); Sup.l is evaluated once."""
     from mgd_jax import network_dir
     from mgd_jax.data import input_pipeline
     from mgd_jax.evaluation import evaluate
 
     evaluator = evaluate.Evaluator.from_config(config)
     source = input_pipeline.eval_source(config)
-    per_example = []
-    for stage in ("student_supervised", "student_mgd"):
+
+    def per_example(stage: str) -> np.ndarray:
         network = network_dir.load_network(os.path.join(seed_dir, stage),
                                            precision=config.precision)
-        per_example.append(evaluator.per_example(
+        return evaluator.per_example(
             evaluate.model_logits(network.model), network.variables,
             input_pipeline.eval_dataset(source, batch_size=config.eval.batch_size,
                                         pad_to=tuple(config.eval.pad_to)),
-        )[: len(source)])
-    return evaluate.bootstrap_difference(*per_example)
+        )[: len(source)]
+
+    supervised = per_example("student_supervised")
+    return {stage: evaluate.bootstrap_difference(supervised, per_example(stage))
+            for stage in stages}
+
+
+def final_metrics(seed_dir: str, stage: str) -> dict[str, Any]:
+    with open(os.path.join(seed_dir, stage, "final_metrics.json")) as f:
+        return json.load(f)
+
+
+def finished_stage(config: ml_collections.ConfigDict, stage: str, seed_dir: str
+                   ) -> dict[str, Any] | None:
+    """The final metrics of `stage` when `seed_dir` holds it trained to the end with this very
+    stage config (its recorded config.json differs in no field that changes the run), else
+    None. Such a stage is not started again: the ablation reuses a finished demo's stages."""
+    from mgd_jax import config_lib
+
+    try:
+        metrics = final_metrics(seed_dir, stage)
+        with open(os.path.join(seed_dir, stage, "config.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):  # not there, or cut short
+        return None
+    # (what a run records: the fields left to the backend resolved, as they are in the stages)
+    wanted = config_lib.resolve_backend_defaults(stage_config(config, stage, seed_dir))
+    if (not os.path.isdir(os.path.join(seed_dir, stage, "export"))
+            or config_lib.resume_changes(recorded, wanted)):
+        return None
+    return metrics
 
 
 @dataclasses.dataclass
@@ -300,9 +413,19 @@ def run_seed(config: ml_collections.ConfigDict, seed_dir: str) -> dict[str, Any]
     } for stage in stages if stage in RESULT_NAMES}
     source_miou = {stage: float(results[stage]["miou"]) for stage in stages
                    if stage.startswith("pretrain")}
-    gain, gain_se = student_gain(config, seed_dir)
-    return {"networks": networks, "pretraining_source_miou": source_miou, "gain": gain,
-            "gain_se": gain_se}
+    ablation = [s for s in ABLATION_STAGES if s in stages]
+    gains = student_gains(config, seed_dir, ["student_mgd", *ablation])
+    gain, gain_se = gains["student_mgd"]
+    record = {"networks": networks, "pretraining_source_miou": source_miou, "gain": gain,
+              "gain_se": gain_se}
+    if ablation:  # the rows of this seed: every student of the table
+        record["ablation"] = {stage: {
+            "miou": float((results[stage] if stage in results
+                           else final_metrics(seed_dir, stage))["miou"]),
+            "gain": gains[stage][0] if stage in gains else None,
+            "gain_se": gains[stage][1] if stage in gains else None,
+        } for stage, _ in ABLATION_ROWS}
+    return record
 
 
 def parallel_width(config: ml_collections.ConfigDict) -> int:
@@ -325,6 +448,8 @@ def _run_stages_in_turn(config: ml_collections.ConfigDict, stages: Sequence[str]
     results = {}
     for stage in stages:
         stage_dir = os.path.join(seed_dir, stage)
+        if _reuse(config, stage, seed_dir, results):
+            continue
         logs.say(f"== seed {config.seed}: stage {stage} -> {stage_dir}")
         results[stage] = train.train_and_evaluate(stage_config(config, stage, seed_dir),
                                                   stage_dir)
@@ -341,6 +466,19 @@ STAGE_CONFIG_FILE = "stage_config.pkl"  # what the parent hands a stage process
 
 def _needs(stage: str, stages: Sequence[str]) -> set[str]:
     return NEEDS.get(stage, set()) & set(stages)
+
+
+def _reuse(config: ml_collections.ConfigDict, stage: str, seed_dir: str,
+           results: dict[str, dict[str, Any]]) -> bool:
+    """Whether `stage` is already trained (`finished_stage`): then its result goes to `results`
+    and it is said so."""
+    metrics = finished_stage(config, stage, seed_dir)
+    if metrics is None:
+        return False
+    results[stage] = metrics
+    logs.say(f"== seed {config.seed}: stage {stage}: already trained in "
+             f"{os.path.join(seed_dir, stage)} (mIoU {100 * metrics['miou']:.2f} %), reused")
+    return True
 
 
 # The points of the stage scheduler, in order, where it calls `scheduler_point(point, stage)`:
@@ -370,6 +508,7 @@ def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str]
     orders: list[int] = []  # what every running stage gets: the signals, or SIGTERM on a failure
     delivered: dict[str, int] = {}  # stage -> how many of `orders` it got
     stopped: set[str] = set()  # by a signal, with their checkpoints
+    checked: set[str] = set()  # looked for as trained before (`_reuse`)
 
     def record(signum: int, frame: Any) -> None:
         del frame
@@ -388,6 +527,11 @@ def _run_stages_at_once(config: ml_collections.ConfigDict, stages: Sequence[str]
     try:
         while pending or running:
             for stage in [s for s in pending if _needs(s, stages) <= results.keys()]:
+                if stage not in checked and not (received or failed or stopped):
+                    checked.add(stage)  # once: a stage trained before is reused
+                    if _reuse(config, stage, seed_dir, results):
+                        pending.remove(stage)
+                        continue
                 scheduler_point("before_start", stage)
                 if received or failed or stopped or len(running) >= width:
                     break
@@ -576,8 +720,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         if primary and config.eval.panels > 0:
             save_panels(config, seed_dir)
     logs.say("\n" + format_seeds(per_seed), primary=primary)
-    logs.say(f"(total {time.time() - t0:.0f} s; mIoU of the final checkpoints on "
-             f"{sizes['num_val']} val images; SE: bootstrap over those images)", primary=primary)
     gains = [r["gain"] for r in per_seed.values()]
     results = {
         "seeds": {str(seed): r for seed, r in per_seed.items()},
@@ -585,6 +727,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, primary: bool) -> dict
         "gain_std": float(np.std(gains, ddof=1)) if len(gains) > 1 else 0.0,
         "gain_min": float(np.min(gains)),
     }
+    if any("ablation" in r for r in per_seed.values()):
+        results["ablation"] = ablation_table(per_seed)
+        for r in per_seed.values():  # the table holds each seed's rows
+            del r["ablation"]
+        logs.say("\n" + format_ablation(results["ablation"]), primary=primary)
+    logs.say(f"(total {time.time() - t0:.0f} s; mIoU of the final checkpoints on "
+             f"{sizes['num_val']} val images; SE: bootstrap over those images)", primary=primary)
     if primary:
         with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
             json.dump(results, f, indent=2)
