@@ -56,6 +56,8 @@ CORE = {
     "test_train.py": (
         "test_step_on_8_devices_equals_1_device", "test_interrupt_and_resume_is_bit_identical",
     ),
+    # launch/gpu_bench.sh --offline on a preinstalled newest jax + torch: a GPU image's stack
+    "test_gpu_bench.py": ("test_offline_mode_runs_on_the_bench_stack_alone",),
 }
 
 
