@@ -43,8 +43,9 @@ TOL = {"metrics": (1e-5, 1e-7), "grads": (1e-4, 1e-5), "batch_stats": (1e-6, 1e-
 
 CASES = {
     "supervised": ("supervised", {}),
-    "cps": ("cps", {"cps.weight": 1.5}),
-    "mgd": ("mgd", {}),
+    # the paper configs' per-replica L_sup (the supervised case keeps the global mean)
+    "cps": ("cps", {"cps.weight": 1.5, "loss.ce_reduction": "per_replica"}),
+    "mgd": ("mgd", {"loss.ce_reduction": "per_replica"}),
     # teachers on running statistics, OHEM with mining, terms switched off, no no-grad passes
     "mgd-variant": ("mgd", {"teacher_bn": "running", "loss.ohem": True,
                             "loss.ohem_thresh": 0.2, "loss.ohem_min_kept": 300,

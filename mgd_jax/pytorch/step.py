@@ -5,7 +5,8 @@ and checks that the loss, every metric, the gradients and the new BN statistics 
 `[torch]` extra; nothing else in the package imports this module.
 
 The networks are `nets.build`'s (torchvision / timm layouts, the sizes of the config), the losses
-those of docs/method.md §1.2 / §2.4 (OHEM as the official `ProbOhemCrossEntropy2d`, per replica),
+those of docs/method.md §1.2 / §2.4 (OHEM as the official `ProbOhemCrossEntropy2d`, per replica;
+the plain supervised CE per replica or over the batch as `loss.ce_reduction` says),
 the optimiser SGD with momentum and the official `group_weight` split (weight decay on conv /
 linear weights only). Per MGD step: the two teachers in train mode without gradient on u0, u1, x_l
 and u_mix (8 forwards), the student on u0 and u1 without gradient, then on u_mix and x_l with
@@ -172,6 +173,8 @@ class Step:
     def _supervised(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.config.loss
         if not loss.ohem:
+            if loss.get("ce_reduction", "global") == "per_replica":
+                return _per_replica(_ce, self.config.replica_batch, logits, labels)
             return _ce(logits, labels)
         return _per_replica(
             lambda z, y: _ohem_ce(z, y, loss.ohem_thresh, loss.ohem_min_kept),
