@@ -109,6 +109,7 @@ def test_colab_notebook_top_to_bottom_then_after_a_restart(tmp_path, monkeypatch
     install, text = outputs[0], "\n".join(outputs)
     assert f"from {ROOT.as_uri()}" in install
     assert re.search(r"^jax \S+ \(cpu\): inside pyproject.s range \S+, kept$", install, re.M)
+    assert re.search(r"^pip install -c \S+ -e \S+/mgd_jax_repo\[tensorboard\]$", install, re.M)
     assert "nothing this session had imported was replaced" in install
     assert (content / "mgd_jax_repo" / "configs" / "demo.py").is_file()
     assert "| MGD | resnet18 |" in text and "| Sup.l | resnet18 |" in text  # the results table
@@ -152,3 +153,38 @@ def test_install_cell_takes_a_drive_copy_else_says_why_not(tmp_path, monkeypatch
     assert f"mgd_jax: {content / 'mgd_jax_repo'}, from {drive / 'mgd_jax'}" in install
     assert (content / "mgd_jax_repo" / "configs" / "demo.py").is_file()
     assert not (content / "mgd_jax_repo" / ".git").exists()  # copied without its history
+
+
+def test_install_cell_picks_the_accelerator_build_from_jax(tmp_path, monkeypatch):
+    """The runtime's accelerator and version as its jax reports them (a stand-in jax module for
+    the cell's probe): out of pyproject's range, the `tpu` / `cuda12` extra; inside it, jax kept
+    with the package's other requirements only; no jax, the CPU build."""
+    nb = _notebook()
+    content, _ = _colab_env(monkeypatch, tmp_path, ROOT.as_uri())
+    fake = tmp_path / "fake_jax" / "jax"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "if os.environ['FAKE_JAX'] == 'none':\n"
+        "    raise ImportError('no jax')\n"
+        "__version__, backend = os.environ['FAKE_JAX'].split()\n"
+        "def default_backend():\n"
+        "    return backend\n")
+    cases = {"0.9.0 tpu": "tpu", "0.9.0 gpu": "cuda12", "0.10.2 gpu": None, "none": None}
+    cells = []
+    for case in cases:  # the stand-in for the probe's process only, not for this kernel
+        cells += [nbformat.v4.new_code_cell(f"os.environ.update(FAKE_JAX={case!r}, "
+                                            f"PYTHONPATH={str(fake.parent)!r})"),
+                  nbformat.v4.new_code_cell(_install_cell(nb).source)]
+    outputs = _execute(nb, [nbformat.v4.new_code_cell("import os")] + cells, content,
+                       allow_errors=True)[2::2]
+    repo = re.escape(str(content / "mgd_jax_repo"))
+    tpu, gpu, kept, none = outputs
+    assert "jax 0.9.0 (tpu): outside pyproject's range" in tpu
+    assert re.search(rf"^pip install -e {repo}\[tensorboard,tpu\]$", tpu, re.M)
+    assert "jax 0.9.0 (gpu): outside pyproject's range" in gpu
+    assert re.search(rf"^pip install -e {repo}\[tensorboard,cuda12\]$", gpu, re.M)
+    assert re.search(r"^jax 0.10.2 \(gpu\): inside pyproject.s range \S+, kept$", kept, re.M)
+    assert re.search(rf"^pip install -c \S+ -e {repo}\[tensorboard\]$", kept, re.M)
+    assert "no jax installed" in none
+    assert re.search(rf"^pip install -e {repo}\[tensorboard\]$", none, re.M)
