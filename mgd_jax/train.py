@@ -12,8 +12,10 @@ that changes the run is refused (`config_lib.resume_changes`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ import optax
 
 from mgd_jax import config_lib, methods, models, optim
 from mgd_jax.methods.base import eval_variables, select
-from mgd_jax.runtime import errors, interrupts, logs, parallel, paths, reporting
+from mgd_jax.runtime import errors, interrupts, logs, parallel, paths, reporting, workdir_lock
 
 
 @flax.struct.dataclass
@@ -196,14 +198,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = paths.resolve(workdir)
     check_workdir(workdir)
     is_main = jax.process_index() == 0
-    with logs.log_file(str(workdir), enabled=is_main):
-        run = _setup(config, dataset, workdir, is_main)
-        extra_scores = run.evals.extras(run.method, run.frozen, run.start)
-        with interrupts.StopSignals() as signals:
-            end = _loop(run, signals)
-            if end.stopped:
-                return _stopped(run, end.step, signals)
-        return _finish(run, end, extra_scores)
+    # One run per workdir, refused at once before anything is written (workdir_lock).
+    with workdir_lock.hold(workdir, primary=is_main) as lock, \
+            logs.log_file(str(workdir), enabled=is_main) as log:
+        guards = tuple(g.check for g in (lock, log) if g is not None)
+        run = None
+        try:
+            run = _setup(config, dataset, workdir, is_main, guards)
+            extra_scores = run.evals.extras(run.method, run.frozen, run.start)
+            with interrupts.StopSignals() as signals:
+                end = _loop(run, signals)
+                if end.stopped:
+                    return _stopped(run, end.step, signals)
+            return _finish(run, end, extra_scores)
+        except Exception as error:
+            failure = _end_after_failure(run, workdir, error)
+            if failure is error:
+                raise
+            raise failure from error
+
+
+# What a failed write into the workdir raises (a full disk or quota, a file size limit, a storage
+# gone read-only or away).
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+def _end_after_failure(run: _Run | None, workdir: Any, error: Exception) -> Exception:
+    """The end of a run after its first failure: the pending checkpoint writes waited for and
+    every writer closed, each quietly (on a full disk they fail too; the first failure is the
+    one to report). Returns what to raise: a failed write as one `WriteError` naming the file,
+    the step whose write failed and the intact checkpoints; any other error as it is."""
+    if run is not None:
+        closers = (run.ckpt.close, getattr(run.train_iter, "close", None), run.reporter.close)
+        for close in closers:
+            try:
+                if close is not None:
+                    close()
+            except Exception:  # noqa: BLE001 - consequences of `error`, kept in the log file
+                logging.info("closing after a failed run failed", exc_info=True)
+    if not isinstance(error, OSError) or not (
+            error.errno in WRITE_ERRNOS or str(error.filename or "").startswith(str(workdir))):
+        return error
+    what = error.filename or f"into {workdir}"
+    when = "before the first step" if run is None else f"at step {run.at}"
+    if run is not None:
+        intact = run.ckpt.intact_steps()
+    else:
+        from mgd_jax.runtime import checkpoint
+
+        intact = checkpoint.sealed_steps(workdir / checkpoint.CHECKPOINTS_DIR)
+    resume = (f"it resumes from step {intact[-1]}" if intact else "it starts afresh")
+    return errors.WriteError(
+        f"writing {what} failed {when}: {error.strerror or error}; the run stops (intact "
+        f"checkpoints: steps {intact}). Free space (or fix the storage) and rerun the same "
+        f"command: {resume}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,10 +278,18 @@ class _Run:
     ckpt: Any  # checkpoint.Checkpointer
     evals: _Evaluations
     num_params: int  # of the evaluated network
+    # Raise when something beside the checkpoints failed (the workdir lock taken over, a log
+    # write failed): asked after every step's writes.
+    guards: tuple[Callable[[], None], ...] = ()
+    at: int = 0  # the step whose results are being written (a failed write names it)
+
+    def check(self) -> None:
+        for guard in self.guards:
+            guard()
 
 
-def _setup(config: ml_collections.ConfigDict, dataset: Any, workdir: Any, is_main: bool
-           ) -> _Run:
+def _setup(config: ml_collections.ConfigDict, dataset: Any, workdir: Any, is_main: bool,
+           guards: tuple[Callable[[], None], ...] = ()) -> _Run:
     """Data, state (restored when the workdir has a checkpoint), jitted step and evaluations;
     `dataset`: the config's, resolved (`datasets.Dataset`)."""
     # Local: `train_step` (the step benchmark) runs without the data / checkpoint stacks.
@@ -272,7 +328,7 @@ def _setup(config: ml_collections.ConfigDict, dataset: Any, workdir: Any, is_mai
     return _Run(config=config, workdir=workdir, is_main=is_main, method=method, data=data,
                 steps=steps, reporter=reporter, network_meta=network_meta, state=state,
                 start=start, frozen=frozen, step_fn=step_fn, train_iter=train_iter, ckpt=ckpt,
-                evals=evals, num_params=num_params)
+                evals=evals, num_params=num_params, guards=(*guards, reporter.check), at=start)
 
 
 def _record_run(config: ml_collections.ConfigDict, workdir: Any, is_main: bool,
@@ -425,7 +481,7 @@ def _loop(run: _Run, signals: interrupts.StopSignals) -> _LoopEnd:
         state, step_metrics = run.step_fn(state, run.frozen, next(run.train_iter))
         current = average_of(nonfinite.note(step_metrics, state.step - 1))
         interval = current if interval is None else interval.merge(current)
-        done = step + 1
+        done = run.at = step + 1
         interrupts.fault_point("step", done)
         ckpt.check()
         log, evaluate_now = done % config.log_every == 0, done % config.eval_every == 0
@@ -447,6 +503,7 @@ def _loop(run: _Run, signals: interrupts.StopSignals) -> _LoopEnd:
             nonfinite.check()
         if due or stop:
             ckpt.save(done, state, run.train_iter, force=done == run.steps or stop)
+        run.check()
         if stop:
             return _LoopEnd(state, done, scores, variables, time.time() - t0, stopped=True)
     ckpt.wait()
@@ -482,6 +539,7 @@ def _stopped(run: _Run, step: int, signals: interrupts.StopSignals) -> dict[str,
 def _finish(run: _Run, end: _LoopEnd, extra_scores: dict[str, dict]) -> dict[str, Any]:
     """The exports (final and best), the final metrics; returns them."""
     final, scores = end.variables, end.scores
+    run.at = run.steps
     if final is None:  # resumed after the last step: evaluate what was restored
         final = eval_variables(run.method, end.state.params, end.state.batch_stats)
         scores = run.evals.trained(run.steps, final)
@@ -507,6 +565,7 @@ def _finish(run: _Run, end: _LoopEnd, extra_scores: dict[str, dict]) -> dict[str
         _write_json(run.workdir / "final_metrics.json", result)
     run.reporter.text("final", json.dumps({k: result[k] for k in ("miou", "best", "params")}))
     run.reporter.close()
+    run.check()
     return result
 
 

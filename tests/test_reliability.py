@@ -264,8 +264,9 @@ def test_sigint_stops_in_process_and_a_changed_config_is_refused(synthetic_dir, 
     assert "lr: 0.01 -> 0.02; seed: 0 -> 1." in err[0] and "log_every" not in err[0]
     assert open(os.path.join(workdir, "config.json")).read() == recorded
     # Safe fields, and the explicit override.
-    config = tiny_run_config(synthetic_dir, log_every=5, data_dir=str(tmp_path / "moved"),
-                             **{"eval.panels": 2})
+    # (as the run compares it: with the backend's defaults resolved, as config.json has them)
+    config = config_lib.resolve_backend_defaults(tiny_run_config(
+        synthetic_dir, log_every=5, data_dir=str(tmp_path / "moved"), **{"eval.panels": 2}))
     train.check_resume_config(config, workdir, resuming=True)
     config.model.width = 0.25
     with pytest.raises(ConfigError, match=r"model.width: 0.125 -> 0.25\. Rerun"):
@@ -427,3 +428,104 @@ def test_two_processes_agree_on_the_stop_step():
     assert [proc.returncode for proc in procs] == [0, 0]
     stops = [out.split("stop at ")[1].split()[0] for out in outputs]
     assert stops[0] == stops[1]
+
+
+# `python -m mgd_jax.main` whose writes into regular files fail from step `argv[1]` on: a file
+# size limit of 0 (RLIMIT_FSIZE, SIGXFSZ ignored) makes every write that grows a file fail with
+# EFBIG, as a full disk fails them with ENOSPC: the log line, the metrics row, the checkpoint.
+# The checkpoint writes in flight finish first (which of them a real disk fills up first is
+# chance).
+FULL_FROM_STEP = '''
+import resource, signal, sys
+from mgd_jax import main
+from mgd_jax.runtime import checkpoint, interrupts
+
+at, original = int(sys.argv.pop(1)), interrupts.fault_point
+made, init = [], checkpoint.Checkpointer.__init__
+checkpoint.Checkpointer.__init__ = lambda self, *a, **k: made.append(self) or init(self, *a, **k)
+
+def disk_full(name, step):
+    if name == "step" and step == at:
+        made[0].wait()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    original(name, step)
+
+interrupts.fault_point = disk_full
+sys.exit(main.run())
+'''
+
+
+def test_full_disk_ends_with_one_line_naming_the_step_and_resume_completes(config_file, reference,
+                                                                            tmp_path):
+    """Writes fail from step 5 on (checkpoints at 2 and 4): exit 2, one `error:` line naming
+    step 5, no traceback; checkpoints 2 and 4 intact; the same command afterwards (space
+    freed) ends bit-identical to the uninterrupted run."""
+    workdir = str(tmp_path / "run")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONUNBUFFERED="1")
+    env.pop(interrupts.FAULT_ENV, None)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_FROM_STEP, "5", f"--config={config_file}",
+         f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    print(proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "step 5" in errors[0] and "File too large" in errors[0], errors[0]
+    assert "intact checkpoints: steps [2, 4]" in errors[0], errors[0]
+    assert checkpoint.saved_steps(os.path.join(workdir, "checkpoints")) == [2, 4]
+    for step in (2, 4):
+        assert integrity.damage(os.path.join(workdir, "checkpoints", str(step))) is None
+
+    code, out = finish(start(config_file, workdir))
+    assert code == 0, out[-3000:]
+    assert "resumed from step 4" in out
+    for a, b in zip(variables_of(reference), variables_of(workdir), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_background_write_failure_names_its_own_step(tmp_path, monkeypatch):
+    """A checkpoint write that fails in the background is found at the next save (or check): the
+    error names the step whose write failed, not the step being saved."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    state = {"w": jnp.arange(3.0)}
+    ckpt.save(1, state, Position())
+    ckpt.wait()
+    ckpt.save(2, state, Position())
+
+    def failed_in_the_background():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt._latest, "wait_until_finished", failed_in_the_background)
+    with pytest.raises(CheckpointError, match=(
+            r"^writing the checkpoint of step 2 in .* failed: \[Errno 28\] No space left on "
+            r"device; the run stops \(intact checkpoints: steps \[1\]\)$")):
+        ckpt.save(3, state, Position())
+    monkeypatch.undo()
+    ckpt.close()
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_at_once(config_file, tmp_path, capsys,
+                                                            monkeypatch):
+    """The same command on a workdir another run holds: exit 2 at once, one `error:` line naming
+    the holder, nothing written; once the holder is killed (SIGKILL), the workdir is free."""
+    from test_workdir_lock import hold_in_child
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = hold_in_child(workdir)
+    try:
+        argv = ["main", f"--config={config_file}", f"--workdir={workdir}"]
+        monkeypatch.setattr(sys, "argv", argv)
+        assert main.main(argv) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: --workdir={workdir}: in use by another run (host ")
+        assert f"pid {holder.pid}, started " in line
+        assert sorted(os.listdir(workdir)) == ["run.lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    from mgd_jax.runtime import workdir_lock
+
+    workdir_lock.acquire(workdir).release()

@@ -59,6 +59,9 @@ class Checkpointer:
             ),
             item_names=("state",),
         )
+        # The step of each manager's last started write: a failure found later (a background
+        # write, seen at the next save, check or wait) names the step whose write failed.
+        self._started: dict[int, int | None] = {id(self._latest): None, id(self._best): None}
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
@@ -116,7 +119,9 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> None:
         """Starts writing the checkpoint of `step` (asynchronously); seals the finished ones."""
         interrupts.fault_point("save:before", step)
+        self._finish_started(self._latest)
         with self._writing(self._latest, step):
+            self._started[id(self._latest)] = step
             self._latest.save(
                 step,
                 args=ocp.args.Composite(
@@ -129,7 +134,9 @@ class Checkpointer:
         self._seal(self._latest)
 
     def save_best(self, step: int, state: Any, miou: float) -> None:
+        self._finish_started(self._best)
         with self._writing(self._best, step):
+            self._started[id(self._best)] = step
             self._best.save(
                 step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                 metrics={"miou": float(miou)}, force=True,
@@ -140,8 +147,15 @@ class Checkpointer:
         """Raises `CheckpointError` if a write that has finished in the background failed
         (cheap: call it at every step)."""
         for manager in (self._latest, self._best):
-            with self._writing(manager, manager.latest_step()):
+            with self._writing(manager, self._started[id(manager)]):
                 manager.check_for_errors()
+
+    def _finish_started(self, manager: ocp.CheckpointManager) -> None:
+        """Waits for the manager's write in flight (orbax's `save` would, naming the new step in
+        a failure of the old one)."""
+        with self._writing(manager, self._started[id(manager)]):
+            manager.wait_until_finished()
+            manager.check_for_errors()
 
     @contextlib.contextmanager
     def _writing(self, manager: ocp.CheckpointManager, step: int | None):
@@ -149,8 +163,12 @@ class Checkpointer:
             yield
         except Exception as e:
             logging.info("checkpoint write failed", exc_info=True)  # the log file keeps the trace
-            self._seal(manager, failed=step)
-            intact = sorted(s for s in manager.all_steps() if s != step)
+            try:  # the finished ones (on a full disk the manifests may fail too: not sealed then)
+                self._seal(manager, failed=step)
+            except Exception:  # noqa: BLE001 - this error is the one to report
+                logging.info("sealing after a failed write failed", exc_info=True)
+            intact = sorted(s for s in manager.all_steps()
+                            if s != step and integrity.is_sealed(_step_dir(manager, s)))
             raise CheckpointError(
                 f"writing the checkpoint of step {step} in {manager.directory} failed: "
                 f"{_first_line(e)}; the run stops (intact checkpoints: steps {intact})"
@@ -189,9 +207,13 @@ class Checkpointer:
     def wait(self) -> None:
         """Waits for the pending writes and seals them."""
         for manager in (self._latest, self._best):
-            with self._writing(manager, manager.latest_step()):
-                manager.wait_until_finished()
+            self._finish_started(manager)
             self._seal(manager)
+
+    def intact_steps(self) -> list[int]:
+        """The latest checkpoints completely written (sealed), e.g. after a failed write."""
+        return [step for step in sorted(self._latest.all_steps())
+                if integrity.is_sealed(_step_dir(self._latest, step))]
 
     def close(self) -> None:
         self.wait()
@@ -240,6 +262,12 @@ def saved_steps(where: str | os.PathLike) -> list[int]:
         return []
     with _read_only(where) as manager:
         return sorted(manager.all_steps())
+
+
+def sealed_steps(where: str | os.PathLike) -> list[int]:
+    """The steps of the completely written (sealed) checkpoints in `where`."""
+    return [step for step in saved_steps(where)
+            if integrity.is_sealed(paths.resolve(where) / str(step))]
 
 
 def restore_raw(workdir: str, step: int | str = "latest") -> tuple[int, dict[str, Any]]:

@@ -34,3 +34,12 @@ class CheckpointError(UserError):
 class DivergedError(UserError):
     """A non-finite loss or gradient stopped the run (the message names the step and the last
     good checkpoint)."""
+
+
+class WorkdirInUseError(UserError):
+    """Another run holds the workdir's lock (the message names it: host, pid, start)."""
+
+
+class WriteError(UserError):
+    """A write into the workdir failed (disk full, file size limit, storage gone): the message
+    names the file, the step whose write failed and the intact checkpoints."""

@@ -91,6 +91,10 @@ class LogFile(logging.Handler):
     `gs://` workdir) cannot be appended to: the lines go to a local copy (seeded with the remote
     file's lines, so a resumed run keeps them) and the whole file is written through `epath`
     every `sync_seconds` and on close.
+
+    A failed write (a full disk, lost storage) neither raises into the code that logged nor
+    prints a traceback: the first one is kept, `check()` raises it (the training loop asks after
+    every step, so the error names the step) and `close()` never raises.
     """
 
     def __init__(self, path: str, *, remote: bool | None = None, sync_seconds: float = 30.0):
@@ -101,6 +105,7 @@ class LogFile(logging.Handler):
         self.sync_seconds = sync_seconds
         self._synced = time.monotonic()
         self._owner = threading.get_ident()
+        self.failure: OSError | None = None  # the first failed write
         if self.remote:
             fd, self._local = tempfile.mkstemp(prefix="mgd_jax_log_", suffix=".txt")
             os.close(fd)
@@ -133,6 +138,17 @@ class LogFile(logging.Handler):
                 self.handleError(record)
         return emitted
 
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        error = sys.exc_info()[1]
+        if self.failure is None:
+            self.failure = OSError(getattr(error, "errno", None) or 0,
+                                   getattr(error, "strerror", None) or str(error), self.path)
+
+    def check(self) -> None:
+        """Raises the first failed write as an OSError naming the log file."""
+        if self.failure is not None:
+            raise self.failure
+
     def sync(self) -> None:
         """Writes the remote file whole (nothing to do for a local one)."""
         if self.remote and not self._file.closed:
@@ -145,10 +161,16 @@ class LogFile(logging.Handler):
 
     def close(self) -> None:
         if not self._file.closed:
-            self.sync()
-            self._file.close()
+            try:
+                self.sync()
+                self._file.close()
+            except OSError:  # the last lines are lost; an error of the run itself comes first
+                self.handleError(None)  # type: ignore[arg-type]
+                with contextlib.suppress(OSError):
+                    self._file.close()  # the buffer is dropped: the close cannot fail twice
             if self.remote:
-                os.remove(self._local)
+                with contextlib.suppress(OSError):
+                    os.remove(self._local)
         super().close()
 
 

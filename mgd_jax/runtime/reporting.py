@@ -10,12 +10,13 @@ JAX/numpy scalars.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -63,12 +64,24 @@ class Reporter:
         self._last: tuple[int, float] | None = None  # (step, time) of the previous progress call
         self._jsonl = None
         self._tb = None
+        self.failure: OSError | None = None  # the first failed write of the event files
         if is_main:
             paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
             self._jsonl = MetricsFile(str(paths.resolve(workdir) / METRICS_FILE))
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(logdir=str(paths.resolve(workdir)))
+            _record_event_file_failures(self._tb, self._failed)
+
+    def _failed(self, error: OSError) -> None:
+        if self.failure is None:
+            self.failure = error
+
+    def check(self) -> None:
+        """Raises the first failed write of the TensorBoard event files (written on a thread of
+        their own); the other files' writes raise where they happen."""
+        if self.failure is not None:
+            raise self.failure
 
     def _emit(self, line: str, console: bool = True) -> None:
         logs.say(line, console=console, primary=self.is_main)
@@ -196,6 +209,10 @@ class MetricsFile:
         self._file = None if self.remote else open(self.path, "a")
 
     def write(self, row: Mapping[str, Any]) -> None:
+        with _naming(self.path):
+            self._write(row)
+
+    def _write(self, row: Mapping[str, Any]) -> None:
         row = dict(row)
         key = _row_key(row)
         replaced = key in self._rows
@@ -228,6 +245,10 @@ class MetricsFile:
             self._rewrite()
 
     def _rewrite(self) -> None:
+        with _naming(self.path):
+            self._rewrite_file()
+
+    def _rewrite_file(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self._rows.values())
         if self.remote:
             self.path.write_text(text)
@@ -243,6 +264,41 @@ class MetricsFile:
             self.sync()
         elif self._file is not None and not self._file.closed:
             self._file.close()
+
+
+def _record_event_file_failures(tb: Any, record: Callable[[OSError], None]) -> None:
+    """tensorboardX writes its event files on a thread of its own, where a failed write (a full
+    disk) prints a traceback, ends the thread and fails again at exit: their writes hand their
+    failure to `record` instead (`Reporter.check` raises the first)."""
+
+    def recording(write: Callable[..., Any], where: str) -> Callable[..., Any]:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return write(*args, **kwargs)
+            except OSError as e:
+                record(OSError(e.errno, e.strerror or str(e), where))
+                return None
+
+        return guarded
+
+    for file_writer in (getattr(tb, "all_writers", None) or {}).values():
+        events = getattr(file_writer.event_writer, "_ev_writer", None)  # its EventsWriter
+        if events is None:  # another tensorboardX: its own behaviour
+            continue
+        where = getattr(events, "_file_name", None) or f"the event file in {tb.logdir}"
+        for name in ("write_event", "flush", "close"):
+            setattr(events, name, recording(getattr(events, name), str(where)))
+
+
+@contextlib.contextmanager
+def _naming(path: Any) -> Iterator[None]:
+    """A failed write of `path` as an OSError naming it (a file object's errors name none)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def _row_key(row: Mapping[str, Any]) -> tuple:

@@ -65,7 +65,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from mgd_jax.runtime import logs
+from mgd_jax.runtime import logs, workdir_lock
 from mgd_jax.runtime.errors import ConfigError, UserError
 
 STAGES = ("pretrain_deep", "pretrain_wide", "teacher_deep", "teacher_wide",
@@ -681,7 +681,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_config(config)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    with logs.log_file(workdir, enabled=jax.process_index() == 0):
+    # The demo holds its workdir (one demo per workdir), each stage its own sub-workdir.
+    with workdir_lock.hold(workdir, primary=jax.process_index() == 0), \
+            logs.log_file(workdir, enabled=jax.process_index() == 0):
         return _run(config, workdir, jax.process_index() == 0)
 
 
