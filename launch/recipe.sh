@@ -207,7 +207,8 @@ OFFICIAL_TW=(-m mgd_jax.tools.import_weights --backbone=wide_resnet34_2
 TRAIN_S=(-m mgd_jax.main "--config=$CONFIG:method=mgd,student=$STUDENT,partition=$PARTITION"
   "--workdir=$STUDENT_RUN" "--config.student_init=$(imported "$STUDENT")"
   "--config.teacher_deep.checkpoint=$TD" "--config.teacher_wide.checkpoint=$TW")
-EVAL=(-m mgd_jax.tools.evaluate "--checkpoint=$STUDENT_RUN" "${DATA[@]}")
+# (mgd-eval reads the dataset and protocol from the student's config.json)
+EVAL=(-m mgd_jax.tools.evaluate "--checkpoint=$STUDENT_RUN")
 EXPORT=(-m mgd_jax.tools.export "--checkpoint=$STUDENT_RUN" --format=jax "--sizes=$SIZES"
   "--output=$DEPLOY")
 

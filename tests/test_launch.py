@@ -736,3 +736,39 @@ def test_every_linked_file_and_anchor_exists():
             if anchor not in {_slug(h) for h in headings}:
                 broken.append(f"{where}#{anchor}")
     assert not broken, broken
+
+
+@pytest.mark.parametrize("platform", ["gpu", "slurm"])
+def test_recipe_commands_are_ones_the_tools_accept(recipe, platform, monkeypatch):
+    """Each command the recipe prints parses with its tool's own flags (absl, and ml_collections
+    for the config and its --config.<field> overrides, which must name existing fields): a
+    renamed flag or config field fails here, not days into a run."""
+    import importlib
+
+    from absl import flags as absl_flags
+    from ml_collections import config_flags
+
+    result = recipe.run(platform, "--dry-run", "--data_dir=/data",
+                        "--", "--config.batch_size=16", "--config.eval.batch_size=16")
+    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(ROOT)  # the configs are named from the repository root
+    commands = [c for c in _printed(result.stdout) if "-m" in c]
+    assert len(commands) == 8
+    for command in commands:
+        module = command[command.index("-m") + 1]
+        argv = [module, *command[command.index("-m") + 2:]]
+        tool_flags = importlib.import_module(module).FLAGS
+        config_args = [a for a in argv[1:] if a.startswith("--config")]
+        for arg in argv[1:]:
+            if arg not in config_args:
+                assert arg[2:].split("=")[0] in tool_flags, (module, arg)
+        if config_args:  # the tool's config flag, fresh (its overrides register once)
+            assert module == "mgd_jax.main" and "config" in tool_flags
+            parsed = absl_flags.FlagValues()
+            config_flags.DEFINE_config_file("config", flag_values=parsed, lock_config=True,
+                                            sys_argv=[module, *config_args])
+            parsed([module, *config_args])  # raises on an unknown config field
+            config = parsed["config"].value
+            assert config.data_dir == "/data" and config.batch_size == 16
+            assert config.eval.batch_size == 16
+            assert (config.cps.init if config.method == "cps" else config.student_init)
