@@ -89,6 +89,10 @@ def test_repository_url_is_pyproject_s():
              f"(https://colab.research.google.com/github/{owner_repo}/blob/main/"
              f"notebooks/{NOTEBOOK.name})")
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(badge)
+    for doc in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("launch/*.md")]:
+        for link in re.findall(r"https://colab\.research\.google\.com/github/[^)\s]+",
+                               doc.read_text()):
+            assert badge.endswith(f"({link})"), f"{doc.name}: {link}"
     code = "\n".join(c.source for c in _code(nb))
     assert not re.search(r"[=<>~]=\s*\d+\.\d", code), "a version: pyproject holds them"
     assert "nvidia-smi" not in code and "from configs" not in code and "%cd" not in code
