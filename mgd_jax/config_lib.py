@@ -242,6 +242,7 @@ RESUME_SAFE = frozenset({
     "data_dir", "split_dir", "student_init", "cps.init", "num_workers", "prefetch", "log_every",
     "eval_every", "checkpoint_every", "keep_checkpoints", "eval.panels", "eval.progress_seconds",
     "eval.batch_size", "evaluate_teachers", "remat", "skip_nonfinite", "allow_config_change",
+    "fused_step",  # the two step kinds compute the same (tests/test_fused_step.py)
 })
 
 

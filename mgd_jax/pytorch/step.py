@@ -212,7 +212,10 @@ class Step:
         switch = c.loss
         student, t_deep, t_wide = (self.nets[k] for k in ("student", "teacher_deep",
                                                           "teacher_wide"))
-        teachers = (t_wide, t_deep)
+        # L_P's teachers (loss.pixel_teachers: both | deep | wide), in the official order
+        chosen = switch.get("pixel_teachers", "both")
+        teachers = tuple(t for name, t in (("wide", t_wide), ("deep", t_deep))
+                         if chosen in ("both", name))
         with torch.no_grad():
             pseudo_mix = ([_pseudo(t, u0, u1, mask) for t in teachers]
                           if switch.consistency_unlabeled else [])
