@@ -281,6 +281,17 @@ if [[ "$PLATFORM" == tpu-worker ]]; then
   [[ "$WORKER" =~ ^[0-9]+$ ]] || fail "cannot read this TPU worker's number from the metadata server"
   if [[ "$WORKER" != 0 ]]; then PRIMARY=0; fi
   STOP_FLAG="$HOME/mgd_jax_run/stop_requested"  # written by launch/worker_stop.sh
+  # One detached recipe per worker: a second one would start every stage a second time.
+  RECIPE_PID="$HOME/mgd_jax_run/recipe.pid"
+  if [[ -f "$RECIPE_PID" ]] && kill -0 "$(cat "$RECIPE_PID")" 2> /dev/null; then
+    fail "$(hostname): a recipe is running here already (pid $(cat "$RECIPE_PID")):" \
+      "launch/stop.sh stops it"
+  fi
+  if [[ "$DRY_RUN" == 0 ]]; then
+    mkdir -p "$HOME/mgd_jax_run"
+    echo $$ > "$RECIPE_PID"
+    trap 'rm -f "$RECIPE_PID"' EXIT
+  fi
   rm -f "$STOP_FLAG"
 fi
 if [[ "$PLATFORM" == multi-gpu ]]; then

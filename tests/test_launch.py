@@ -681,6 +681,12 @@ def test_recipe_on_tpu_workers_runs_single_process_tools_on_worker_0_only(recipe
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "student stopped before it finished" in stopped.stdout
     assert "recipe: eval" not in stopped.stdout
+    # a second recipe on a worker whose first still runs is refused
+    (tmp_path / "home1/mgd_jax_run/recipe.pid").write_text(str(os.getpid()))
+    twice = subprocess.run(stopped.args, env=dict(recipe.base_env, HOME=str(tmp_path / "home1"),
+                                                  TPU_WORKER_ID="1"),
+                           capture_output=True, text=True, timeout=60)
+    assert twice.returncode == 2 and "a recipe is running here already" in twice.stderr
 
 
 def _slug(heading):
