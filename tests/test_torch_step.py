@@ -46,8 +46,10 @@ CASES = {
     # the paper configs' per-replica L_sup (the supervised case keeps the global mean)
     "cps": ("cps", {"cps.weight": 1.5, "loss.ce_reduction": "per_replica"}),
     "mgd": ("mgd", {"loss.ce_reduction": "per_replica"}),
-    # teachers on running statistics, OHEM with mining, terms switched off, no no-grad passes
+    # teachers on running statistics, OHEM with mining, terms switched off, L_P from T_D alone,
+    # no no-grad passes
     "mgd-variant": ("mgd", {"teacher_bn": "running", "loss.ohem": True,
+                            "loss.pixel_teachers": "deep",
                             "loss.ohem_thresh": 0.2, "loss.ohem_min_kept": 300,
                             "loss.consistency_labeled": False, "loss.region": False,
                             "student_nograd_bn_updates": False}),
