@@ -109,6 +109,9 @@ done
 if [[ $OFFLINE == 1 && ( -n "$CUDA" || -n "$TORCH_INDEX" ) ]]; then
   usage "--cuda and --torch-index choose what mode (a) installs: not with --offline"
 fi
+if [[ $CPU == 1 && -n "$CUDA" ]]; then
+  usage "--cpu installs the CPU builds: not with --cuda"
+fi
 if [[ $OFFLINE == 0 && -n "$WHEELS" ]]; then
   usage "--wheels is for --offline (mode (a) installs from the registry)"
 fi

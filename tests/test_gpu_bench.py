@@ -187,6 +187,7 @@ def test_offline_plan_installs_nothing(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--offline", "--cuda", "12"], "--cuda and --torch-index choose what mode (a) installs"),
     (["--wheels", "/tmp"], "--wheels is for --offline"),
+    (["--cpu", "--cuda", "13"], "--cpu installs the CPU builds: not with --cuda"),
     (["--offline", "--wheels", "/nonexistent"], "--wheels /nonexistent: no such directory"),
     (["--steps", "ten"], "whole numbers, not 'ten'"),
     (["--only", "mgd_resnet50"], "--only: unknown configuration 'mgd_resnet50'"),
@@ -266,6 +267,26 @@ def check_run(result, out, names, log):
     for p in log.iterdir():  # the next call's processes alone
         p.unlink()
     return table
+
+
+def test_a_failed_run_leaves_a_failed_row_and_the_next_runs(tmp_path):
+    """Both runs fail here (a config field that does not exist): each leaves its row, saying so,
+    the second still runs, the table is printed, and the exit status is 1."""
+    need("torch", "torchvision", "timm")
+    out = tmp_path / "out"
+    result = script("--offline", "--cpu", "--python", sys.executable, "--output", str(out),
+                    "--only", "mgd_resnet18", "--torch-precisions", "fp32", "--",
+                    "--config.no_such_field=1", env=run_env(tmp_path)[0], timeout=300)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((out / "gpu_bench.json").read_text())["mgd_resnet18"]
+    assert [(r["implementation"], r.get("step"), r.get("precision")) for r in rows] == [
+        ("mgd_jax", "configured", None), ("torch", None, "fp32")]
+    logs = ("mgd_resnet18.mgd_jax.log", "mgd_resnet18.torch_fp32.log")
+    for row, log in zip(rows, logs, strict=True):
+        assert row["failed"].startswith("exit status 2 after ")
+        assert row["failed"].endswith(f"log {out / 'logs' / log}")
+        assert "no_such_field" in (out / "logs" / log).read_text()
+    assert "mgd_jax (configured step)" in result.stdout and "failed: exit status 2" in result.stdout
 
 
 COMMON = ["--cpu", "--steps", "1", "--warmup", "0", "--batch", "2", "--torch-precisions", "fp32"]
