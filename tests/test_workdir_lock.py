@@ -258,3 +258,45 @@ def test_the_demo_holds_its_workdir(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+TWO_PROCESSES = '''
+import sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
+                           process_id=int(sys.argv[1]))
+from mgd_jax.runtime import workdir_lock
+from mgd_jax.runtime.errors import WorkdirInUseError
+try:
+    with workdir_lock.hold(sys.argv[3], primary=jax.process_index() == 0) as lock:
+        print("held" if lock is not None else "joined", flush=True)
+except WorkdirInUseError as e:
+    print(f"refused: {e}", flush=True)
+jax.distributed.shutdown()
+'''
+
+
+def test_a_multi_process_run_is_one_holder(tmp_path):
+    """Process 0 takes the lock for the run; when it is refused, every process stops."""
+    import multiprocess
+
+    def run_two():
+        address = f"localhost:{multiprocess.free_port()}"
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=ROOT)
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(i), address,
+                                   str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+        # (the last line: the collectives library may print its own before it)
+        return [proc.communicate(timeout=120)[0].strip().splitlines()[-1] for proc in procs]
+
+    assert run_two() == ["held", "joined"]
+    holder = hold_in_child(tmp_path)
+    try:
+        first, second = run_two()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert first.startswith(f"refused: --workdir={tmp_path}: in use by another run (host ")
+    assert f"pid {holder.pid}, started " in first
+    assert second == (f"refused: --workdir={tmp_path}: in use by another run, or its lock cannot "
+                      "be taken (process 0 says which)")

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mgd_jax.runtime import paths
-from mgd_jax.runtime.errors import WorkdirInUseError
+from mgd_jax.runtime.errors import UserError, WorkdirInUseError
 
 LOCK_FILE = "run.lock"
 LEASE_SECONDS = 120.0  # gs://: a lock not renewed for this long is stale (its holder is gone)
@@ -137,13 +137,19 @@ class GcsLock:
 
     def __init__(self, workdir: str, *, lease_seconds: float = LEASE_SECONDS, client: Any = None,
                  clock: Any = time.time, renew: bool = True):
-        from google.api_core import exceptions
-
+        try:
+            from google.api_core import exceptions
+            from google.cloud import storage
+        except ImportError:
+            raise UserError(f"--workdir={workdir}: gs:// workdirs need google-cloud-storage (pip "
+                            "install 'mgd_jax[gcs]')") from None
         self._conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
         if client is None:
-            from google.cloud import storage
-
-            client = storage.Client()
+            try:
+                client = storage.Client()
+            except Exception as e:  # no credentials or project: google.auth's errors
+                raise UserError(f"--workdir={workdir}: cannot reach Google Cloud Storage to lock "
+                                f"the workdir ({type(e).__name__}: {e})") from None
         bucket, _, prefix = workdir[len("gs://"):].partition("/")
         self.name = f"{prefix.strip('/')}/{LOCK_FILE}".lstrip("/")
         self.path = f"gs://{bucket}/{self.name}"
@@ -267,7 +273,7 @@ def hold(workdir: str | os.PathLike, *, primary: bool = True
     if primary:
         try:
             lock = acquire(workdir)
-        except WorkdirInUseError as e:
+        except UserError as e:  # in use, or its lock unreachable: every process stops
             refusal = e
     import jax
 
@@ -277,8 +283,8 @@ def hold(workdir: str | os.PathLike, *, primary: bool = True
 
         refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
         if refused and refusal is None:
-            refusal = WorkdirInUseError(f"--workdir={workdir}: in use by another run (process 0 "
-                                        "names it)")
+            refusal = WorkdirInUseError(f"--workdir={workdir}: in use by another run, or its lock "
+                                        "cannot be taken (process 0 says which)")
     if refusal is not None:
         raise refusal
     try:
