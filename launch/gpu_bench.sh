@@ -6,13 +6,13 @@
 # OUT/gpu_bench.json, each with the card, the NVIDIA driver, jax or torch, CUDA and cuDNN versions.
 #
 #   bash launch/gpu_bench.sh [--offline] [--dry-run] [--output DIR] [--steps N] [--warmup N]
-#       [--batch N] [--only NAME,...] [--with-reference] [--torch-precisions fp32,bf16]
+#       [--batch N] [--only NAME,...] [--with-fused] [--torch-precisions fp32,bf16]
 #       [--python PY] [--cuda 12|13] [--torch-index URL|none] [--wheels DIR] [--cpu]
 #       [-- FLAGS for every `mgd-bench step` run, e.g. --config.crop_size=64]
 #
 # --dry-run prints the plan (each command, with the environment it runs in) and runs nothing.
-# NAMEs: mgd_resnet18, mgd_mobilenet_v2, cps_resnet101. --with-reference adds the other step kind
-# (config.fused_step flipped). OUT: --output, default gpu_bench_out in this checkout.
+# NAMEs: mgd_resnet18, mgd_mobilenet_v2, cps_resnet101. --with-fused adds the fused step
+# (config.fused_step=True) beside the default one. OUT: --output, default gpu_bench_out here.
 #
 # (a) Default: a fresh CUDA machine with PyPI. Makes OUT/venv and installs there only what the
 #     benchmark imports, at constraints.txt's versions (pip -c): jax with its CUDA plugin, flax,
@@ -62,7 +62,7 @@ DRY=0
 OFFLINE=0
 CPU=0
 ONLY=""
-REFERENCE=0
+FUSED=0
 TORCH_PRECISIONS="fp32,bf16"
 PYTHON=""
 CUDA=""
@@ -82,7 +82,7 @@ while [[ $# -gt 0 ]]; do
     --dry-run) DRY=1 ;;
     --offline) OFFLINE=1 ;;
     --cpu) CPU=1 ;;
-    --with-reference) REFERENCE=1 ;;
+    --with-fused) FUSED=1 ;;
     --output) value "$1" "${2:-}"; OUT="$2"; shift ;;
     --steps) value "$1" "${2:-}"; STEPS="$2"; shift ;;
     --warmup) value "$1" "${2:-}"; WARMUP="$2"; shift ;;
@@ -320,8 +320,8 @@ for entry in "${CONFIGS[@]}"; do
   config="--config=${entry#*|}"
   if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then continue; fi
   measure "$name" mgd_jax "$config" --implementation=mgd_jax
-  if [[ $REFERENCE == 1 ]]; then
-    measure "$name" reference "$config" --implementation=reference
+  if [[ $FUSED == 1 ]]; then
+    measure "$name" fused "$config" --implementation=fused
   fi
   for precision in ${TORCH_PRECISIONS//,/ }; do
     measure "$name" "torch_$precision" "$config" --implementation=torch \

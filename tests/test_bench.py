@@ -94,7 +94,7 @@ def row(implementation, precision, ms, **fields):
     if implementation == "torch":
         base.update(label="PyTorch port of the official step", torch="2.11.0+cu130")
     else:
-        base.update(step="fused" if implementation == "mgd_jax" else "reference",
+        base.update(step="reference" if implementation == "mgd_jax" else implementation,
                     devices="1 x NVIDIA H100 80GB HBM3", jax="0.11.2", jaxlib="0.11.2")
     return {**base, **fields}
 
@@ -109,7 +109,7 @@ def test_table_gathers_the_rows_of_separate_processes(tmp_path, capsys):
                                        "failed": "exit status 1 after 9 s; log x.log"},
              mgd / "torch_fp32.json": row("torch", "fp32", 300.0),
              mgd / "mgd_jax.json": row("mgd_jax", "bfloat16", 100.0),
-             mgd / "reference.json": [row("reference", "float32", 150.0)],
+             mgd / "fused.json": [row("fused", "float32", 150.0)],
              cps / "mgd_jax.json": {"implementation": "mgd_jax", "step": "configured",
                                     "failed": "exit status 137 after 80 s; log y.log"}}
     for path, content in files.items():
@@ -121,7 +121,7 @@ def test_table_gathers_the_rows_of_separate_processes(tmp_path, capsys):
     gathered = json.loads((tmp_path / "all.json").read_text())
     assert list(gathered) == ["cps_resnet101", "mgd_resnet18"]
     assert [r["implementation"] for r in gathered["mgd_resnet18"]] == [
-        "mgd_jax", "reference", "torch", "torch"]
+        "mgd_jax", "fused", "torch", "torch"]
     cps_table, mgd_table = out.strip().split("\n\n")
     lines = mgd_table.splitlines()
     assert lines[0].startswith("mgd_resnet18: mgd step, student resnet18, 1 x NVIDIA H100")
@@ -130,8 +130,8 @@ def test_table_gathers_the_rows_of_separate_processes(tmp_path, capsys):
     assert lines[2].startswith("  torch: NVIDIA H100 80GB HBM3, driver 580.159.04, "
                                "torch 2.11.0+cu130")
     # bf16 has no PyTorch time to compare with; float32 has
-    assert lines[4].startswith("mgd_jax (fused step)") and not lines[4].rstrip().endswith("x")
-    assert lines[5].startswith("mgd_jax (reference step)") and lines[5].endswith("2.00x")
+    assert lines[4].startswith("mgd_jax (reference step)") and not lines[4].rstrip().endswith("x")
+    assert lines[5].startswith("mgd_jax (fused step)") and lines[5].endswith("2.00x")
     assert lines[6].startswith("PyTorch port of the official step  fp32")
     assert lines[7].startswith("PyTorch port of the official step  bf16")
     assert lines[7].endswith("failed: exit status 1 after 9 s; log x.log")

@@ -1,7 +1,7 @@
 r"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
 
     mgd-bench step --config=configs/voc.py:method=mgd [--steps=20] [--json=OUT] \
-        [--compare=reference,torch | --implementation=mgd_jax|reference|torch]
+        [--compare=fused,torch | --implementation=mgd_jax|fused|reference|torch]
     mgd-bench table --rows=DIR [--json=OUT]
     mgd-bench data [--dataset=voc --data_dir=DIR] [--num_workers=0,2,4]
     mgd-bench models [--size=512] [--num_classes=21]
@@ -9,7 +9,7 @@ r"""Benchmarks: the training step, the input pipeline, and the networks' sizes.
     mgd-bench compile --table=docs/tpu_compile.jsonl [--topology=...] [--table_steps=reference]
 
 `step` times the jitted train step on random inputs (`bench.run_bench`), with `--compare` also the
-reference step and a PyTorch port of the official step (`bench.compare`), with `--implementation`
+other step kind and a PyTorch port of the official step (`bench.compare`), with `--implementation`
 one of them alone (`bench.run_one`: one process per row, as launch/gpu_bench.sh runs them; a torch
 run leaves JAX off the devices); `table` prints the rows such runs wrote to
 DIR/<configuration>/<implementation>.json as one table per configuration (`bench.gather`); `data`
@@ -44,8 +44,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STEPS = flags.DEFINE_integer("steps", 20, "step: timed steps (median reported).",
                               flag_values=FLAGS)
 _COMPARE = flags.DEFINE_list("compare", [], "step: also time these on the same device: "
-                             "reference (config.fused_step flipped), torch (a PyTorch port of the "
-                             "official step; the [torch] extra).", flag_values=FLAGS)
+                             "fused / reference (config.fused_step=True / False, unless it is "
+                             "the configured step), torch (a PyTorch port of the official step; "
+                             "the [torch] extra).", flag_values=FLAGS)
 _TORCH_PRECISIONS = flags.DEFINE_list("torch_precisions", None, "step: PyTorch precisions for "
                                       "--compare=torch (fp32, bf16; default: fp32 on CPU, both "
                                       "on an accelerator).", flag_values=FLAGS)
@@ -57,9 +58,10 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Labeled batch (step: glo
 _PEAK = flags.DEFINE_float("peak_tflops", None, "step: TFLOP/s per device MFU is quoted "
                            "against (default: a matmul rate measured on the device).",
                            flag_values=FLAGS)
-_IMPLEMENTATION = flags.DEFINE_enum("implementation", None, ["mgd_jax", "reference", "torch"],
+_IMPLEMENTATION = flags.DEFINE_enum("implementation", None,
+                                     ["mgd_jax", "fused", "reference", "torch"],
                                      "step: time this one alone: mgd_jax (the configured step), "
-                                     "reference (config.fused_step flipped), torch (the PyTorch "
+                                     "fused / reference (that step kind), torch (the PyTorch "
                                      "port, in --torch_precisions); not with --compare.",
                                      flag_values=FLAGS)
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)

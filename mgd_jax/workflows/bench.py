@@ -2,7 +2,7 @@
 optionally beside the reference step and a PyTorch port of the official step on the same device.
 
     mgd-bench step --config=configs/voc.py:method=mgd [--steps=20] \
-        [--compare=reference,torch] [--json=OUT.json]
+        [--compare=fused,torch] [--json=OUT.json]
     # quick on a CPU: reduced networks and crop (any config field can be overridden)
     mgd-bench step --config=configs/voc.py:method=supervised \
         --steps=3 --config.model.width=0.25 --config.model.depths=1,1,1,1 --config.crop_size=64
@@ -59,8 +59,11 @@ from mgd_jax.data import cutmix
 from mgd_jax.runtime import parallel
 from mgd_jax.runtime.errors import ConfigError
 
-COMPARE = ("reference", "torch")
-IMPLEMENTATIONS = ("mgd_jax", "reference", "torch")  # run_one: the step, flipped, PyTorch
+# The step kinds by name (`config.fused_step`), and what `compare` / `run_one` time: "mgd_jax" is
+# the configured step (unset: the backend's default, methods.base.FUSED_STEP_DEFAULT).
+STEP_KINDS = ("fused", "reference")
+COMPARE = (*STEP_KINDS, "torch")
+IMPLEMENTATIONS = ("mgd_jax", *STEP_KINDS, "torch")
 
 
 def random_batch(config: ml_collections.ConfigDict, batch_size: int, with_unlabeled: bool,
@@ -312,7 +315,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     images = method.images_per_step(config.batch_size)
     result = {
         "implementation": "mgd_jax",
-        "step": "fused" if methods.base.fused(config) else "reference",
+        "step": step_kind(config),
         "method": config.method,
         "student": method.export_meta["backbone"],
         "devices": f"{n_dev} x {device.device_kind}",
@@ -411,10 +414,15 @@ def torch_precisions() -> tuple[str, ...]:
     return ("fp32",) if jax.default_backend() == "cpu" else ("fp32", "bf16")
 
 
-def flipped(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with the other step kind (`config.fused_step` flipped)."""
+def step_kind(config: ml_collections.ConfigDict) -> str:
+    """The step kind (`STEP_KINDS`) `config` runs on this backend."""
+    return "fused" if methods.base.fused(config) else "reference"
+
+
+def with_step(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+    """A copy of `config` that runs the `kind` step (`STEP_KINDS`)."""
     other = ml_collections.ConfigDict(config.to_dict())
-    other.fused_step = not methods.base.fused(config)
+    other.fused_step = kind == "fused"
     return other
 
 
@@ -446,12 +454,12 @@ def run_one(config: ml_collections.ConfigDict, implementation: str, *, steps: in
             warmup: int = 2, batch: int | None = None, peak_tflops: float | None = None,
             precisions: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One implementation of `IMPLEMENTATIONS` on its own: "mgd_jax" (the configured step),
-    "reference" (`flipped`), "torch" (`run_torch` in each of `precisions`; default fp32 and,
-    with CUDA, bf16). A "torch" run never starts JAX on a device."""
+    "fused" or "reference" (that step kind), "torch" (`run_torch` in each of `precisions`;
+    default fp32 and, with CUDA, bf16). A "torch" run never starts JAX on a device."""
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"--implementation={implementation} is not one of {IMPLEMENTATIONS}")
     if implementation != "torch":
-        chosen = config if implementation == "mgd_jax" else flipped(config)
+        chosen = config if implementation == "mgd_jax" else with_step(config, implementation)
         return [run_bench(chosen, steps=steps, warmup=warmup, batch=batch,
                           peak_tflops=peak_tflops)]
     if not precisions:
@@ -465,17 +473,19 @@ def run_one(config: ml_collections.ConfigDict, implementation: str, *, steps: in
 def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: int = 20,
             warmup: int = 2, batch: int | None = None, peak_tflops: float | None = None,
             precisions: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The configured step, then each of `what` ("reference": `config.fused_step` flipped;
-    "torch": a PyTorch port of the official step, `pytorch/step.py`, in `precisions`) in this
+    """The configured step, then each of `what` ("fused" / "reference": that step kind, unless
+    it is the configured one; "torch": a PyTorch port of the official step, `pytorch/step.py`, in
+    `precisions`) in this
     process on the same device; prints one table with each row's speed-up over the PyTorch step
     of the same precision."""
     unknown = set(what) - set(COMPARE)
     if unknown:
         raise ConfigError(f"--compare: {sorted(unknown)} not in {COMPARE}")
     rows = [run_bench(config, steps=steps, warmup=warmup, batch=batch, peak_tflops=peak_tflops)]
-    if "reference" in what:
-        rows.append(run_bench(flipped(config), steps=steps, warmup=warmup, batch=batch,
-                              peak_tflops=peak_tflops))
+    for kind in STEP_KINDS:
+        if kind in what and kind != step_kind(config):
+            rows.append(run_bench(with_step(config, kind), steps=steps, warmup=warmup,
+                                  batch=batch, peak_tflops=peak_tflops))
     if "torch" in what:
         for precision in precisions or torch_precisions():
             rows.append(run_torch(config, precision=precision, steps=steps, warmup=warmup,
@@ -488,7 +498,7 @@ def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: in
 # Tables of rows measured in separate processes
 
 # the row files of one configuration, in table order (launch/gpu_bench.sh names them so)
-ROW_FILES = ("mgd_jax", "reference", "torch_fp32", "torch_bf16")
+ROW_FILES = ("mgd_jax", *STEP_KINDS, "torch_fp32", "torch_bf16")
 LABEL_TORCH = "PyTorch port of the official step"  # pytorch/step.py's LABEL, torch not imported
 
 
@@ -547,8 +557,8 @@ def _machine_lines(rows: list[dict[str, Any]]) -> list[str]:
                                       ("torch", "torch {torch}")):
         row = next((r for r in rows if r["implementation"] == implementation and "card" in r),
                    None)
-        if row is None and implementation == "mgd_jax":  # a run of the flipped step only
-            row = next((r for r in rows if r["implementation"] == "reference" and "card" in r),
+        if row is None and implementation == "mgd_jax":  # a run of a named step kind only
+            row = next((r for r in rows if r["implementation"] in STEP_KINDS and "card" in r),
                        None)
         if row is not None:
             lines.append(f"  {implementation}: {row['card']}, driver {row['driver']}, "
