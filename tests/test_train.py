@@ -197,7 +197,8 @@ def test_interrupt_and_resume_is_bit_identical(synthetic_dir, tmp_path, tiny_con
         network_dir.load_network(workdir, step=3)
 
 
-def test_a_run_resolves_its_dataset_name_once_and_records_its_step_kind(synthetic_dir, tmp_path, tiny_config, monkeypatch):
+def test_a_run_resolves_its_dataset_name_once_and_records_its_step_kind(
+        synthetic_dir, tmp_path, tiny_config, monkeypatch):
     # The name is read at the top (config_lib.validate); the data modules take the result.
     from mgd_jax.data import datasets
 
