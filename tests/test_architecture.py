@@ -80,7 +80,7 @@ LAYERS = (
     ("models.layers",),
     # runtime/: what every run stands on
     ("runtime.checkpoint",),
-    ("runtime.reporting", "runtime.parallel"),
+    ("runtime.reporting", "runtime.parallel", "runtime.workdir_lock"),
     ("runtime.integrity", "runtime.interrupts", "runtime.logs", "runtime.paths",
      "runtime.errors"),
     ("runtime", ""),  # "" = the package itself
