@@ -21,7 +21,6 @@ and those of configs/voc.py. The class count comes from the prepared dataset. Th
 Evaluation pads each whole val image to the largest val image size, rounded up to a multiple of 32.
 """
 
-import importlib.util
 import math
 import os
 
@@ -31,11 +30,8 @@ from mgd_jax.runtime.errors import ConfigError
 
 
 def _voc_config(arg: str):
-    spec = importlib.util.spec_from_file_location(
-        "mgd_configs_voc", os.path.join(os.path.dirname(os.path.abspath(__file__)), "voc.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "voc.py"), arg)
 
 
 def get_config(arg: str | None = None):

@@ -9,6 +9,7 @@ that implements them (methods, models, evaluation, input pipeline).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -244,6 +245,19 @@ RESUME_SAFE = frozenset({
     "eval.batch_size", "evaluate_teachers", "remat", "skip_nonfinite", "allow_config_change",
     "fused_step",  # the two step kinds compute the same (tests/test_fused_step.py)
 })
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None
+                     ) -> ml_collections.ConfigDict:
+    """The config file's `get_config(arg)`, as `--config=path:arg` loads it, for code that reads a
+    config without absl flags (the compile tool, a config built on another, tests)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {str(path)!r} not found")
+    name = "mgd_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
 
 
 def resolve_backend_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -2,7 +2,6 @@
 student) reduced per replica as the official code does per GPU, checked on one real training
 loss against a numpy reference; the paper configs default to the official run."""
 
-import importlib.util
 from pathlib import Path
 
 import jax
@@ -21,10 +20,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def _config(path: str, arg: str | None):
-    spec = importlib.util.spec_from_file_location("recipe", ROOT / "configs" / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(ROOT / "configs" / path, arg)
 
 
 def test_paper_configs_default_to_the_official_run():

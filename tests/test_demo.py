@@ -5,7 +5,6 @@ evaluation noise. The slower multiseed check holds the demo to its target: >= 3 
 seeds 0-4."""
 
 import functools
-import importlib.util
 import json
 import os
 import pickle
@@ -27,10 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def demo_config(arg):
-    spec = importlib.util.spec_from_file_location("demo_config", f"{ROOT}/configs/demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_lib.load_config_file(f"{ROOT}/configs/demo.py", arg)
 
 
 def test_stage_configs_share_the_student_setting():

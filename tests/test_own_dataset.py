@@ -4,13 +4,13 @@ file, and training on it by name (configs/own.py, `config.dataset=<name>`)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from mgd_jax import config_lib
 from mgd_jax.data import prepare, sources, splits
 from mgd_jax.data.datasets import custom_name
 from mgd_jax.runtime.errors import ConfigError, DataError
@@ -146,10 +146,8 @@ def test_configs_read_it_by_name(tmp_path, tiny_config):
     data_dir = str(tmp_path / "data")
     prepare.prepare_folder("toys", tmp_path / "images", tmp_path / "masks",
                            tmp_path / "classes.txt", data_dir, quiet=True)
-    spec = importlib.util.spec_from_file_location("own", ROOT / "configs" / "own.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    own = module.get_config(f"dataset=toys,data_dir={data_dir},method=cps,partition=4")
+    own = config_lib.load_config_file(ROOT / "configs" / "own.py",
+                                      f"dataset=toys,data_dir={data_dir},method=cps,partition=4")
     assert (own.dataset, own.num_classes, own.partition_source) == ("toys", 5, "seeded")
     assert tuple(own.eval.pad_to) == (32, 32) and own.crop_size == 512
     with pytest.raises(ConfigError, match="config.cps.init: is empty"):  # no ImageNet start
@@ -171,10 +169,8 @@ def test_configs_read_it_by_name(tmp_path, tiny_config):
 
 
 def _own_config(data_dir, name, arg=""):
-    spec = importlib.util.spec_from_file_location("own", ROOT / "configs" / "own.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(f"dataset={name},data_dir={data_dir},method=cps{arg}")
+    return config_lib.load_config_file(ROOT / "configs" / "own.py",
+                                       f"dataset={name},data_dir={data_dir},method=cps{arg}")
 
 
 def test_unlabeled_images_without_masks_and_a_labeled_list(tmp_path, tiny_config):

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -48,7 +47,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mgd_jax import methods, optim, train
+from mgd_jax import config_lib, methods, optim, train
 from mgd_jax.evaluation import evaluate
 from mgd_jax.runtime import parallel
 from mgd_jax.runtime.errors import ConfigError, UserError
@@ -137,17 +136,6 @@ def chips_of(devices: Sequence[Any]) -> int:
     device (no megacore), v5e / v5p / v6e one device per chip."""
     coords = {tuple(getattr(d, "coords", (d.id,))) for d in devices}
     return len(coords)
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> the config file's `get_config(arg)` (as --config loads it)."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise UserError(f"config file {path!r} not found (run from the repository root)")
-    module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 def _sds(tree: Any, sharding: NamedSharding) -> Any:
@@ -413,7 +401,8 @@ def compile_table(path: str | os.PathLike, *, recipes: Iterable[str] = RECIPES,
             for recipe in recipes:
                 if (recipe, topology, step) in done:
                     continue
-                config = ml_collections.ConfigDict(load_config(recipe).to_dict())
+                config = ml_collections.ConfigDict(
+                    config_lib.load_config_file(*recipe.partition(":")[::2]).to_dict())
                 config.fused_step = step == "fused"
                 row = compile_recipe(config, topology, recipe=recipe, say=say)
                 with open(path, "a") as f:
