@@ -182,7 +182,7 @@ def _compile() -> list:
         raise UserError("compile needs --config and --topology (or --table)")
     config = _CONFIG.value
     if _BATCH_SIZE.value:
-        config = tpu_compile.resolve_precision(config)
+        config = tpu_compile.resolve_for_tpu(config)
         config.batch_size = _BATCH_SIZE.value
     overrides = config_lib.flatten(config_flags.get_override_values(FLAGS["config"]))
     recipe = " ".join([config_flags.get_config_filename(FLAGS["config"]),

@@ -266,11 +266,14 @@ def _program_row(compiled: _Compiled, model_flops: float, chip: Chip, devices_pe
     }
 
 
-def resolve_precision(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A private copy whose "auto" precision is what a TPU runs (bfloat16), not this host's."""
+def resolve_for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A private copy whose fields left to the backend are what a TPU runs, not this host: "auto"
+    precision is bfloat16, an unset `fused_step` TPU's default step."""
     config = ml_collections.ConfigDict(config.to_dict())
     if config.get("precision", "auto") == "auto":
         config.precision = "bfloat16"
+    if config.get("fused_step") is None:
+        config.fused_step = methods.base.FUSED_STEP_DEFAULT["tpu"]
     return config
 
 
@@ -282,7 +285,7 @@ def compile_recipe(config: ml_collections.ConfigDict, topology: str, *, recipe: 
     devices = topology_devices(topology)
     n_dev, chips = len(devices), chips_of(devices)
     per_chip = n_dev // chips
-    config = resolve_precision(config)
+    config = resolve_for_tpu(config)
     for field, size in (("batch_size", config.batch_size),
                         ("eval.batch_size", config.eval.batch_size)):
         if size % n_dev:
