@@ -114,7 +114,7 @@ def test_colab_notebook_top_to_bottom_then_after_a_restart(tmp_path, monkeypatch
     assert f"from {ROOT.as_uri()}" in install
     assert re.search(r"^jax \S+ \(cpu\): inside pyproject.s range \S+, kept$", install, re.M)
     assert re.search(r"^pip install -c \S+ -e \S+/mgd_jax_repo\[tensorboard\]$", install, re.M)
-    assert "nothing this session had imported was replaced" in install
+    assert "nothing the running Python had imported was replaced" in install
     assert (content / "mgd_jax_repo" / "configs" / "demo.py").is_file()
     assert "| MGD | resnet18 |" in text and "| Sup.l | resnet18 |" in text  # the results table
     assert "image/png" in text  # panels shown inline
