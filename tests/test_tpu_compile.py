@@ -30,7 +30,8 @@ TINY = ["--topology=v5e:2x2", "--config=configs/voc.py:method=supervised",
 def test_a_tiny_recipe_compiles_for_a_tpu_topology():
     need("libtpu")
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    proc = subprocess.run([sys.executable, "-m", "mgd_jax.tools.bench", "compile", *TINY],
+    proc = subprocess.run([sys.executable, "-m", "mgd_jax.tools.bench", "compile", *TINY,
+                           "--max_batch"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -52,6 +53,12 @@ def test_a_tiny_recipe_compiles_for_a_tpu_topology():
         assert numbers["fits"] is True
     assert row["fits"] is True
     assert row["libtpu"] and row["jax"]
+    # a tiny network fits up to the search's limit: the recipe's batch (1 per chip), then the
+    # limit itself, compiled for real
+    assert row["max_batch_per_chip"] == row["max_batch_limit_per_chip"] == 64
+    (b0, hbm0, fits0), (b1, hbm1, fits1) = row["max_batch_probes"]
+    assert (b0, b1, fits0, fits1) == (1, 64, True, True)
+    assert hbm0 == row["train"]["hbm_bytes_per_chip"] < hbm1 < capacity
 
 
 def _errors(capsys) -> list[str]:
@@ -105,3 +112,81 @@ def test_the_docs_table_is_the_json():
         "print(t.markdown_table(t.read_rows(\"docs/tpu_compile.jsonl\")))'")
     for row in rows:
         assert row["recipe"] in tpu_compile.RECIPES and row["topology"] in tpu_compile.TOPOLOGIES
+
+
+def _brute_force_largest(hbm, unit: int, max_units: int, capacity: float) -> int:
+    """The plain answer: every multiple of `unit` tried in order."""
+    best = 0
+    for k in range(1, max_units + 1):
+        if hbm(k * unit) <= capacity:
+            best = k * unit
+    return best
+
+
+@pytest.mark.parametrize("unit", [1, 2])
+def test_the_largest_batch_search_gives_the_brute_force_answer(unit):
+    """The search over per-device batches (one compile per probe in the tool; a stand-in HBM
+    function here) finds what trying every batch finds, for HBM that is affine, curved, or has
+    steps (monotone, as a compiler's choice of layouts can make it), with out-of-memory probes
+    that report no bytes, a known first probe or none; and it compiles far fewer probes than
+    the batches it rules out."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    capacity = 16 * 2**30
+    shapes = []
+    for _ in range(60):
+        fixed = rng.uniform(0.05, 0.9) * capacity
+        per = rng.uniform(0.002, 0.5) * capacity
+        curve = rng.uniform(0, 0.02) * capacity
+        steps = rng.integers(1, 9)
+        shapes.append(lambda b, f=fixed, p=per, c=curve, s=steps:
+                      f + p * b + c * b * b / 8 + (b // s) * 0.01 * capacity)
+    for hbm in shapes:
+        for reports_oom_bytes in (True, False):
+            for known_batch in (None, unit, 4 * unit):
+                calls = []
+
+                def fits(per_device, hbm=hbm, calls=calls, oom=reports_oom_bytes):
+                    calls.append(per_device)
+                    need = hbm(per_device)
+                    ok = need <= capacity
+                    return tpu_compile.Probe(per_device, int(need) if ok or oom else None, ok)
+
+                known = None
+                if known_batch is not None:
+                    need = hbm(known_batch)
+                    known = tpu_compile.Probe(known_batch, int(need), need <= capacity)
+                found, probes = tpu_compile.search_largest_batch(
+                    fits, unit=unit, max_units=32, capacity=capacity,
+                    fixed_bytes=hbm(0), known=known)
+                assert found == _brute_force_largest(hbm, unit, 32, capacity)
+                assert len(set(calls)) == len(calls), "a batch compiled twice"
+                assert all(c % unit == 0 and 0 < c <= 32 * unit for c in calls)
+                assert len(calls) <= 12  # bisection over 33 candidates takes 6; never 2x more
+                assert [p.per_device for p in probes] == ([known_batch] if known else []) + calls
+
+
+def test_on_affine_hbm_the_largest_batch_takes_at_most_three_compiles():
+    capacity = 16 * 2**30
+    for fixed, per in ((1.2e9, 0.45e9), (3e9, 2.1e9), (0.4e9, 5.1e9), (8e9, 0.07e9)):
+        calls = []
+
+        def fits(b, fixed=fixed, per=per, calls=calls):
+            calls.append(b)
+            need = fixed + per * b
+            return tpu_compile.Probe(b, int(need), need <= capacity)
+
+        known = tpu_compile.Probe(1, int(fixed + per), fixed + per <= capacity)
+        found, _ = tpu_compile.search_largest_batch(fits, unit=1, max_units=64,
+                                                    capacity=capacity, fixed_bytes=fixed * 0.9,
+                                                    known=known)
+        assert found == min(64, int((capacity - fixed) // per)), (fixed, per)
+        assert len(calls) <= 3, calls
+
+
+def test_the_docs_table_shows_the_largest_batch_where_found():
+    row = json.loads(TABLE_JSON.read_text().splitlines()[0])
+    assert "| — |" in tpu_compile.markdown_row({k: v for k, v in row.items()
+                                                if k != "max_batch_per_chip"})
+    assert "| yes | 12 |" in tpu_compile.markdown_row({**row, "max_batch_per_chip": 12})

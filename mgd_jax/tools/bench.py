@@ -97,7 +97,8 @@ _TOPOLOGY = flags.DEFINE_list("topology", [], "compile: TPU topologies, e.g. v5e
                               "(default with --table: v4:2x2x1,v5e:2x4,v5p:2x2x1,v6e:2x4).",
                               flag_values=FLAGS)
 _MAX_BATCH = flags.DEFINE_bool("max_batch", False, "compile: also find the largest per-chip "
-                               "batch whose train step fits (one full compile per probe).",
+                               "batch whose train step fits (one full compile per probe); with "
+                               "--table, also for the rows that lack it.",
                                flag_values=FLAGS)
 _TABLE = flags.DEFINE_string("table", None, "compile: compile every paper recipe for every "
                              "--topology, appending one JSON line per (recipe, topology, step) "
@@ -177,7 +178,8 @@ def _compile() -> list:
             raise UserError(f"--table_steps: {sorted(unknown)} not in reference, fused")
         return tpu_compile.compile_table(_TABLE.value,
                                          topologies=_TOPOLOGY.value or tpu_compile.TOPOLOGIES,
-                                         steps=_TABLE_STEPS.value)
+                                         steps=_TABLE_STEPS.value,
+                                         max_batch=_MAX_BATCH.value)
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise UserError("compile needs --config and --topology (or --table)")
     config = _CONFIG.value

@@ -14,8 +14,8 @@ What it reports per chip (one JSON line, `compile_recipe`):
   padding, layout changes);
 - a roofline FLOOR: max(compiled FLOPs / datasheet bf16 peak, bytes accessed / datasheet HBM
   bandwidth). It is a lower bound on the step time, not an estimate of it;
-- optionally the largest per-chip batch whose train step still fits (bisection over the global
-  batch, one full compile per probe);
+- optionally the largest per-chip batch whose train step still fits (`search_largest_batch`:
+  bisection's answer, probes placed by the HBM of the probes before; one full compile each);
 - compile seconds on this machine.
 
 The train step is `train.train_step` exactly as the trainer jits it (the method's loss, the
@@ -326,45 +326,109 @@ def compile_recipe(config: ml_collections.ConfigDict, topology: str, *, recipe: 
     }
     row["fits"] = bool(row["train"]["fits"] and row["eval"]["fits"])
     if max_batch:
-        row["max_batch_per_chip"] = largest_batch_per_chip(
-            programs, chip, n_dev, per_chip, limit=max_batch_limit, say=say)
+        known = Probe(batch // n_dev, train_c.hbm_bytes, bool(row["train"]["fits"]))
+        largest, probes = largest_batch_per_chip(programs, chip, n_dev, per_chip, known=known,
+                                                 limit=max_batch_limit, say=say)
+        row.update(_max_batch_fields(largest, probes, per_chip, max_batch_limit))
     row["jax"] = jax.__version__
     row["libtpu"] = _libtpu_version()
     row["compiled_on"] = f"{os.cpu_count()}-core {platform.machine()} {platform.system()}"
     return row
 
 
-def largest_batch_per_chip(programs: _Programs, chip: Chip, n_dev: int, per_chip: int, *,
-                           limit: int = 64, say: Callable[[str], None] = print) -> int:
-    """The largest labeled batch per chip whose train step fits the chip's HBM: doubling, then
-    bisection over the global batch (one compile per probe; 0 if even one per device does not
-    fit; `limit` per chip at most)."""
-    replica = int(programs.config.replica_batch)
-    capacity = chip.hbm_gib * GIB
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One compiled batch of the largest-batch search (HBM per device; None when the compiler's
+    out-of-memory message does not say)."""
 
-    def fits(per_device: int) -> bool:
-        global_batch = per_device * n_dev
-        if global_batch % replica:
-            return False
-        compiled = programs.compile_train(global_batch)
-        ok = compiled.oom is None and compiled.hbm_bytes * per_chip <= capacity
+    per_device: int
+    hbm_bytes: int | None
+    fits: bool
+
+
+def _crossing(a: Probe, b: Probe, capacity: float) -> float | None:
+    """Where the line through two probes' HBM reaches `capacity` (per device), if it rises."""
+    if a.hbm_bytes is None or b.hbm_bytes is None or a.per_device == b.per_device:
+        return None
+    slope = (b.hbm_bytes - a.hbm_bytes) / (b.per_device - a.per_device)
+    return None if slope <= 0 else a.per_device + (capacity - a.hbm_bytes) / slope
+
+
+def search_largest_batch(fits: Callable[[int], Probe], *, unit: int, max_units: int,
+                         capacity: float, fixed_bytes: float = 0.0,
+                         known: Probe | None = None) -> tuple[int, list[Probe]]:
+    """The largest per-device batch (a multiple of `unit`, at most `max_units` units) for which
+    `fits` says the program fits, HBM growing with the batch; returns it (0: not even one unit)
+    with the probes compiled, in order.
+
+    A bracket [largest fitting, smallest not fitting] shrinks to adjacent units, as in bisection,
+    so the answer is bisection's; but each probe is a full compile, so the next one is where the
+    straight line through the two probes nearest the boundary reaches `capacity` (HBM is close to
+    affine in the batch: fixed state plus activations per example), clamped inside the bracket.
+    With one probe the line runs from (0, `fixed_bytes`: the replicated state). Three steps in a row
+    that do not halve the bracket are followed by a bisection step, so a curved HBM cannot make
+    the search crawl; on affine HBM it takes two or three probes.
+    """
+    lo, hi = 0, max_units + 1  # units: lo fits (0 trivially), hi does not (or is past the limit)
+    probes: list[Probe] = []
+    if known is not None and known.per_device % unit == 0:
+        probes.append(known)
+        k = known.per_device // unit
+        lo, hi = (max(lo, k), hi) if known.fits else (lo, min(hi, k))
+    slow = 0  # interpolation steps in a row that did not halve the bracket
+    while hi - lo > 1:
+        guess = None
+        if slow < 3:
+            with_hbm = [p for p in probes if p.hbm_bytes is not None]
+            nearest = sorted(with_hbm, key=lambda p: abs(p.per_device - (lo + 0.5) * unit))[:2]
+            if len(nearest) == 1:
+                nearest.insert(0, Probe(0, int(fixed_bytes), True))
+            crossing = _crossing(*nearest, capacity) if len(nearest) == 2 else None
+            if crossing is not None:
+                guess = int(math.floor(crossing / unit))
+        if guess is None:
+            guess = (lo + hi) // 2
+        guess = min(max(guess, lo + 1), hi - 1)
+        width = hi - lo
+        probe = fits(guess * unit)
+        probes.append(probe)
+        lo, hi = (guess, hi) if probe.fits else (lo, guess)
+        slow = 0 if slow >= 3 or (hi - lo) * 2 <= width else slow + 1
+    return lo * unit, probes
+
+
+def largest_batch_per_chip(programs: _Programs, chip: Chip, n_dev: int, per_chip: int, *,
+                           known: Probe | None = None, limit: int = 64,
+                           say: Callable[[str], None] = print) -> tuple[int, list[Probe]]:
+    """The largest labeled batch per chip whose train step fits the chip's HBM
+    (`search_largest_batch` over the per-device batch, one compile per probe; `limit` per chip
+    at most), and the probes compiled."""
+    replica = int(programs.config.replica_batch)
+    unit = replica // math.gcd(replica, n_dev)  # per-device steps keeping replica groups whole
+    capacity = chip.hbm_gib * GIB / per_chip
+
+    def fits(per_device: int) -> Probe:
+        compiled = programs.compile_train(per_device * n_dev)
+        ok = compiled.oom is None and compiled.hbm_bytes <= capacity
         say(f"  batch {per_device * per_chip}/chip: {'fits' if ok else 'does not fit'} "
             f"({compiled.compile_s:.0f} s)")
-        return ok
+        return Probe(per_device, compiled.hbm_bytes, ok)
 
-    lo, hi = 0, None
-    probe = max(1, int(programs.config.batch_size) // n_dev)
-    while hi is None:
-        if probe * per_chip > limit:
-            return lo * per_chip
-        if fits(probe):
-            lo, probe = probe, probe * 2
-        else:
-            hi = probe
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo * per_chip
+    fixed = sum(x.size * x.dtype.itemsize
+                for x in jax.tree.leaves((programs.state, programs.frozen)))
+    per_device, probes = search_largest_batch(
+        fits, unit=unit, max_units=limit // (unit * per_chip), capacity=capacity,
+        fixed_bytes=fixed, known=known)
+    return per_device * per_chip, probes
+
+
+def _max_batch_fields(batch: int, probes: Sequence[Probe], per_chip: int, limit: int
+                      ) -> dict[str, Any]:
+    return {"max_batch_per_chip": batch,
+            "max_batch_limit_per_chip": limit,
+            "max_batch_probes": [  # [batch per chip, HBM bytes per chip or None, fits]
+                [p.per_device * per_chip, _per_chip(p.hbm_bytes, per_chip), p.fits]
+                for p in probes]}
 
 
 def _libtpu_version() -> str | None:
@@ -392,24 +456,62 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def recipe_config(recipe: str, step: str) -> ml_collections.ConfigDict:
+    """A table recipe ("configs/voc.py:arg") with the step kind set (reference or fused)."""
+    config = ml_collections.ConfigDict(
+        config_lib.load_config_file(*recipe.partition(":")[::2]).to_dict())
+    config.fused_step = step == "fused"
+    return config
+
+
+def add_max_batch(row: dict[str, Any], *, limit: int = 64,
+                  say: Callable[[str], None] = print) -> dict[str, Any]:
+    """`row` with the largest per-chip batch found (its recipe batch's compile is reused as the
+    search's first probe, so only the other probes are compiled)."""
+    config = resolve_for_tpu(recipe_config(row["recipe"], row["step"]))
+    devices = topology_devices(row["topology"])
+    n_dev = len(devices)
+    per_chip = n_dev // chips_of(devices)
+    hbm = row["train"]["hbm_bytes_per_chip"]
+    known = Probe(int(row["global_batch"]) // n_dev, None if hbm is None else int(hbm) // per_chip,
+                  bool(row["train"]["fits"]))
+    say(f"largest batch of {row['recipe']} ({row['step']}) on {row['topology']} ...")
+    largest, probes = largest_batch_per_chip(_Programs(config, devices), chip_of(row["topology"]),
+                                             n_dev, per_chip, known=known, limit=limit, say=say)
+    return {**row, **_max_batch_fields(largest, probes, per_chip, limit)}
+
+
+def _write_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
 def compile_table(path: str | os.PathLike, *, recipes: Iterable[str] = RECIPES,
                   topologies: Iterable[str] = TOPOLOGIES, steps: Iterable[str] = ("reference",),
+                  max_batch: bool = False,
                   say: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every (step, recipe, topology) not yet in the JSON-lines file at `path`, compiled one at
-    a time and appended as each finishes (so an interrupted run resumes where it stopped)."""
-    done = {row_key(row) for row in read_rows(path)}
+    a time and appended as each finishes (so an interrupted run resumes where it stopped);
+    `max_batch`: also the largest per-chip batch, added to the rows that lack it."""
     added = []
     for step in steps:
         for topology in topologies:
             for recipe in recipes:
-                if (recipe, topology, step) in done:
-                    continue
-                config = ml_collections.ConfigDict(
-                    config_lib.load_config_file(*recipe.partition(":")[::2]).to_dict())
-                config.fused_step = step == "fused"
-                row = compile_recipe(config, topology, recipe=recipe, say=say)
-                with open(path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                rows = read_rows(path)
+                index = {row_key(r): i for i, r in enumerate(rows)}
+                at = index.get((recipe, topology, step))
+                if at is not None:
+                    if not max_batch or "max_batch_per_chip" in rows[at]:
+                        continue
+                    rows[at] = add_max_batch(rows[at], say=say)
+                    _write_rows(path, rows)
+                    row = rows[at]
+                else:
+                    row = compile_recipe(recipe_config(recipe, step), topology, recipe=recipe,
+                                         max_batch=max_batch, say=say)
+                    with open(path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 say(json.dumps(row))
                 added.append(row)
     return added
@@ -420,8 +522,8 @@ def _num(x: float | None, scale: float, digits: int) -> str:
 
 
 TABLE_HEADER = ("| recipe | step | topology (chips) | train HBM GiB/chip | eval HBM GiB/chip "
-                "| capacity GiB | fits | train TFLOP/chip compiled / model | ratio "
-                "| train roofline floor ms | eval TFLOP/chip compiled / model "
+                "| capacity GiB | fits | max batch/chip | train TFLOP/chip compiled / model "
+                "| ratio | train roofline floor ms | eval TFLOP/chip compiled / model "
                 "| compile s (train + eval) |")
 
 
@@ -432,7 +534,7 @@ def markdown_row(row: dict[str, Any]) -> str:
     return (f"| {recipe} | {row['step']} | {row['topology']} ({row['chips']}) "
             f"| {_num(t['hbm_bytes_per_chip'], GIB, 2)} | {_num(e['hbm_bytes_per_chip'], GIB, 2)} "
             f"| {_num(row['hbm_capacity_bytes_per_chip'], GIB, 0)} "
-            f"| {'yes' if row['fits'] else 'no'} "
+            f"| {'yes' if row['fits'] else 'no'} | {row.get('max_batch_per_chip', '—')} "
             f"| {_num(t['compiled_flops_per_chip'], 1e12, 3)} / "
             f"{_num(t['model_flops_per_chip'], 1e12, 3)} "
             f"| {_num(t['compiled_over_model_flops'], 1, 2)} "
