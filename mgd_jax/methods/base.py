@@ -144,7 +144,7 @@ def student_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 # The step each backend gets where `config.fused_step` is unset: the fused step only where it is
 # shown ahead. CPU: measured slower (docs/performance.md); GPU: not measured yet; TPU: compiled
-# for v5e, it needs less HBM but no fewer FLOPs or bytes (docs/performance.md, TPU section).
+# for v5e, the same FLOPs but more bytes and HBM (docs/performance.md, TPU section).
 FUSED_STEP_DEFAULT = {"cpu": False, "gpu": False, "tpu": False}
 
 
