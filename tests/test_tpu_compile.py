@@ -190,3 +190,65 @@ def test_the_docs_table_shows_the_largest_batch_where_found():
     assert "| — |" in tpu_compile.markdown_row({k: v for k, v in row.items()
                                                 if k != "max_batch_per_chip"})
     assert "| yes | 12 |" in tpu_compile.markdown_row({**row, "max_batch_per_chip": 12})
+
+
+# A conv-BN-ReLU block compiled for v5e: S streams in one call with per-stream BatchNorm
+# statistics (the fused step's `layers.BatchNorm.streams`) against S separate calls (the
+# reference step) and against the merged batch normalised as one. Bytes accessed per chip.
+_BN_STREAMS_PROBE = r"""
+import json, sys
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mgd_jax.models import layers
+from mgd_jax.workflows import tpu_compile
+
+devices = tpu_compile.topology_devices("v5e:2x2")
+mesh = Mesh(np.asarray(devices), ("data",))
+data, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+S, B, H, C = 4, 4, 32, 128
+
+class Block(nn.Module):
+    streams: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(2):
+            x = nn.Conv(C, (3, 3), padding=1, use_bias=False, dtype=jnp.bfloat16)(x)
+            x = jax.nn.relu(layers.BatchNorm(streams=self.streams, dtype=jnp.bfloat16)(x, True))
+        return x
+
+shapes = jax.eval_shape(lambda: Block().init(jax.random.key(0), jnp.zeros((2, 8, 8, C))))
+variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated),
+                         shapes)
+def images(n):
+    return jax.ShapeDtypeStruct((n, H, H, C), jnp.bfloat16, sharding=data)
+programs = {
+    "streams": (lambda v, x: Block(streams=S).apply(v, x, mutable=["batch_stats"])[0],
+                images(B * S)),
+    "separate": (lambda v, xs: [Block().apply(v, x, mutable=["batch_stats"])[0] for x in xs],
+                 [images(B)] * S),
+    "one_batch": (lambda v, x: Block().apply(v, x, mutable=["batch_stats"])[0], images(B * S)),
+}
+out = {}
+for name, (fn, x) in programs.items():
+    compiled = jax.jit(fn).lower(variables, x).compile()
+    out[name] = tpu_compile._cost(compiled)["bytes accessed"]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.xdist_group("processes")
+def test_the_tpu_compiler_does_not_fuse_per_stream_batchnorm_statistics():
+    """Why TPU's default is the reference step (`methods.base.FUSED_STEP_DEFAULT`,
+    docs/performance.md): the TPU compiler fuses a BatchNorm's whole-batch statistics into the
+    convolution before it, but not per-stream ones, so S streams in one call move far more bytes
+    than S separate calls. If this fails, the compiler has learnt to: compile the fused step's
+    rows again (`mgd-bench compile --table=... --table_steps=fused`) and reconsider the default."""
+    need("libtpu")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    proc = subprocess.run([sys.executable, "-c", _BN_STREAMS_PROBE], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert moved["one_batch"] < 1.1 * moved["separate"], moved
+    assert moved["streams"] > 1.8 * moved["separate"], moved
