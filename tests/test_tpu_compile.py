@@ -142,6 +142,12 @@ def test_the_largest_batch_search_gives_the_brute_force_answer(unit):
         steps = rng.integers(1, 9)
         shapes.append(lambda b, f=fixed, p=per, c=curve, s=steps:
                       f + p * b + c * b * b / 8 + (b // s) * 0.01 * capacity)
+        # a knee: affine up to near the capacity, then nearly flat (the compiler
+        # rematerialising activations to fit) until it cannot
+        knee = rng.uniform(0.85, 0.99) * capacity
+        flat = rng.uniform(0.0005, 0.01) * capacity
+        shapes.append(lambda b, f=fixed, p=per, k=knee, q=flat:
+                      f + p * b if f + p * b < k else k + q * (f + p * b - k) / p)
     for hbm in shapes:
         for reports_oom_bytes in (True, False):
             for known_batch in (None, unit, 4 * unit):

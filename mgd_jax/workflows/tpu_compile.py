@@ -365,9 +365,11 @@ def search_largest_batch(fits: Callable[[int], Probe], *, unit: int, max_units: 
     so the answer is bisection's; but each probe is a full compile, so the next one is where the
     straight line through the two probes nearest the boundary reaches `capacity` (HBM is close to
     affine in the batch: fixed state plus activations per example), clamped inside the bracket.
-    With one probe the line runs from (0, `fixed_bytes`: the replicated state). Three steps in a row
-    that do not halve the bracket are followed by a bisection step, so a curved HBM cannot make
-    the search crawl; on affine HBM it takes two or three probes.
+    With one probe the line runs from (0, `fixed_bytes`: the replicated state). A step that does
+    not halve the bracket is followed by a bisection step once a batch that does not fit is
+    known (below it HBM bends: the compiler rematerialises activations to fit), and three such
+    steps in a row before that; so the search takes at most about twice bisection's probes, and
+    two or three on affine HBM.
     """
     lo, hi = 0, max_units + 1  # units: lo fits (0 trivially), hi does not (or is past the limit)
     probes: list[Probe] = []
@@ -378,7 +380,10 @@ def search_largest_batch(fits: Callable[[int], Probe], *, unit: int, max_units: 
     slow = 0  # interpolation steps in a row that did not halve the bracket
     while hi - lo > 1:
         guess = None
-        if slow < 3:
+        # bisect after a slow step once a batch that does not fit is known (the interpolation
+        # crawls along a knee there: the compiler rematerialises to fit), else after three
+        bisect = slow >= 3 or (slow >= 1 and hi <= max_units)
+        if not bisect:
             with_hbm = [p for p in probes if p.hbm_bytes is not None]
             nearest = sorted(with_hbm, key=lambda p: abs(p.per_device - (lo + 0.5) * unit))[:2]
             if len(nearest) == 1:
@@ -393,7 +398,7 @@ def search_largest_batch(fits: Callable[[int], Probe], *, unit: int, max_units: 
         probe = fits(guess * unit)
         probes.append(probe)
         lo, hi = (guess, hi) if probe.fits else (lo, guess)
-        slow = 0 if slow >= 3 or (hi - lo) * 2 <= width else slow + 1
+        slow = 0 if bisect or (hi - lo) * 2 <= width else slow + 1
     return lo * unit, probes
 
 
