@@ -93,6 +93,45 @@ def test_the_out_of_memory_message_gives_the_bytes_needed():
     assert tpu_compile._oom_bytes("RESOURCE_EXHAUSTED: something else") is None
 
 
+THREAD_STACK = """
+import ctypes, resource, threading
+from mgd_jax.workflows import tpu_compile
+libc = ctypes.CDLL(None)
+libc.pthread_self.restype = ctypes.c_ulong
+
+def new_thread_stack():
+    size = ctypes.c_size_t()
+    def body():
+        attr = ctypes.create_string_buffer(128)
+        libc.pthread_getattr_np(ctypes.c_ulong(libc.pthread_self()), attr)
+        libc.pthread_attr_getstacksize(attr, ctypes.byref(size))
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    return size.value
+
+before = new_thread_stack()
+tpu_compile.prepare_environment()
+print(before, new_thread_stack(), resource.getrlimit(resource.RLIMIT_STACK)[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc threads")
+def test_compiler_threads_get_a_stack_deep_enough_for_the_tpu_compiler():
+    # Measured on the threads themselves, in a process started with the usual 8 MiB limit.
+    def usual_limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_STACK,
+                           (8 * 2**20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+    out = subprocess.run([sys.executable, "-c", THREAD_STACK], preexec_fn=usual_limit,
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    before, after, main_limit = map(int, out.split())
+    assert before == 8 * 2**20
+    assert after == main_limit == tpu_compile.COMPILER_THREAD_STACK_BYTES
+
+
 def test_every_chip_of_the_table_has_its_datasheet():
     for topology in tpu_compile.TOPOLOGIES:
         chip = tpu_compile.chip_of(topology)

@@ -216,6 +216,10 @@ def main(argv: Sequence[str]) -> int:
     # compile runs no step on this machine's devices: no multi-process start-up; a topology's
     # devices come from libtpu whatever platforms jax initialises
     compiling = any(arg == "compile" for arg in argv[1:] if not arg.startswith("-"))
+    if compiling:  # before anything can load libtpu: what it reads at load, the threads' stack
+        from mgd_jax.workflows import tpu_compile
+
+        tpu_compile.prepare_environment()
     return cli.run(FLAGS, argv, commands,
                    distributed=not (compiling or _without_jax_devices(argv[1:])))
 
