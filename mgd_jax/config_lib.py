@@ -201,6 +201,12 @@ def _loss_fields(c: ml_collections.ConfigDict) -> None:
     # Unset: the backend's default (methods.base.FUSED_STEP_DEFAULT); a run records the value
     # it used in config.json (`resolve_backend_defaults`).
     c.fused_step = ml_collections.config_dict.placeholder(bool)
+    # How the networks' align-corners upsampling is computed: "matmul" (two products with
+    # interpolation matrices; the backward pass is one too) or "gather" (two neighbours and a
+    # lerp; the backward pass is a scatter-add). Same values. Unset: matmul in the fused step,
+    # the backend's default in the reference step (methods.base.RESIZE_DEFAULT); recorded in
+    # config.json like `fused_step`.
+    c.resize = ml_collections.config_dict.placeholder(str)
     # Recompute the trained networks' activations in the backward pass instead of keeping them
     # (fused step of cps / mgd): less device memory (e.g. 800 px crops), same values.
     c.remat = False
@@ -244,6 +250,7 @@ RESUME_SAFE = frozenset({
     "eval_every", "checkpoint_every", "keep_checkpoints", "eval.panels", "eval.progress_seconds",
     "eval.batch_size", "evaluate_teachers", "remat", "skip_nonfinite", "allow_config_change",
     "fused_step",  # the two step kinds compute the same (tests/test_fused_step.py)
+    "resize",  # so do the two upsampling forms (tests/test_models.py)
 })
 
 
@@ -262,10 +269,11 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None
 
 def resolve_backend_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `c` with the fields left to the backend set to what this backend uses (the
-    step kind), so that a run's config.json says what ran."""
+    step kind, the upsampling form), so that a run's config.json says what ran."""
     c = c.copy_and_resolve_references()
     with c.unlocked():
         c.fused_step = methods.base.fused(c)
+        c.resize = methods.base.resize_method(c)
     return c
 
 
@@ -379,6 +387,8 @@ def validate(c: ml_collections.ConfigDict, *, device_count: int = 1) -> datasets
     x64 = ("float64",) if jax.config.read("jax_enable_x64") else ()
     one_of("precision", c.precision, models.PRECISIONS + x64)
     one_of("pairing", c.pairing, input_pipeline.PAIRINGS)
+    if c.get("resize") is not None:
+        one_of("resize", c.resize, models.RESIZE_METHODS)
     one_of("loss.ce_reduction", c.loss.ce_reduction, methods.base.CE_REDUCTIONS)
     one_of("eval.mode", c.eval.mode, evaluate.MODES)
     methods.check_config(c)

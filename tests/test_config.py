@@ -84,6 +84,7 @@ def test_validate_accepts_a_good_config(tmp_path):
         ("replica_batch", 3, "config.replica_batch"),
         ("pairing", "same", "config.pairing"),
         ("precision", "fp8", "config.precision"),
+        ("resize", "bicubic", "config.resize"),
         ("lr", -1.0, "config.lr"),
         ("split_dir", "/does/not/exist", "config.split_dir"),
         ("student", "resnet50", "config.student"),

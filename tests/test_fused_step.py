@@ -1,5 +1,5 @@
 """The batched (fused) step computes what the reference step computes: one network application
-per stream, gather resize, full-resolution L_I (config.fused_step=False)."""
+per stream, full-resolution L_I (config.fused_step=False); and which upsampling form a step uses."""
 
 import jax
 import jax.numpy as jnp
@@ -98,3 +98,15 @@ def test_fused_step_equals_reference_float32(method, tiny_config, tiny_teachers)
     _, fused = loss_and_grads(config, batch, variables)
     assert_steps_agree(reference, fused, metrics_tol=dict(rtol=2e-5, atol=1e-6),
                        trees_tol=dict(rtol=1e-4, atol=1e-4))
+
+
+def test_the_upsampling_form_is_the_config_s_else_the_step_s_else_the_backend_s():
+    import ml_collections
+
+    def resize(backend, **fields):
+        return methods.base.resize_method(ml_collections.ConfigDict(fields), backend=backend)
+
+    assert resize("cpu", fused_step=True) == resize("tpu", fused_step=True) == "matmul"
+    assert resize("cpu", fused_step=False) == methods.base.RESIZE_DEFAULT["cpu"]
+    assert resize("tpu", fused_step=False) == "matmul"  # fewer bytes on TPU (docs/performance.md)
+    assert resize("tpu", fused_step=True, resize="gather") == "gather"

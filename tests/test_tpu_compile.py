@@ -40,6 +40,7 @@ def test_a_tiny_recipe_compiles_for_a_tpu_topology():
     assert (row["topology"], row["chips"], row["devices"]) == ("v5e:2x2", 4, 4)
     # what a TPU runs, not this CPU host: bfloat16, and TPU's default step kind
     assert row["precision"] == "bfloat16" and row["step"] == "reference"
+    assert row["resize"] == "matmul"  # TPU's upsampling, whatever this host's default
     capacity = row["hbm_capacity_bytes_per_chip"]
     assert capacity == 16 * 2**30
     for program in ("train", "eval"):

@@ -207,10 +207,11 @@ def test_a_run_resolves_its_dataset_name_once_and_records_its_step_kind(
     config = tiny_config("supervised", synthetic_dir, num_train_steps=2)
     assert train.train_and_evaluate(config, str(tmp_path / "run"))["steps"] == 2
     assert names == [synthetic_dir[1]]
-    # and config.json records the step kind this backend chose for the unset field (CPU: reference)
-    assert config.fused_step is None
+    # and config.json records what this backend chose for the unset fields (CPU: the reference
+    # step, with the gather upsampling)
+    assert config.fused_step is None and config.resize is None
     recorded = (tmp_path / "run" / "config.json").read_text()
-    assert '"fused_step": false' in recorded
+    assert '"fused_step": false' in recorded and '"resize": "gather"' in recorded
 
 
 def test_bad_config_fails_before_compiling(tmp_path):

@@ -150,7 +150,7 @@ FUSED_STEP_DEFAULT = {"cpu": False, "gpu": False, "tpu": False}
 
 def fused(config: ml_collections.ConfigDict) -> bool:
     """`config.fused_step`: the batched step (True) or the reference step (False: one network
-    application per stream, gather resize, full-resolution L_I); both compute the same. Unset
+    application per stream, full-resolution L_I); both compute the same. Unset
     (None): `FUSED_STEP_DEFAULT` for this backend."""
     value = config.get("fused_step")
     if value is None:
@@ -162,8 +162,21 @@ def remat(config: ml_collections.ConfigDict) -> bool:
     return bool(config.get("remat", False))
 
 
-def resize_method(config: ml_collections.ConfigDict) -> str:
-    return "matmul" if fused(config) else "gather"
+# The upsampling form each backend's reference step gets where `config.resize` is unset (the
+# fused step always takes the dense one). TPU: compiled for v5e, the matmul form moves fewer bytes
+# and compiles faster (docs/performance.md, TPU section); CPU and GPU: the original gather form.
+RESIZE_DEFAULT = {"cpu": "gather", "gpu": "gather", "tpu": "matmul"}
+
+
+def resize_method(config: ml_collections.ConfigDict, backend: str | None = None) -> str:
+    """`config.resize` (`layers.RESIZE_METHODS`); unset: "matmul" in the fused step, else
+    `RESIZE_DEFAULT` for `backend` (default: this process's)."""
+    value = config.get("resize")
+    if value is not None:
+        return value
+    if fused(config):
+        return "matmul"
+    return RESIZE_DEFAULT.get(backend or jax.default_backend(), "gather")
 
 
 def build(backbone: str, config: ml_collections.ConfigDict, options: dict[str, Any]):

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from mgd_jax.models.deeplabv3plus import SegmentationModel, SegOutput
+from mgd_jax.models.layers import RESIZE_METHODS
 from mgd_jax.models.mobilenet_v2 import MobileNetV2
 from mgd_jax.models.resnet import RESNET_CONFIGS, ResNet, scale_channels
 
-__all__ = ["ALIASES", "BACKBONES", "PRECISIONS", "STUDENTS", "TEACHERS", "SegOutput",
-           "SegmentationModel", "build", "canonical", "compute_dtype", "count_params",
+__all__ = ["ALIASES", "BACKBONES", "PRECISIONS", "RESIZE_METHODS", "STUDENTS", "TEACHERS",
+           "SegOutput", "SegmentationModel", "build", "canonical", "compute_dtype", "count_params",
            "parse_depths"]
 
 STUDENTS = ("resnet18", "mobilenet_v2")

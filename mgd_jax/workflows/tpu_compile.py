@@ -304,12 +304,13 @@ def _program_row(compiled: _Compiled, model_flops: float, chip: Chip, devices_pe
 
 def resolve_for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A private copy whose fields left to the backend are what a TPU runs, not this host: "auto"
-    precision is bfloat16, an unset `fused_step` TPU's default step."""
+    precision is bfloat16, an unset `fused_step` / `resize` TPU's default step / upsampling."""
     config = ml_collections.ConfigDict(config.to_dict())
     if config.get("precision", "auto") == "auto":
         config.precision = "bfloat16"
     if config.get("fused_step") is None:
         config.fused_step = methods.base.FUSED_STEP_DEFAULT["tpu"]
+    config.resize = methods.base.resize_method(config, backend="tpu")
     return config
 
 
@@ -346,6 +347,7 @@ def compile_recipe(config: ml_collections.ConfigDict, topology: str, *, recipe: 
         "method": config.method,
         "network": programs.method.export_meta["backbone"],
         "step": "fused" if methods.base.fused(config) else "reference",
+        "resize": methods.base.resize_method(config),
         "precision": str(config.precision),
         "crop_size": int(config.crop_size),
         "global_batch": batch,
@@ -562,8 +564,9 @@ def _num(x: float | None, scale: float, digits: int) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{x / scale:,.{digits}f}"
 
 
-TABLE_HEADER = ("| recipe | step | topology (chips) | train HBM GiB/chip | eval HBM GiB/chip "
-                "| capacity GiB | fits | max batch/chip | train TFLOP/chip compiled / model "
+TABLE_HEADER = ("| recipe | step | resize | topology (chips) | train HBM GiB/chip "
+                "| eval HBM GiB/chip | capacity GiB | fits | max batch/chip "
+                "| train TFLOP/chip compiled / model "
                 "| ratio | train roofline floor ms | eval TFLOP/chip compiled / model "
                 "| compile s (train + eval) |")
 
@@ -572,7 +575,7 @@ def markdown_row(row: dict[str, Any]) -> str:
     """One table line of a row (docs/performance.md; tests check the docs against the JSON)."""
     t, e = row["train"], row["eval"]
     recipe = row["recipe"].replace("configs/", "").replace(",partition=8", "")
-    return (f"| {recipe} | {row['step']} | {row['topology']} ({row['chips']}) "
+    return (f"| {recipe} | {row['step']} | {row['resize']} | {row['topology']} ({row['chips']}) "
             f"| {_num(t['hbm_bytes_per_chip'], GIB, 2)} | {_num(e['hbm_bytes_per_chip'], GIB, 2)} "
             f"| {_num(row['hbm_capacity_bytes_per_chip'], GIB, 0)} "
             f"| {'yes' if row['fits'] else 'no'} | {row.get('max_batch_per_chip', '—')} "
