@@ -6,13 +6,14 @@
 # OUT/gpu_bench.json, each with the card, the NVIDIA driver, jax or torch, CUDA and cuDNN versions.
 #
 #   bash launch/gpu_bench.sh [--offline] [--dry-run] [--output DIR] [--steps N] [--warmup N]
-#       [--batch N] [--only NAME,...] [--with-fused] [--torch-precisions fp32,bf16]
+#       [--batch N] [--only NAME,...] [--with-fused] [--with-matmul] [--torch-precisions fp32,bf16]
 #       [--python PY] [--cuda 12|13] [--torch-index URL|none] [--wheels DIR] [--cpu]
 #       [-- FLAGS for every `mgd-bench step` run, e.g. --config.crop_size=64]
 #
 # --dry-run prints the plan (each command, with the environment it runs in) and runs nothing.
 # NAMEs: mgd_resnet18, mgd_mobilenet_v2, cps_resnet101. --with-fused adds the fused step
-# (config.fused_step=True) beside the default one. OUT: --output, default gpu_bench_out here.
+# (config.fused_step=True) beside the default one; --with-matmul the default step with the
+# matmul upsampling (config.resize=matmul; the GPU default is gather until this shows matmul ahead). OUT: --output, default gpu_bench_out here.
 #
 # (a) Default: a fresh CUDA machine with PyPI. Makes OUT/venv and installs there only what the
 #     benchmark imports, at constraints.txt's versions (pip -c): jax with its CUDA plugin, flax,
@@ -63,6 +64,7 @@ OFFLINE=0
 CPU=0
 ONLY=""
 FUSED=0
+MATMUL=0
 TORCH_PRECISIONS="fp32,bf16"
 PYTHON=""
 CUDA=""
@@ -83,6 +85,7 @@ while [[ $# -gt 0 ]]; do
     --offline) OFFLINE=1 ;;
     --cpu) CPU=1 ;;
     --with-fused) FUSED=1 ;;
+    --with-matmul) MATMUL=1 ;;
     --output) value "$1" "${2:-}"; OUT="$2"; shift ;;
     --steps) value "$1" "${2:-}"; STEPS="$2"; shift ;;
     --warmup) value "$1" "${2:-}"; WARMUP="$2"; shift ;;
@@ -322,6 +325,9 @@ for entry in "${CONFIGS[@]}"; do
   measure "$name" mgd_jax "$config" --implementation=mgd_jax
   if [[ $FUSED == 1 ]]; then
     measure "$name" fused "$config" --implementation=fused
+  fi
+  if [[ $MATMUL == 1 ]]; then
+    measure "$name" matmul "$config" --implementation=mgd_jax --config.resize=matmul
   fi
   for precision in ${TORCH_PRECISIONS//,/ }; do
     measure "$name" "torch_$precision" "$config" --implementation=torch \

@@ -250,7 +250,7 @@ RESUME_SAFE = frozenset({
     "eval_every", "checkpoint_every", "keep_checkpoints", "eval.panels", "eval.progress_seconds",
     "eval.batch_size", "evaluate_teachers", "remat", "skip_nonfinite", "allow_config_change",
     "fused_step",  # the two step kinds compute the same (tests/test_fused_step.py)
-    "resize",  # so do the two upsampling forms (tests/test_models.py)
+    "resize",  # so do the two upsampling forms (tests/test_layers.py)
 })
 
 

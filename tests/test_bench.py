@@ -183,7 +183,7 @@ def test_compare_prints_one_table_with_the_ratio(capsys):
     assert lines[2].startswith("  torch: cpu, driver n/a (cpu), torch ")
     jax_row, torch_row = lines[4:6]
     ratio = rows[1]["ms_per_step"] / rows[0]["ms_per_step"]
-    assert jax_row.startswith(f"mgd_jax ({rows[0]['step']} step)")
+    assert jax_row.startswith(f"mgd_jax ({rows[0]['step']} step, {rows[0]['resize']})")
     assert jax_row.endswith(f"{ratio:.2f}x")
     assert torch_row.startswith("PyTorch port of the official step")
     assert rows[1]["label"] == "PyTorch port of the official step"

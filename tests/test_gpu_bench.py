@@ -166,7 +166,7 @@ def test_offline_plan_installs_nothing(tmp_path):
     env = plan_env(tmp_path)
     result = script("--dry-run", "--offline", "--python", sys.executable, "--wheels",
                     str(wheels), "--output", str(out), "--only", "cps_resnet101",
-                    "--with-fused", env=env)
+                    "--with-fused", "--with-matmul", env=env)
     assert result.returncode == 0, result.stderr
     commands = plan(result.stdout)
     assert commands[1] == [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps",
@@ -178,10 +178,11 @@ def test_offline_plan_installs_nothing(tmp_path):
     exported = dict(a.split("=", 1) for a in commands[2][1:])
     assert exported["PYTHONPATH"].split(":")[:2] == [ROOT, f"{out}/site"]
     runs = step_runs(commands)
-    assert [r[0] for r in runs if r[0] != "env"] == [sys.executable] * 2
+    assert [r[0] for r in runs if r[0] != "env"] == [sys.executable] * 3
     assert [a for r in runs for a in r if a.startswith("--implementation")] == [
-        "--implementation=mgd_jax", "--implementation=fused", "--implementation=torch",
-        "--implementation=torch"]
+        "--implementation=mgd_jax", "--implementation=fused", "--implementation=mgd_jax",
+        "--implementation=torch", "--implementation=torch"]
+    assert "--config.resize=matmul" in runs[2]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -94,43 +94,25 @@ def test_the_out_of_memory_message_gives_the_bytes_needed():
     assert tpu_compile._oom_bytes("RESOURCE_EXHAUSTED: something else") is None
 
 
-THREAD_STACK = """
-import ctypes, resource, threading
-from mgd_jax.workflows import tpu_compile
-libc = ctypes.CDLL(None)
-libc.pthread_self.restype = ctypes.c_ulong
-
-def new_thread_stack():
-    size = ctypes.c_size_t()
-    def body():
-        attr = ctypes.create_string_buffer(128)
-        libc.pthread_getattr_np(ctypes.c_ulong(libc.pthread_self()), attr)
-        libc.pthread_attr_getstacksize(attr, ctypes.byref(size))
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    return size.value
-
-before = new_thread_stack()
-tpu_compile.prepare_environment()
-print(before, new_thread_stack(), resource.getrlimit(resource.RLIMIT_STACK)[0])
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc threads")
-def test_compiler_threads_get_a_stack_deep_enough_for_the_tpu_compiler():
-    # Measured on the threads themselves, in a process started with the usual 8 MiB limit.
+def test_compile_restarts_itself_with_a_stack_limit_deep_enough_for_the_tpu_compiler():
+    # Started at the usual 8 MiB: one restart, at 4 GiB, then the command's own answer (an
+    # unknown chip, refused before libtpu loads).
     def usual_limit():
         import resource
 
         resource.setrlimit(resource.RLIMIT_STACK,
                            (8 * 2**20, resource.getrlimit(resource.RLIMIT_STACK)[1]))
 
-    out = subprocess.run([sys.executable, "-c", THREAD_STACK], preexec_fn=usual_limit,
-                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    before, after, main_limit = map(int, out.split())
-    assert before == 8 * 2**20
-    assert after == main_limit == tpu_compile.COMPILER_THREAD_STACK_BYTES
+    proc = subprocess.run([sys.executable, "-m", "mgd_jax.tools.bench", "compile",
+                           "--topology=v9x:2x2", "--config=configs/voc.py:method=supervised"],
+                          preexec_fn=usual_limit, capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    lines = [line for line in proc.stderr.splitlines()
+             if line.startswith(("mgd-bench compile:", "error"))]
+    assert lines[0] == ("mgd-bench compile: restarting with a 4096 MiB stack limit for the TPU "
+                        "compiler (was 8 MiB)")
+    assert len(lines) == 2 and lines[1].startswith("error: ") and "v9x" in lines[1], proc.stderr
+    assert proc.returncode != 0
 
 
 def test_every_chip_of_the_table_has_its_datasheet():

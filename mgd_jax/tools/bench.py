@@ -216,10 +216,16 @@ def main(argv: Sequence[str]) -> int:
     # compile runs no step on this machine's devices: no multi-process start-up; a topology's
     # devices come from libtpu whatever platforms jax initialises
     compiling = any(arg == "compile" for arg in argv[1:] if not arg.startswith("-"))
-    if compiling:  # before anything can load libtpu: what it reads at load, the threads' stack
+    if compiling:
         from mgd_jax.workflows import tpu_compile
 
-        tpu_compile.prepare_environment()
+        was = tpu_compile.raise_stack_limit()
+        if was is not None:  # the compiler's threads get the limit the process starts with
+            print(f"mgd-bench compile: restarting with a {tpu_compile.COMPILER_STACK_BYTES >> 20}"
+                  f" MiB stack limit for the TPU compiler (was {was >> 20} MiB)",
+                  file=sys.stderr, flush=True)
+            os.execv(sys.executable, sys.orig_argv)
+        tpu_compile.prepare_environment()  # before anything can load libtpu
     return cli.run(FLAGS, argv, commands,
                    distributed=not (compiling or _without_jax_devices(argv[1:])))
 

@@ -316,6 +316,7 @@ def run_bench(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     result = {
         "implementation": "mgd_jax",
         "step": step_kind(config),
+        "resize": methods.base.resize_method(config),
         "method": config.method,
         "student": method.export_meta["backbone"],
         "devices": f"{n_dev} x {device.device_kind}",
@@ -498,7 +499,7 @@ def compare(config: ml_collections.ConfigDict, what: Sequence[str], *, steps: in
 # Tables of rows measured in separate processes
 
 # the row files of one configuration, in table order (launch/gpu_bench.sh names them so)
-ROW_FILES = ("mgd_jax", *STEP_KINDS, "torch_fp32", "torch_bf16")
+ROW_FILES = ("mgd_jax", *STEP_KINDS, "matmul", "torch_fp32", "torch_bf16")
 LABEL_TORCH = "PyTorch port of the official step"  # pytorch/step.py's LABEL, torch not imported
 
 
@@ -547,7 +548,8 @@ def _torch_ms(rows: list[dict[str, Any]], precision: str) -> float | None:
 def _row_name(row: dict[str, Any]) -> str:
     if row["implementation"] == "torch":
         return row.get("label", LABEL_TORCH)
-    return f"mgd_jax ({row.get('step', row['implementation'])} step)"
+    step = f"{row.get('step', row['implementation'])} step"
+    return f"mgd_jax ({step}, {row['resize']})" if "resize" in row else f"mgd_jax ({step})"
 
 
 def _machine_lines(rows: list[dict[str, Any]]) -> list[str]:

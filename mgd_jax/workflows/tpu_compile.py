@@ -106,47 +106,33 @@ def prepare_environment() -> None:
     metadata and warns. ALLOW_MULTIPLE_LIBTPU_LOAD: compile-only use claims no chip, so a second
     process (another compile, a test) need not wait for libtpu's one-process lockfile.
     JAX_PLATFORMS is left alone: the topology comes from libtpu directly, whatever platforms jax
-    initialises (checked with JAX_PLATFORMS=cpu and unset). The threads' stack size
-    (`raise_thread_stack`) holds for threads created after this call.
+    initialises (checked with JAX_PLATFORMS=cpu and unset).
     """
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    raise_thread_stack()
 
 
-# The TPU compiler recurses deeply in some passes: compiling CPS-R101 for v6e:2x4 overflowed a
-# compiler thread's stack at the usual 8 MiB default (SIGSEGV after 13 minutes) and ran through
-# at 4 GiB. Stacks are reserved address space; only the pages a thread touches use memory.
-COMPILER_THREAD_STACK_BYTES = 4 * GIB
+# The TPU compiler recurses deeply in some passes: compiling CPS-R101 (gather upsampling) for
+# v6e:2x4 overflowed a compiler thread's stack at the usual 8 MiB limit (SIGSEGV after 13
+# minutes) and ran on with `ulimit -s 4194304`. The limit a process starts with sizes its
+# threads' stacks, so `mgd-bench compile` restarts itself with this one (`raise_stack_limit`).
+# Stacks are reserved address space: only the pages a thread touches use memory.
+COMPILER_STACK_BYTES = 4 * GIB
 
 
-def raise_thread_stack(size: int = COMPILER_THREAD_STACK_BYTES) -> int:
-    """Make threads created from now on get at least `size` bytes of stack (glibc's
-    `pthread_setattr_default_np`: what `ulimit -s` sets for a process at start) and let the
-    main thread's stack grow as far; returns the default thread stack size now in force (0
-    where the C library offers no such call)."""
-    import ctypes
+def raise_stack_limit(size: int = COMPILER_STACK_BYTES) -> int | None:
+    """Raises this process's soft stack limit to `size` (at most the hard limit) where it is
+    lower; returns the limit it had if raised, else None. It takes effect for the stacks of
+    processes started from now on, as `ulimit -s` does."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    if soft != resource.RLIM_INFINITY and soft < size:
-        limit = size if hard == resource.RLIM_INFINITY else min(size, hard)
-        resource.setrlimit(resource.RLIMIT_STACK, (limit, hard))
-    try:
-        libc = ctypes.CDLL(None)
-        get_default, set_default = libc.pthread_getattr_default_np, libc.pthread_setattr_default_np
-    except (OSError, AttributeError):  # not glibc
-        return 0
-    attr = ctypes.create_string_buffer(128)  # pthread_attr_t: 56 bytes on x86_64 / aarch64 glibc
-    current = ctypes.c_size_t()
-    if get_default(attr) or libc.pthread_attr_getstacksize(attr, ctypes.byref(current)):
-        return 0
-    if current.value < size and not libc.pthread_attr_setstacksize(attr, ctypes.c_size_t(size)):
-        set_default(attr)
-        libc.pthread_attr_getstacksize(attr, ctypes.byref(current))
-    libc.pthread_attr_destroy(attr)
-    return current.value
+    target = size if hard == resource.RLIM_INFINITY else min(size, hard)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    resource.setrlimit(resource.RLIMIT_STACK, (target, hard))
+    return soft
 
 
 def topology_devices(topology: str) -> list:
