@@ -219,12 +219,6 @@ def main(argv: Sequence[str]) -> int:
     if compiling:
         from mgd_jax.workflows import tpu_compile
 
-        was = tpu_compile.raise_stack_limit()
-        if was is not None:  # the compiler's threads get the limit the process starts with
-            print(f"mgd-bench compile: restarting with a {tpu_compile.COMPILER_STACK_BYTES >> 20}"
-                  f" MiB stack limit for the TPU compiler (was {was >> 20} MiB)",
-                  file=sys.stderr, flush=True)
-            os.execv(sys.executable, sys.orig_argv)
         tpu_compile.prepare_environment()  # before anything can load libtpu
     return cli.run(FLAGS, argv, commands,
                    distributed=not (compiling or _without_jax_devices(argv[1:])))

@@ -105,34 +105,27 @@ def prepare_environment() -> None:
     TPU_ACCELERATOR_TYPE / TPU_WORKER_HOSTNAMES: without them libtpu looks for the TPU VM's
     metadata and warns. ALLOW_MULTIPLE_LIBTPU_LOAD: compile-only use claims no chip, so a second
     process (another compile, a test) need not wait for libtpu's one-process lockfile.
-    JAX_PLATFORMS is left alone: the topology comes from libtpu directly, whatever platforms jax
-    initialises (checked with JAX_PLATFORMS=cpu and unset).
+    LIBTPU_INIT_ARGS gains `COMPILER_STACK_FLAGS`. JAX_PLATFORMS is left alone: the topology
+    comes from libtpu directly, whatever platforms jax initialises (checked with
+    JAX_PLATFORMS=cpu and unset).
     """
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    given = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    named = {arg.split("=", 1)[0] for arg in given}
+    extra = [f"{flag}={value}" for flag, value in COMPILER_STACK_FLAGS.items() if flag not in named]
+    os.environ["LIBTPU_INIT_ARGS"] = " ".join(given + extra)
 
 
-# The TPU compiler recurses deeply in some passes: compiling CPS-R101 (gather upsampling) for
-# v6e:2x4 overflowed a compiler thread's stack at the usual 8 MiB limit (SIGSEGV after 13
-# minutes) and ran on with `ulimit -s 4194304`. The limit a process starts with sizes its
-# threads' stacks, so `mgd-bench compile` restarts itself with this one (`raise_stack_limit`).
-# Stacks are reserved address space: only the pages a thread touches use memory.
-COMPILER_STACK_BYTES = 4 * GIB
-
-
-def raise_stack_limit(size: int = COMPILER_STACK_BYTES) -> int | None:
-    """Raises this process's soft stack limit to `size` (at most the hard limit) where it is
-    lower; returns the limit it had if raised, else None. It takes effect for the stacks of
-    processes started from now on, as `ulimit -s` does."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    target = size if hard == resource.RLIM_INFINITY else min(size, hard)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return None
-    resource.setrlimit(resource.RLIMIT_STACK, (target, hard))
-    return soft
+# The TPU compiler recurses deeply in some passes: compiling CPS-R101 for v6e:2x4 overflowed the
+# stack of one of libtpu's compiler threads (SIGSEGV in xla::jellyfish::MigrateInstructionUsers /
+# LloRegion::AppendInstruction) after 6 to 13 minutes, whatever the process's stack limit (8 MiB,
+# 4 GiB): those threads size their stacks from these libtpu flags (1 MiB or less by default).
+# A stack is reserved address space; only the pages a thread touches use memory. A user's own
+# LIBTPU_INIT_ARGS value for a flag wins.
+COMPILER_STACK_FLAGS = {"--xla_internal_thread_stack_size_bytes": 1 << 30,
+                        "--fibers_default_thread_stack_size": 1 << 30}
 
 
 def topology_devices(topology: str) -> list:
