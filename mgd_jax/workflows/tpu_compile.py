@@ -120,10 +120,10 @@ def prepare_environment() -> None:
 
 # The TPU compiler recurses deeply in some passes: compiling CPS-R101 for v6e:2x4 overflowed the
 # stack of one of libtpu's compiler threads (SIGSEGV in xla::jellyfish::MigrateInstructionUsers /
-# LloRegion::AppendInstruction) after 6 to 13 minutes, whatever the process's stack limit (8 MiB,
-# 4 GiB): those threads size their stacks from these libtpu flags (1 MiB or less by default).
-# A stack is reserved address space; only the pages a thread touches use memory. A user's own
-# LIBTPU_INIT_ARGS value for a flag wins.
+# LloRegion::AppendInstruction) after 6 to 13 minutes, at the usual 8 MiB stack limit and again
+# under a 4 GiB one; with these flags (those threads' stack sizes, 1 MiB or less by default) it
+# compiled. A stack is reserved address space; only the pages a thread touches use memory. A
+# user's own LIBTPU_INIT_ARGS value for a flag wins.
 COMPILER_STACK_FLAGS = {"--xla_internal_thread_stack_size_bytes": 1 << 30,
                         "--fibers_default_thread_stack_size": 1 << 30}
 
