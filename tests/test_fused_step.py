@@ -8,6 +8,7 @@ import pytest
 from test_train import random_batch
 
 from mgd_jax import methods
+from mgd_jax.runtime.errors import ConfigError
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -110,3 +111,5 @@ def test_the_upsampling_form_is_the_config_s_else_the_step_s_else_the_backend_s(
     assert resize("cpu", fused_step=False) == methods.base.RESIZE_DEFAULT["cpu"]
     assert resize("tpu", fused_step=False) == "matmul"  # fewer bytes on TPU (docs/performance.md)
     assert resize("tpu", fused_step=True, resize="gather") == "gather"
+    with pytest.raises(ConfigError, match=r"^config.resize: 'bicubic' is not one of"):
+        resize("cpu", resize="bicubic")  # one error line in every tool, validated or not

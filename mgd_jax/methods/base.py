@@ -173,6 +173,8 @@ def resize_method(config: ml_collections.ConfigDict, backend: str | None = None)
     `RESIZE_DEFAULT` for `backend` (default: this process's)."""
     value = config.get("resize")
     if value is not None:
+        if value not in models.RESIZE_METHODS:  # the tools that skip config_lib.validate
+            raise ConfigError(f"config.resize: {value!r} is not one of {models.RESIZE_METHODS}")
         return value
     if fused(config):
         return "matmul"
