@@ -13,7 +13,8 @@
 # --dry-run prints the plan (each command, with the environment it runs in) and runs nothing.
 # NAMEs: mgd_resnet18, mgd_mobilenet_v2, cps_resnet101. --with-fused adds the fused step
 # (config.fused_step=True) beside the default one; --with-matmul the default step with the
-# matmul upsampling (config.resize=matmul; the GPU default is gather until this shows matmul ahead). OUT: --output, default gpu_bench_out here.
+# matmul upsampling (config.resize=matmul; the GPU default is gather until this shows matmul
+# ahead). OUT: --output, default gpu_bench_out here.
 #
 # (a) Default: a fresh CUDA machine with PyPI. Makes OUT/venv and installs there only what the
 #     benchmark imports, at constraints.txt's versions (pip -c): jax with its CUDA plugin, flax,
@@ -313,7 +314,9 @@ row = {"implementation": "torch" if kind.startswith("torch_") else kind, "failed
 if kind.startswith("torch_"):
     row["precision"] = kind.split("_")[1]
 else:
-    row["step"] = "configured" if kind == "mgd_jax" else "flipped"
+    row["step"] = "configured" if kind in ("mgd_jax", "matmul") else "flipped"
+    if kind == "matmul":
+        row["resize"] = "matmul"
 json.dump(row, open(sys.argv[1], "w"))' "$row" "$implementation" \
     "exit status $status after $seconds s; log $log"
 }
